@@ -1,0 +1,1 @@
+"""nova-bhyve: an OpenStack Nova compute driver for bhyve, with a QEMU backend."""

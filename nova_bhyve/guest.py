@@ -1,0 +1,114 @@
+"""The VM spec: what one virtual machine is, independent of the hypervisor.
+
+Built from Nova's instance, flavor and image metadata plus the paths the
+storage layer prepared. Pure data and validation, no I/O: both backends render
+it (QEMU command line, bhyve config tree), and it is saved as JSON in the
+instance directory so a restarted nova-compute can adopt the running VM.
+"""
+import dataclasses
+import json
+import typing
+
+from nova import exception
+
+# Disk buses and NIC models both backends can render.
+DISK_BUSES = ('virtio', 'sata', 'ide')
+NIC_MODELS = ('virtio', 'e1000')
+MIN_MEMORY_MB = 32
+MAX_VCPUS = 64        # bhyve's VM_MAXCPU on FreeBSD 13+ default kernels
+
+
+@dataclasses.dataclass
+class Disk:
+    path: str
+    format: str = 'qcow2'          # raw | qcow2 (what the hypervisor opens)
+    bus: str = 'virtio'
+    device: str = 'disk'           # disk | cdrom
+    readonly: bool = False
+
+
+@dataclasses.dataclass
+class Nic:
+    mac: str
+    ifname: str                    # host-side tap device
+    model: str = 'virtio'
+    mtu: typing.Optional[int] = None
+
+
+@dataclasses.dataclass
+class Boot:
+    """Direct kernel boot when kernel is set, firmware boot otherwise."""
+    kernel: typing.Optional[str] = None
+    ramdisk: typing.Optional[str] = None
+    cmdline: typing.Optional[str] = None
+
+
+@dataclasses.dataclass
+class VMSpec:
+    uuid: str
+    name: str
+    vcpus: int
+    memory_mb: int
+    disks: typing.List[Disk] = dataclasses.field(default_factory=list)
+    nics: typing.List[Nic] = dataclasses.field(default_factory=list)
+    boot: Boot = dataclasses.field(default_factory=Boot)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        data = json.loads(text)
+        data['disks'] = [Disk(**d) for d in data.get('disks', [])]
+        data['nics'] = [Nic(**n) for n in data.get('nics', [])]
+        data['boot'] = Boot(**data.get('boot') or {})
+        return cls(**data)
+
+
+DEFAULT_KERNEL_CMDLINE = 'console=ttyS0'
+
+
+def disk_bus(image_meta):
+    bus = image_meta.properties.get('hw_disk_bus', 'virtio')
+    if bus not in DISK_BUSES:
+        raise exception.ImageUnacceptable(
+            image_id=image_meta.id if 'id' in image_meta else None,
+            reason='hw_disk_bus=%s is not supported by this driver '
+                   '(supported: %s)' % (bus, ', '.join(DISK_BUSES)))
+    return bus
+
+
+def validate_flavor(flavor):
+    """Refuse flavors no backend can run, before anything is created."""
+    if flavor.vcpus < 1 or flavor.vcpus > MAX_VCPUS:
+        raise exception.InvalidInput(
+            reason='flavor %s: %d vCPUs is outside 1..%d' % (
+                flavor.name, flavor.vcpus, MAX_VCPUS))
+    if flavor.memory_mb < MIN_MEMORY_MB:
+        raise exception.InvalidInput(
+            reason='flavor %s: %d MiB of memory is below the minimum of '
+                   '%d MiB' % (flavor.name, flavor.memory_mb, MIN_MEMORY_MB))
+
+
+def build(instance, image_meta, root_disk, kernel=None, ramdisk=None,
+          nics=()):
+    """VMSpec for ``instance`` booting ``root_disk`` (a guest.Disk).
+
+    ``kernel``/``ramdisk`` are local paths of the images named by the
+    instance's kernel_id/ramdisk_id, for direct kernel boot.
+    """
+    flavor = instance.flavor
+    validate_flavor(flavor)
+    root_disk.bus = disk_bus(image_meta)
+    boot = Boot()
+    if kernel:
+        cmdline = image_meta.properties.get('os_command_line')
+        boot = Boot(kernel=kernel, ramdisk=ramdisk,
+                    cmdline=cmdline or DEFAULT_KERNEL_CMDLINE)
+    elif ramdisk:
+        raise exception.ImageUnacceptable(
+            image_id=image_meta.id if 'id' in image_meta else None,
+            reason='a ramdisk_id needs a kernel_id')
+    return VMSpec(uuid=instance.uuid, name=instance.name,
+                  vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
+                  disks=[root_disk], nics=list(nics), boot=boot)

@@ -1,0 +1,152 @@
+"""The one interface the driver uses to run VMs, whatever the hypervisor.
+
+A VM lives in its own directory (``VMDir``): the saved spec, the pid file, the
+control socket and the console log. The VM process is detached from
+nova-compute, so everything needed to find and control it again after a
+nova-compute restart is in that directory.
+"""
+import abc
+import errno
+import os
+import signal
+import time
+
+from nova.compute import power_state
+
+
+class HypervisorError(Exception):
+    """A hypervisor operation failed; the message says what and why."""
+
+
+class VMDir:
+    """Paths of one VM's files. Only naming here, no policy."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def _p(self, name):
+        return os.path.join(self.path, name)
+
+    @property
+    def uuid(self):
+        return os.path.basename(self.path.rstrip('/'))
+
+    spec = property(lambda self: self._p('spec.json'))
+    pidfile = property(lambda self: self._p('vm.pid'))
+    control = property(lambda self: self._p('control.sock'))
+    serial = property(lambda self: self._p('serial.sock'))
+    console_log = property(lambda self: self._p('console.log'))
+    exit_status = property(lambda self: self._p('exit.status'))
+
+    def disk(self, name='disk'):
+        return self._p(name)
+
+    def read_pid(self):
+        try:
+            with open(self.pidfile) as f:
+                return int(f.read().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+
+def process_alive(pid, marker=None):
+    """True if ``pid`` runs and (when given) its command line has ``marker``.
+
+    The marker (the instance uuid) guards against a recycled pid.
+    """
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM
+    if marker is None:
+        return True
+    cmdline = _cmdline(pid)
+    return cmdline is None or marker in cmdline
+
+
+def _cmdline(pid):
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            return f.read().replace(b'\0', b' ').decode(errors='replace')
+    except OSError:
+        return None    # no procfs (FreeBSD without linprocfs): trust kill(0)
+
+
+def wait_for_exit(pid, timeout, marker=None, poll=0.05):
+    """Wait up to ``timeout`` seconds for ``pid`` to go; True if it went."""
+    deadline = time.monotonic() + timeout
+    while process_alive(pid, marker):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True
+
+
+def kill_and_wait(pid, marker=None, timeout=10):
+    if not process_alive(pid, marker):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    if not wait_for_exit(pid, timeout, marker):
+        raise HypervisorError('process %d did not exit after SIGKILL' % pid)
+
+
+class Hypervisor(abc.ABC):
+    """Start, stop and inspect VMs described by a guest.VMSpec."""
+
+    #: short name, also the value of the [bhyve]hypervisor option
+    name = None
+
+    @abc.abstractmethod
+    def start(self, spec, vmdir):
+        """Launch the VM detached from this process; return when it runs."""
+
+    @abc.abstractmethod
+    def power_state(self, vmdir):
+        """A nova.compute.power_state value for the VM in ``vmdir``."""
+
+    @abc.abstractmethod
+    def request_shutdown(self, vmdir):
+        """Ask the guest to power off (ACPI power button); do not wait."""
+
+    @abc.abstractmethod
+    def kill(self, vmdir):
+        """Stop the VM at once and release its hypervisor resources."""
+
+    def pause(self, vmdir):
+        raise NotImplementedError()
+
+    def unpause(self, vmdir):
+        raise NotImplementedError()
+
+    def pid(self, vmdir):
+        pid = vmdir.read_pid()
+        return pid if process_alive(pid, vmdir.uuid) else None
+
+    def is_running(self, vmdir):
+        return self.power_state(vmdir) in (power_state.RUNNING,
+                                           power_state.PAUSED)
+
+    def shutdown(self, vmdir, timeout, retry_interval):
+        """Graceful power off: ACPI requests every ``retry_interval``
+        seconds until ``timeout``. Returns True if the guest powered off."""
+        pid = self.pid(vmdir)
+        if pid is None:
+            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            self.request_shutdown(vmdir)
+            left = deadline - time.monotonic()
+            if wait_for_exit(pid, max(0, min(retry_interval, left)),
+                             vmdir.uuid):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def host_info(self):
+        """Hypervisor type/version for get_available_resource."""
+        return {'hypervisor_type': self.name, 'hypervisor_version': 0}
