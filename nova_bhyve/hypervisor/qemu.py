@@ -1,0 +1,191 @@
+"""QEMU backend (Linux): the VM spec as a qemu-system-x86_64 command line,
+controlled over QMP on a per-instance unix socket.
+
+QEMU daemonizes itself, so the VM is re-parented to init and survives
+nova-compute restarts; its pid file, QMP socket and console log in the
+instance directory are all a later nova-compute needs to adopt it.
+"""
+import os
+import subprocess
+
+from nova.compute import power_state
+from oslo_log import log as logging
+
+from nova_bhyve import conf
+from nova_bhyve.hypervisor import accel
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qmp
+
+LOG = logging.getLogger(__name__)
+CONF = conf.CONF
+
+_DISK_DEVICE = {'virtio': 'virtio-blk-pci', 'sata': 'ide-hd', 'ide': 'ide-hd'}
+_NIC_DEVICE = {'virtio': 'virtio-net-pci', 'e1000': 'e1000'}
+_STATUS = {
+    'running': power_state.RUNNING,
+    'paused': power_state.PAUSED,
+    'suspended': power_state.SUSPENDED,
+    'prelaunch': power_state.PAUSED,
+    'inmigrate': power_state.PAUSED,
+    'postmigrate': power_state.PAUSED,
+    'finish-migrate': power_state.PAUSED,
+    'restore-vm': power_state.PAUSED,
+    'save-vm': power_state.PAUSED,
+    'debug': power_state.PAUSED,
+    'watchdog': power_state.PAUSED,
+    'io-error': power_state.PAUSED,
+    'colo': power_state.PAUSED,
+    'shutdown': power_state.SHUTDOWN,
+    'internal-error': power_state.CRASHED,
+    'guest-panicked': power_state.CRASHED,
+}
+
+
+def _opts(*pairs, **kw):
+    """QEMU option string; commas in values are doubled as QEMU requires."""
+    items = list(pairs) + ['%s=%s' % (k, str(v).replace(',', ',,'))
+                           for k, v in kw.items()]
+    return ','.join(items)
+
+
+def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
+    """The complete qemu-system command line for ``spec`` (pure)."""
+    argv = [binary,
+            '-name', _opts(guest=spec.name, **{'debug-threads': 'on'}),
+            '-uuid', spec.uuid,
+            '-machine', _opts('q35', accel=accelerator),
+            '-smp', str(spec.vcpus),
+            '-m', '%dM' % spec.memory_mb,
+            '-nodefaults', '-no-user-config',
+            '-display', 'none',
+            '-chardev', _opts('socket', id='serial0', path=vmdir.serial,
+                              server='on', wait='off',
+                              logfile=vmdir.console_log, logappend='on'),
+            '-serial', 'chardev:serial0',
+            '-chardev', _opts('socket', id='qmp', path=vmdir.control,
+                              server='on', wait='off'),
+            '-mon', 'chardev=qmp,mode=control',
+            '-pidfile', vmdir.pidfile,
+            '-daemonize']
+    cpu = cpu_model or ('host' if accelerator == 'kvm' else None)
+    if cpu:
+        argv += ['-cpu', cpu]
+    if spec.boot.kernel:
+        argv += ['-kernel', spec.boot.kernel]
+        if spec.boot.ramdisk:
+            argv += ['-initrd', spec.boot.ramdisk]
+        if spec.boot.cmdline:
+            argv += ['-append', spec.boot.cmdline]
+    if any(d.bus in ('sata', 'ide') for d in spec.disks):
+        argv += ['-device', 'ich9-ahci,id=ahci0']
+    ahci_port = 0
+    for i, disk in enumerate(spec.disks):
+        node = 'disk%d' % i
+        argv += ['-blockdev', _opts(**{
+            'driver': disk.format, 'node-name': node,
+            'read-only': 'on' if disk.readonly else 'off',
+            'discard': 'unmap',
+            'file.driver': 'file', 'file.filename': disk.path})]
+        if disk.device == 'cdrom':
+            dev = _opts('ide-cd', drive=node, bus='ahci0.%d' % ahci_port)
+            ahci_port += 1
+        elif disk.bus == 'virtio':
+            dev = _opts(_DISK_DEVICE['virtio'], drive=node)
+        else:
+            dev = _opts('ide-hd', drive=node, bus='ahci0.%d' % ahci_port)
+            ahci_port += 1
+        if i == 0 and not spec.boot.kernel:
+            dev += ',bootindex=1'
+        argv += ['-device', dev]
+    for i, nic in enumerate(spec.nics):
+        netdev = 'net%d' % i
+        argv += ['-netdev', _opts('tap', id=netdev, ifname=nic.ifname,
+                                  script='no', downscript='no'),
+                 '-device', _opts(_NIC_DEVICE[nic.model], netdev=netdev,
+                                  mac=nic.mac,
+                                  **({'host_mtu': nic.mtu}
+                                     if nic.mtu and nic.model == 'virtio'
+                                     else {}))]
+    return argv
+
+
+class QemuHypervisor(base.Hypervisor):
+    name = 'qemu'
+
+    def __init__(self):
+        self.binary = CONF.bhyve.qemu_binary
+        self._accel = None
+
+    @property
+    def accelerator(self):
+        if self._accel is None:
+            self._accel = accel.choose(self.binary, CONF.bhyve.qemu_accel,
+                                       CONF.bhyve.accel_calibration_timeout)
+        return self._accel
+
+    def host_info(self):
+        out = subprocess.run([self.binary, '-version'], capture_output=True,
+                             text=True, check=False).stdout
+        version = 0
+        try:
+            # "QEMU emulator version 7.2.22 (...)" -> 7002022
+            major, minor, micro = (out.split('version ')[1].split()[0]
+                                   .split('.') + ['0', '0'])[:3]
+            version = int(major) * 1000000 + int(minor) * 1000 + int(micro)
+        except (IndexError, ValueError):
+            LOG.warning('cannot parse QEMU version from %r', out)
+        return {'hypervisor_type': 'kvm' if self.accelerator == 'kvm'
+                else 'qemu', 'hypervisor_version': version}
+
+    def start(self, spec, vmdir):
+        for stale in (vmdir.control, vmdir.serial, vmdir.pidfile):
+            if os.path.exists(stale):
+                os.unlink(stale)
+        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
+                           CONF.bhyve.qemu_cpu_model)
+        LOG.debug('starting %s: %s', spec.uuid, ' '.join(argv))
+        # With -daemonize the parent returns once the VM is set up, and
+        # reports setup errors on its stderr.
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, check=False,
+                              cwd=vmdir.path)
+        if proc.returncode != 0:
+            raise base.HypervisorError(
+                'QEMU failed to start instance %s (exit %d): %s' % (
+                    spec.uuid, proc.returncode, proc.stderr.strip()))
+        if self.pid(vmdir) is None:
+            raise base.HypervisorError(
+                'QEMU for instance %s exited right after starting' %
+                spec.uuid)
+
+    def power_state(self, vmdir):
+        if self.pid(vmdir) is None:
+            return power_state.SHUTDOWN
+        try:
+            status = qmp.execute(vmdir.control, 'query-status')['status']
+        except base.HypervisorError:
+            # Alive but not answering (exiting, or monitor busy).
+            if self.pid(vmdir) is None:
+                return power_state.SHUTDOWN
+            return power_state.NOSTATE
+        return _STATUS.get(status, power_state.NOSTATE)
+
+    def request_shutdown(self, vmdir):
+        if self.pid(vmdir) is not None:
+            try:
+                qmp.execute(vmdir.control, 'system_powerdown')
+            except base.HypervisorError as e:
+                LOG.debug('system_powerdown for %s: %s', vmdir.uuid, e)
+
+    def kill(self, vmdir):
+        pid = vmdir.read_pid()
+        base.kill_and_wait(pid, vmdir.uuid)
+        for path in (vmdir.pidfile, vmdir.control, vmdir.serial):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def pause(self, vmdir):
+        qmp.execute(vmdir.control, 'stop')
+
+    def unpause(self, vmdir):
+        qmp.execute(vmdir.control, 'cont')
