@@ -317,14 +317,20 @@ class BhyveHypervisor(base.Hypervisor):
     def kill(self, vmdir):
         """SIGKILL the supervisor (so it restarts nothing), then bhyve, then
         ``bhyvectl --vm=NAME --destroy``."""
-        name = self.vm_name(vmdir)
+        try:
+            name = self.vm_name(vmdir)
+        except base.HypervisorError:
+            name = None                 # never configured: nothing in vmm
         sup = self.supervisor_pid(vmdir)
         if sup:
             base.kill_and_wait(sup, vmdir.uuid)
         vm = self.pid(vmdir)
         if vm:
             base.kill_and_wait(vm, vmdir.uuid)
-        self.destroy_vmm(name)
+        if name:
+            self.destroy_vmm(name)
+        if not os.path.isdir(vmdir.path):
+            return
         for path in (self.supervisor_pidfile(vmdir), vmdir.pidfile):
             try:
                 os.unlink(path)

@@ -267,6 +267,16 @@ def test_kill_without_vmm_instance_runs_nothing(tmp_path):
     run.assert_not_called()
 
 
+def test_kill_of_a_vm_never_configured(tmp_path):
+    hv = bhyve.BhyveHypervisor()
+    with mock.patch.object(bhyve.subprocess, 'run') as run:
+        hv.kill(base.VMDir(str(tmp_path / 'gone')))
+        hv.kill(base.VMDir(str(tmp_path)))
+    run.assert_not_called()
+    assert hv.power_state(base.VMDir(str(tmp_path / 'gone'))) == (
+        power_state.SHUTDOWN)
+
+
 def test_bhyvectl_failure_is_a_hypervisor_error(tmp_path):
     vmdir = _vmdir_with_config(tmp_path)
     hv = bhyve.BhyveHypervisor()
