@@ -1,0 +1,68 @@
+/*
+ * libvdsk: virtual disk images (raw, qcow2).
+ *
+ * Conventions: functions returning int give 0 on success and a negative
+ * errno value on failure; vdsk_open() returns NULL on failure.  After any
+ * failure, vdsk_errno() and vdsk_errmsg() describe it.  They are
+ * thread-local, so read them from the thread that made the failing call.
+ *
+ * A vdsk_t may be used by one thread at a time.
+ */
+#ifndef VDSK_H
+#define VDSK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct vdsk vdsk_t;
+
+/* vdsk_open() flags */
+#define VDSK_RDONLY     0x1     /* open read-only */
+#define VDSK_NO_BACKING 0x2     /* do not open the backing file (info only) */
+
+#define VDSK_FMT_MAX     32
+#define VDSK_PATH_MAX    1024
+
+struct vdsk_info {
+	char format[VDSK_FMT_MAX];          /* "raw", "qcow2" */
+	uint64_t virtual_size;              /* bytes */
+	uint32_t cluster_size;              /* 0 if the format has none */
+	uint32_t version;                   /* format version, 0 if none */
+	char backing_file[VDSK_PATH_MAX];   /* "" if none; as stored */
+	char backing_format[VDSK_FMT_MAX];  /* "" if not recorded */
+	uint64_t actual_size;               /* bytes allocated on the host */
+	int dirty;                          /* qcow2 dirty/corrupt flags set */
+};
+
+/*
+ * Create an image.  fmt is "raw" or "qcow2".  backing/backing_fmt are qcow2
+ * only; a relative backing path is relative to the new image's directory.
+ * size 0 with a backing file means "the backing file's size".
+ * cluster_size 0 means the default (64 KiB); it must be a power of two in
+ * 512..2M.  An existing file at path is truncated.
+ */
+int vdsk_create(const char *path, const char *fmt, uint64_t size,
+    const char *backing, const char *backing_fmt, uint32_t cluster_size);
+
+/* fmt NULL probes the format from the file's magic. */
+vdsk_t *vdsk_open(const char *path, const char *fmt, int flags);
+int vdsk_close(vdsk_t *d);
+
+uint64_t vdsk_size(const vdsk_t *d);
+int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
+int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
+int vdsk_flush(vdsk_t *d);
+int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+
+int vdsk_errno(void);
+const char *vdsk_errmsg(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VDSK_H */

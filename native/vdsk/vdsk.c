@@ -1,0 +1,428 @@
+/*
+ * libvdsk common layer: errors, probing, open/close, bounds checks and
+ * dispatch to the format drivers, backing chains.
+ */
+#define _GNU_SOURCE
+#include <sys/stat.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vdsk_impl.h"
+
+static _Thread_local int last_err;
+static _Thread_local char last_msg[512];
+
+int
+vdsk_error(int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err <= 0)
+		err = EIO;
+	last_err = err;
+	va_start(ap, fmt);
+	vsnprintf(last_msg, sizeof(last_msg), fmt, ap);
+	va_end(ap);
+	return -err;
+}
+
+int
+vdsk_errno(void)
+{
+	return last_err;
+}
+
+const char *
+vdsk_errmsg(void)
+{
+	return last_msg[0] ? last_msg : "no error";
+}
+
+int
+vdsk_pread(struct vdsk *d, void *buf, size_t len, uint64_t off,
+    const char *what)
+{
+	uint8_t *p = buf;
+
+	if (off > (uint64_t)INT64_MAX - len)
+		return vdsk_error(EIO, "%s: %s offset %#llx out of range",
+		    d->path, what, (unsigned long long)off);
+	while (len > 0) {
+		ssize_t n = pread(d->fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return vdsk_error(errno, "%s: reading %s at %#llx: %s",
+			    d->path, what, (unsigned long long)off,
+			    strerror(errno));
+		}
+		if (n == 0)
+			return vdsk_error(EIO, "%s: %s at %#llx is beyond the "
+			    "end of the file", d->path, what,
+			    (unsigned long long)off);
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+int
+vdsk_pwrite(struct vdsk *d, const void *buf, size_t len, uint64_t off,
+    const char *what)
+{
+	const uint8_t *p = buf;
+
+	if (off > (uint64_t)INT64_MAX - len)
+		return vdsk_error(EFBIG, "%s: %s offset %#llx out of range",
+		    d->path, what, (unsigned long long)off);
+	while (len > 0) {
+		ssize_t n = pwrite(d->fd, p, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return vdsk_error(errno, "%s: writing %s at %#llx: %s",
+			    d->path, what, (unsigned long long)off,
+			    strerror(errno));
+		}
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+/* Formats we recognise; those without ops are reported as unsupported. */
+static const struct {
+	const char *name;
+	size_t off;
+	size_t len;
+	const char *magic;
+} probes[] = {
+	{ "qcow2", 0, 4, "QFI\xfb" },
+	{ "qed", 0, 4, "QED\0" },
+	{ "vmdk", 0, 4, "KDMV" },
+	{ "vmdk", 0, 21, "# Disk DescriptorFile" },
+	{ "vdi", 64, 4, "\x7f\x10\xda\xbe" },
+	{ "vhdx", 0, 8, "vhdxfile" },
+	{ "vpc", 0, 8, "conectix" },
+	{ "luks", 0, 6, "LUKS\xba\xbe" },
+};
+
+int
+vdsk_probe_fd(int fd, const char **name)
+{
+	uint8_t buf[128];
+	ssize_t n;
+	size_t i;
+
+	do {
+		n = pread(fd, buf, sizeof(buf), 0);
+	} while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return vdsk_error(errno, "probing: %s", strerror(errno));
+	for (i = 0; i < sizeof(probes) / sizeof(probes[0]); i++) {
+		if ((size_t)n >= probes[i].off + probes[i].len &&
+		    memcmp(buf + probes[i].off, probes[i].magic,
+		    probes[i].len) == 0) {
+			*name = probes[i].name;
+			/* qcow version 1 shares the magic */
+			if (i == 0 && n >= 8 && be32_get(buf + 4) == 1)
+				*name = "qcow";
+			return 0;
+		}
+	}
+	*name = "raw";
+	return 0;
+}
+
+static const struct vdsk_ops *
+find_ops(const char *fmt)
+{
+	if (strcmp(fmt, "raw") == 0)
+		return &vdsk_raw_ops;
+	if (strcmp(fmt, "qcow2") == 0)
+		return &vdsk_qcow2_ops;
+	return NULL;
+}
+
+char *
+vdsk_backing_path(const char *image_path, const char *backing)
+{
+	const char *slash = strrchr(image_path, '/');
+	size_t dlen;
+	char *p;
+
+	if (backing[0] == '/' || slash == NULL)
+		return strdup(backing);
+	dlen = (size_t)(slash - image_path) + 1;
+	p = malloc(dlen + strlen(backing) + 1);
+	if (p == NULL)
+		return NULL;
+	memcpy(p, image_path, dlen);
+	strcpy(p + dlen, backing);
+	return p;
+}
+
+struct vdsk *
+vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
+    const struct vdsk *child)
+{
+	const struct vdsk_ops *ops;
+	const struct vdsk *c;
+	struct vdsk *d;
+	struct stat st;
+	int fd, r;
+
+	if (path == NULL || path[0] == '\0') {
+		vdsk_error(EINVAL, "empty image path");
+		return NULL;
+	}
+	if (depth > VDSK_MAX_CHAIN) {
+		vdsk_error(ELOOP, "%s: backing chain deeper than %d images",
+		    path, VDSK_MAX_CHAIN);
+		return NULL;
+	}
+	fd = open(path, ((flags & VDSK_RDONLY) ? O_RDONLY : O_RDWR) |
+	    O_CLOEXEC);
+	if (fd < 0) {
+		vdsk_error(errno, "%s: %s", path, strerror(errno));
+		return NULL;
+	}
+	if (fstat(fd, &st) < 0) {
+		vdsk_error(errno, "%s: %s", path, strerror(errno));
+		close(fd);
+		return NULL;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode) &&
+	    !S_ISCHR(st.st_mode)) {
+		vdsk_error(EINVAL, "%s: not a regular file or device", path);
+		close(fd);
+		return NULL;
+	}
+	for (c = child; c != NULL; c = c->child) {
+		if (c->dev == st.st_dev && c->ino == st.st_ino) {
+			vdsk_error(ELOOP, "%s: backing chain loop (already "
+			    "used by %s)", path, c->path);
+			close(fd);
+			return NULL;
+		}
+	}
+	if (fmt == NULL) {
+		if (vdsk_probe_fd(fd, &fmt) < 0) {
+			close(fd);
+			return NULL;
+		}
+	}
+	ops = find_ops(fmt);
+	if (ops == NULL) {
+		vdsk_error(ENOTSUP, "%s: image format '%s' is not supported",
+		    path, fmt);
+		close(fd);
+		return NULL;
+	}
+	d = calloc(1, sizeof(*d));
+	if (d == NULL || (d->path = strdup(path)) == NULL) {
+		free(d);
+		vdsk_error(ENOMEM, "out of memory");
+		close(fd);
+		return NULL;
+	}
+	d->ops = ops;
+	d->fd = fd;
+	d->flags = flags;
+	d->depth = depth;
+	d->dev = st.st_dev;
+	d->ino = st.st_ino;
+	d->child = child;
+	if (S_ISREG(st.st_mode)) {
+		d->file_size = (uint64_t)st.st_size;
+	} else {
+		off_t end = lseek(fd, 0, SEEK_END);
+		d->file_size = end < 0 ? 0 : (uint64_t)end;
+	}
+	r = ops->open(d);
+	if (r == 0 && !(flags & VDSK_NO_BACKING))
+		r = vdsk_open_backing(d);
+	if (r < 0) {
+		/* keep the driver's message: close paths never set errors */
+		vdsk_close(d);
+		return NULL;
+	}
+	return d;
+}
+
+int
+vdsk_open_backing(struct vdsk *d)
+{
+	char *bpath;
+
+	if (d->backing_file[0] == '\0')
+		return 0;
+	bpath = vdsk_backing_path(d->path, d->backing_file);
+	if (bpath == NULL)
+		return vdsk_error(ENOMEM, "out of memory");
+	d->backing = vdsk_open_internal(bpath,
+	    d->backing_fmt[0] ? d->backing_fmt : NULL, VDSK_RDONLY,
+	    d->depth + 1, d);
+	if (d->backing == NULL) {
+		int err = vdsk_errno();
+		char msg[sizeof(last_msg)];
+
+		snprintf(msg, sizeof(msg), "%s", vdsk_errmsg());
+		free(bpath);
+		return vdsk_error(err, "%s: opening backing file: %s",
+		    d->path, msg);
+	}
+	free(bpath);
+	return 0;
+}
+
+int
+vdsk_read_backing(struct vdsk *d, void *buf, uint64_t off, size_t len)
+{
+	uint64_t bsize;
+	size_t n = 0;
+
+	if (d->backing != NULL) {
+		bsize = d->backing->size;
+		if (off < bsize) {
+			n = bsize - off < len ? (size_t)(bsize - off) : len;
+			int r = d->backing->ops->read(d->backing, buf, off, n);
+			if (r < 0)
+				return r;
+		}
+	}
+	memset((uint8_t *)buf + n, 0, len - n);
+	return 0;
+}
+
+vdsk_t *
+vdsk_open(const char *path, const char *fmt, int flags)
+{
+	last_err = 0;
+	last_msg[0] = '\0';
+	if (flags & ~(VDSK_RDONLY | VDSK_NO_BACKING)) {
+		vdsk_error(EINVAL, "unknown open flags %#x", flags);
+		return NULL;
+	}
+	return vdsk_open_internal(path, fmt, flags, 0, NULL);
+}
+
+int
+vdsk_close(vdsk_t *d)
+{
+	int r = 0;
+
+	if (d == NULL)
+		return 0;
+	if (d->backing != NULL)
+		vdsk_close(d->backing);
+	if (d->priv != NULL)
+		d->ops->close(d);
+	if (close(d->fd) < 0)
+		r = vdsk_error(errno, "%s: close: %s", d->path,
+		    strerror(errno));
+	free(d->path);
+	free(d);
+	return r;
+}
+
+uint64_t
+vdsk_size(const vdsk_t *d)
+{
+	return d->size;
+}
+
+static int
+check_range(vdsk_t *d, uint64_t off, size_t len)
+{
+	if (off > d->size || len > d->size - off)
+		return vdsk_error(EINVAL, "%s: range %#llx+%#zx is beyond the "
+		    "virtual size %#llx", d->path, (unsigned long long)off,
+		    len, (unsigned long long)d->size);
+	return 0;
+}
+
+int
+vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len)
+{
+	int r = check_range(d, off, len);
+
+	if (r < 0 || len == 0)
+		return r;
+	return d->ops->read(d, buf, off, len);
+}
+
+int
+vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len)
+{
+	int r;
+
+	if (d->flags & VDSK_RDONLY)
+		return vdsk_error(EROFS, "%s: image is open read-only",
+		    d->path);
+	r = check_range(d, off, len);
+	if (r < 0 || len == 0)
+		return r;
+	return d->ops->write(d, buf, off, len);
+}
+
+int
+vdsk_flush(vdsk_t *d)
+{
+	if (d->flags & VDSK_RDONLY)
+		return 0;
+	return d->ops->flush(d);
+}
+
+int
+vdsk_info(vdsk_t *d, struct vdsk_info *info)
+{
+	struct stat st;
+
+	memset(info, 0, sizeof(*info));
+	snprintf(info->format, sizeof(info->format), "%s", d->ops->name);
+	info->virtual_size = d->size;
+	snprintf(info->backing_file, sizeof(info->backing_file), "%s",
+	    d->backing_file);
+	snprintf(info->backing_format, sizeof(info->backing_format), "%s",
+	    d->backing_fmt);
+	if (fstat(d->fd, &st) < 0)
+		return vdsk_error(errno, "%s: %s", d->path, strerror(errno));
+	info->actual_size = (uint64_t)st.st_blocks * 512;
+	if (d->ops->info != NULL)
+		d->ops->info(d, info);
+	return 0;
+}
+
+int
+vdsk_create(const char *path, const char *fmt, uint64_t size,
+    const char *backing, const char *backing_fmt, uint32_t cluster_size)
+{
+	const struct vdsk_ops *ops;
+
+	last_err = 0;
+	last_msg[0] = '\0';
+	if (path == NULL || path[0] == '\0')
+		return vdsk_error(EINVAL, "empty image path");
+	if (fmt == NULL || (ops = find_ops(fmt)) == NULL)
+		return vdsk_error(ENOTSUP, "%s: cannot create format '%s'",
+		    path, fmt ? fmt : "(null)");
+	if (backing != NULL && backing[0] == '\0')
+		backing = NULL;
+	if (backing_fmt != NULL && backing_fmt[0] == '\0')
+		backing_fmt = NULL;
+	if (backing == NULL && backing_fmt != NULL)
+		return vdsk_error(EINVAL, "%s: backing format without a "
+		    "backing file", path);
+	if (size > (uint64_t)INT64_MAX)
+		return vdsk_error(EFBIG, "%s: size too large", path);
+	return ops->create(path, size, backing, backing_fmt, cluster_size);
+}

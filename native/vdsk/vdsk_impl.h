@@ -1,0 +1,114 @@
+/* libvdsk internals shared by the format drivers.  Not installed. */
+#ifndef VDSK_IMPL_H
+#define VDSK_IMPL_H
+
+#include <sys/types.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "vdsk.h"
+
+#define VDSK_MAX_CHAIN 16       /* backing chain depth limit */
+
+struct vdsk;
+
+struct vdsk_ops {
+	const char *name;
+	/* d->fd, d->flags, d->file_size are set; fill d->size and friends. */
+	int (*open)(struct vdsk *d);
+	void (*close)(struct vdsk *d);
+	int (*read)(struct vdsk *d, void *buf, uint64_t off, size_t len);
+	int (*write)(struct vdsk *d, const void *buf, uint64_t off,
+	    size_t len);
+	int (*flush)(struct vdsk *d);
+	int (*create)(const char *path, uint64_t size, const char *backing,
+	    const char *backing_fmt, uint32_t cluster_size);
+	void (*info)(struct vdsk *d, struct vdsk_info *info);
+};
+
+struct vdsk {
+	const struct vdsk_ops *ops;
+	int fd;
+	int flags;
+	int depth;                      /* 0 for the top image */
+	char *path;
+	uint64_t size;                  /* virtual size */
+	uint64_t file_size;             /* host file size at open */
+	dev_t dev;
+	ino_t ino;
+	const struct vdsk *child;       /* image whose backing we are */
+	char backing_file[VDSK_PATH_MAX];
+	char backing_fmt[VDSK_FMT_MAX];
+	struct vdsk *backing;
+	void *priv;
+};
+
+extern const struct vdsk_ops vdsk_raw_ops;
+extern const struct vdsk_ops vdsk_qcow2_ops;
+
+/* Record the error for vdsk_errno()/vdsk_errmsg(); returns -err. */
+int vdsk_error(int err, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Full-length pread/pwrite; a read past end of file is -EIO. */
+int vdsk_pread(struct vdsk *d, void *buf, size_t len, uint64_t off,
+    const char *what);
+int vdsk_pwrite(struct vdsk *d, const void *buf, size_t len, uint64_t off,
+    const char *what);
+
+/*
+ * Open the backing file named in d->backing_file / d->backing_fmt (if any,
+ * and unless VDSK_NO_BACKING), checking depth and loops.
+ */
+int vdsk_open_backing(struct vdsk *d);
+
+/* Read from d's backing file; zeroes where there is none or it is short. */
+int vdsk_read_backing(struct vdsk *d, void *buf, uint64_t off, size_t len);
+
+/* Open with internal flags, for create paths and backing chains. */
+struct vdsk *vdsk_open_internal(const char *path, const char *fmt,
+    int flags, int depth, const struct vdsk *child);
+
+/* Resolve a backing name relative to the image at 'image_path'. */
+char *vdsk_backing_path(const char *image_path, const char *backing);
+
+/* Probe a format name from the file contents; NULL if unrecognised. */
+int vdsk_probe_fd(int fd, const char **name);
+
+static inline uint16_t be16_get(const uint8_t *p)
+{
+	return (uint16_t)((unsigned)p[0] << 8 | p[1]);
+}
+
+static inline uint32_t be32_get(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 |
+	    (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t be64_get(const uint8_t *p)
+{
+	return (uint64_t)be32_get(p) << 32 | be32_get(p + 4);
+}
+
+static inline void be16_put(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static inline void be32_put(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+
+static inline void be64_put(uint8_t *p, uint64_t v)
+{
+	be32_put(p, (uint32_t)(v >> 32));
+	be32_put(p + 4, (uint32_t)v);
+}
+
+#endif /* VDSK_IMPL_H */

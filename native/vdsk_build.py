@@ -1,0 +1,66 @@
+"""cffi builder for nova_bhyve._vdsk (libvdsk compiled into the module).
+
+setuptools runs this from the project root (cffi_modules in setup.py); it
+also works when imported from elsewhere, so paths are derived from this
+file and made relative to the working directory when they can be, as
+setuptools prefers relative source paths.
+"""
+import os
+
+import cffi
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_VDSK = os.path.join(_HERE, 'vdsk')
+
+
+def _path(*parts):
+    p = os.path.join(_VDSK, *parts)
+    rel = os.path.relpath(p)
+    return p if rel.startswith('..') else rel
+
+
+CDEF = """
+typedef struct vdsk vdsk_t;
+
+#define VDSK_RDONLY ...
+#define VDSK_NO_BACKING ...
+#define VDSK_FMT_MAX ...
+#define VDSK_PATH_MAX ...
+
+struct vdsk_info {
+    char format[...];
+    uint64_t virtual_size;
+    uint32_t cluster_size;
+    uint32_t version;
+    char backing_file[...];
+    char backing_format[...];
+    uint64_t actual_size;
+    int dirty;
+};
+
+int vdsk_create(const char *path, const char *fmt, uint64_t size,
+    const char *backing, const char *backing_fmt, uint32_t cluster_size);
+vdsk_t *vdsk_open(const char *path, const char *fmt, int flags);
+int vdsk_close(vdsk_t *d);
+uint64_t vdsk_size(const vdsk_t *d);
+int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
+int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
+int vdsk_flush(vdsk_t *d);
+int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+int vdsk_errno(void);
+const char *vdsk_errmsg(void);
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    'nova_bhyve._vdsk',
+    '#include "vdsk.h"',
+    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c')],
+    include_dirs=[_path('include'), _path()],
+    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h')],
+    extra_compile_args=['-Wall', '-Wextra'],
+)
+
+if __name__ == '__main__':
+    ffibuilder.compile(verbose=True)
