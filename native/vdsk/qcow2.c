@@ -52,7 +52,7 @@
 #define MAX_BACKING_NAME        1023
 #define DEFAULT_CLUSTER         65536u
 
-#define CACHE_MAX               32
+#define CACHE_MAX               64
 
 struct tslot {
 	uint64_t off;           /* 0: empty (offset 0 is the header) */

@@ -189,13 +189,15 @@ vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
 		    path, VDSK_MAX_CHAIN);
 		return NULL;
 	}
+	/* O_NONBLOCK: a FIFO named by a hostile image must not hang us */
 	fd = open(path, ((flags & VDSK_RDONLY) ? O_RDONLY : O_RDWR) |
-	    O_CLOEXEC);
+	    O_CLOEXEC | O_NONBLOCK);
 	if (fd < 0) {
 		vdsk_error(errno, "%s: %s", path, strerror(errno));
 		return NULL;
 	}
-	if (fstat(fd, &st) < 0) {
+	if (fstat(fd, &st) < 0 ||
+	    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
 		vdsk_error(errno, "%s: %s", path, strerror(errno));
 		close(fd);
 		return NULL;

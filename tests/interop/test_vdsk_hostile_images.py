@@ -1,6 +1,7 @@
 """Corrupt, truncated and hostile qcow2 images give VdskError, never a
 crash, and unknown incompatible features are refused."""
 import errno
+import os
 import random
 import struct
 
@@ -224,3 +225,21 @@ def test_fuzzed_metadata(good, tmp_path):
         except vdsk.VdskError:
             outcomes['error'] += 1
     assert outcomes['error'] > 50 and outcomes['ok'] > 50, outcomes
+
+
+def test_backing_file_that_is_a_fifo(tmp_path):
+    """A hostile image naming a FIFO as its backing file fails at once
+    instead of blocking in open()."""
+    fifo = tmp_path / 'fifo'
+    os.mkfifo(fifo)
+    img = tmp_path / 'img.qcow2'
+    vdsk.create(img, 'qcow2', MiB)
+    b = bytearray(img.read_bytes())
+    struct.pack_into('>QI', b, 8, 200, 4)
+    b[200:204] = b'fifo'
+    img.write_bytes(bytes(b))
+    assert vdsk.info(img)['backing_file'] == 'fifo'
+    with pytest.raises(vdsk.VdskError) as e:
+        vdsk.open(img, readonly=True)
+    assert e.value.errno == errno.EINVAL
+    assert 'not a regular file' in str(e.value)
