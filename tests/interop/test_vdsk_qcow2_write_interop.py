@@ -244,3 +244,20 @@ def test_backing_loop_and_depth(tmp_path):
     assert e.value.errno == errno.ELOOP
     with vdsk.open(tmp_path / 'l10.qcow2', readonly=True) as d:
         assert d.read(0, 16) == bytes(16)
+
+
+@pytest.mark.parametrize('bits', [1, 64])
+def test_refcount_table_growth_in_qemu_image(tmp_path, bits):
+    """Narrow and wide refcounts with 512-byte clusters: appending 8 MiB
+    moves qemu's refcount table and adds many refcount blocks."""
+    size = 64 * MiB
+    img = tmp_path / 'img.qcow2'
+    qemu_img('create', '-f', 'qcow2', '-o',
+             'cluster_size=512,refcount_bits=%d' % bits, img, size)
+    rnd = random.Random(bits)
+    model = bytearray(size)
+    data = rnd.randbytes(8 * MiB)
+    with vdsk.open(img) as d:
+        d.write(12345, data)
+    model[12345:12345 + len(data)] = data
+    _compare(tmp_path, img, model)
