@@ -72,7 +72,7 @@ struct vdsk *vdsk_open_internal(const char *path, const char *fmt,
 /* Resolve a backing name relative to the image at 'image_path'. */
 char *vdsk_backing_path(const char *image_path, const char *backing);
 
-/* Probe a format name from the file contents; NULL if unrecognised. */
+/* Probe a format name from the file contents ("raw" if no magic matches). */
 int vdsk_probe_fd(int fd, const char **name);
 
 static inline uint16_t be16_get(const uint8_t *p)
