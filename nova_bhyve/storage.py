@@ -71,7 +71,7 @@ def fetch_image(context, image_id, disk_image=True):
     os.makedirs(cache_dir(), exist_ok=True)
     path = _cache_path(image_id)
     with lockutils.lock(os.path.basename(path), external=True,
-                        lock_path=cache_dir()):
+                        lock_file_prefix='lock-', lock_path=cache_dir()):
         meta = images.get_info(context, image_id)
         if not os.path.exists(path):
             tmp = path + '.part'

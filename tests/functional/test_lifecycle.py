@@ -1,0 +1,98 @@
+"""The basic instance lifecycle through Nova, on real QEMU guests.
+
+Every check looks at the real thing: the guest's serial console as Nova's API
+returns it, the VM process on the host, the files in the instances path and
+the allocations in the real placement service.
+"""
+import os
+
+from nova.tests.functional import integrated_helpers  # noqa: F401
+
+import nova_harness
+
+INIT = 'NOVA-BHYVE-GUEST-INIT'
+ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'
+ACPID = 'NOVA-BHYVE-ACPID-STARTED'
+POWERDOWN = 'NOVA-BHYVE-POWERDOWN'
+
+
+class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
+
+    def test_boot_reboot_stop_start_restart_delete(self):
+        image = self.direct_boot_image('qcow2')
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.flavor_id,
+                                     networks='none')
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual('compute', server['OS-EXT-SRV-ATTR:host'])
+        out = self.wait_for_console(server, ROOT)
+        self.assertIn(INIT, out)
+        pid = self.vm_pid(server)
+        self.assertIsNotNone(pid)
+
+        # placement holds the flavor's resources against this compute
+        allocs = self._get_allocations_by_server_uuid(server['id'])
+        rp = self._get_provider_uuid_by_host('compute')
+        self.assertEqual({'VCPU': 1, 'MEMORY_MB': 256, 'DISK_GB': 1},
+                         allocs[rp]['resources'])
+
+        # root disk: a qcow2 overlay on the cached image, flavor-sized
+        disk = os.path.join(self.vmdir(server), 'disk')
+        import nova_bhyve.vdsk as vdsk
+        info = vdsk.info(disk)
+        self.assertEqual('qcow2', info['format'])
+        self.assertEqual(1024 ** 3, info['virtual_size'])
+        self.assertIn('_base', info['backing_file'])
+
+        # SOFT reboot: the guest sees the ACPI power button, powers off and
+        # boots again (a new init marker after the power-down marker)
+        self.wait_for_console(server, ACPID)
+        self._reboot_server(server, hard=False)
+        out = self.wait_for_console(server, ROOT, count=2)
+        self.assertIn(POWERDOWN, out.split(INIT)[1])
+
+        # HARD reboot: no guest co-operation, a third boot
+        self._reboot_server(server, hard=True)
+        self.wait_for_console(server, ROOT, count=3)
+        self.assertIsNotNone(self.vm_pid(server))
+
+        # stop -> SHUTOFF, no process; start -> a fourth boot
+        self.wait_for_console(server, ACPID, count=3)
+        server = self._stop_server(server)
+        self.assertEqual(4, server['OS-EXT-STS:power_state'])  # SHUTDOWN
+        self.assertIsNone(self.vm_pid(server))
+        self.assertTrue(os.path.exists(disk))
+        server = self._start_server(server)
+        self.wait_for_console(server, ROOT, count=4)
+
+        # nova-compute restarts with a fresh driver: the VM is adopted, not
+        # rebooted (same process, no new boot, still ACTIVE/RUNNING)
+        pid = self.vm_pid(server)
+        self.compute = self.restart_compute_service(
+            self.compute, keep_hypervisor_state=False)
+        self.computes['compute'] = self.compute
+        self.assertEqual(pid, self.vm_pid(server))
+        server = self._show_server(server)
+        self.assertEqual('ACTIVE', server['status'])
+        self.assertEqual(1, server['OS-EXT-STS:power_state'])  # RUNNING
+        self.assertEqual(4, self.console(server).count(INIT))
+        self.assertEqual([server['id']],
+                         self.compute.manager.driver.list_instance_uuids())
+
+        # delete: process gone, instance directory gone, allocation gone
+        self._delete_server(server)
+        self.assertFalse(os.path.exists(self.vmdir(server)))
+        self.assertIsNone(pid_alive(pid))
+        self.assertEqual({}, self._get_allocations_by_server_uuid(
+            server['id']))
+
+
+def pid_alive(pid):
+    """``pid`` if that process exists and is not a zombie, else None.
+    (The VM was re-parented to init, which reaps it a moment later.)"""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+    except OSError:
+        return None
+    return None if state == 'Z' else pid
