@@ -209,10 +209,12 @@ class BhyveDriver(driver.ComputeDriver):
             if instance.ramdisk_id:
                 ramdisk, _ = storage.fetch_image(
                     context, instance.ramdisk_id, disk_image=False)
-            root = guest.Disk(path=vmdir.disk(ROOT_DISK), format='qcow2')
+            root = guest.Disk(path=vmdir.disk(ROOT_DISK),
+                              format=self.hypervisor.instance_disk_format)
             spec = guest.build(instance, image_meta, root, kernel, ramdisk)
             storage.create_root_disk(base_path, base_fmt, root.path,
-                                     instance.flavor.root_gb, image_meta.id)
+                                     instance.flavor.root_gb, image_meta.id,
+                                     disk_format=root.format)
             self._save_spec(spec, vmdir)
             if power_on:
                 self._start(vmdir, spec)

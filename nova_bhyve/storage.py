@@ -26,6 +26,7 @@ CONF = conf.CONF
 #: hypervisors can use as an overlay backing)
 BOOTABLE_FORMATS = ('raw', 'qcow2')
 _HASH_CHUNK = 4 * units.Mi
+_COPY_CHUNK = 1 * units.Mi
 
 
 def cache_dir():
@@ -94,9 +95,14 @@ def fetch_image(context, image_id, disk_image=True):
     return path, fmt
 
 
-def create_root_disk(base, base_format, path, root_gb, image_id):
-    """qcow2 overlay at ``path`` on ``base``, sized to the flavor's root_gb
-    (or to the image when root_gb is 0). Returns its virtual size."""
+def create_root_disk(base, base_format, path, root_gb, image_id,
+                     disk_format='qcow2'):
+    """The instance's root disk at ``path``, sized to the flavor's root_gb
+    (or to the image when root_gb is 0). Returns its virtual size.
+
+    ``disk_format`` qcow2: a copy-on-write overlay on ``base``;
+    raw: a sparse full copy (for hypervisors without a qcow2 reader).
+    """
     try:
         base_info = vdsk.info(base)
     except vdsk.VdskError as e:
@@ -114,5 +120,23 @@ def create_root_disk(base, base_format, path, root_gb, image_id):
     if size < image_size:
         raise exception.FlavorDiskSmallerThanImage(flavor_size=size,
                                                    image_size=image_size)
-    vdsk.create(path, 'qcow2', size, backing=base, backing_fmt=base_format)
+    if disk_format == 'qcow2':
+        vdsk.create(path, 'qcow2', size, backing=base,
+                    backing_fmt=base_format)
+    else:
+        with fileutils.remove_path_on_error(path):
+            _copy_to_raw(base, base_format, path, size)
     return size
+
+
+def _copy_to_raw(src, src_format, path, size):
+    """Sparse raw copy of image ``src``: all-zero chunks are not written."""
+    vdsk.create(path, 'raw', size)
+    zero = bytes(_COPY_CHUNK)
+    with vdsk.open(src, fmt=src_format, readonly=True) as img, \
+            vdsk.open(path, fmt='raw') as out:
+        for offset in range(0, img.size, _COPY_CHUNK):
+            data = img.read(offset, min(_COPY_CHUNK, img.size - offset))
+            if data != zero[:len(data)]:
+                out.write(offset, data)
+        out.flush()

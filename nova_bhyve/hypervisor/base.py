@@ -100,6 +100,9 @@ class Hypervisor(abc.ABC):
 
     #: short name, also the value of the [bhyve]hypervisor option
     name = None
+    #: format of the instance disks the hypervisor opens: 'qcow2' means a
+    #: copy-on-write overlay on the cached image, 'raw' a full sparse copy
+    instance_disk_format = 'qcow2'
 
     @abc.abstractmethod
     def start(self, spec, vmdir):

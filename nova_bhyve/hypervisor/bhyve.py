@@ -211,6 +211,7 @@ class BhyveHypervisor(base.Hypervisor):
     """bhyve(8) under nova_bhyve.supervisor (policy 'bhyve')."""
 
     name = 'bhyve'
+    instance_disk_format = 'raw'     # bhyve has no qcow2 reader
 
     def __init__(self):
         self.bhyve = CONF.bhyve.bhyve_path
