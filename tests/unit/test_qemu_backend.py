@@ -1,0 +1,336 @@
+"""hypervisor/qemu.py: the exact QEMU command line for representative specs,
+and the power state when the VM process is absent.
+
+render_argv is pure, so the argv is pinned element by element. The option
+syntax (``-blockdev`` dotted keys, ``,,`` escaping, ``ide-cd``/``ide-hd`` on
+``ahci0.N``) was checked against qemu-system-x86_64 7.2. Nothing is mocked:
+power_state is driven by real pid files and real child processes.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+from nova.compute import power_state
+
+from nova_bhyve import guest
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu
+
+UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
+Q = '/usr/bin/qemu-system-x86_64'
+VM = '/var/lib/nova/instances/' + UUID
+
+
+def spec(disks=(), nics=(), boot=None, name='instance-0000002a'):
+    return guest.VMSpec(uuid=UUID, name=name, vcpus=2, memory_mb=1024,
+                        disks=list(disks), nics=list(nics),
+                        boot=boot or guest.Boot())
+
+
+def common(vm=VM, name='instance-0000002a', accel='tcg'):
+    return [
+        Q,
+        '-name', 'guest=%s,debug-threads=on' % name,
+        '-uuid', UUID,
+        '-machine', 'q35,accel=%s' % accel,
+        '-smp', '2',
+        '-m', '1024M',
+        '-nodefaults', '-no-user-config',
+        '-display', 'none',
+        '-chardev', 'socket,id=serial0,path=%s/serial.sock,server=on,'
+                    'wait=off,logfile=%s/console.log,logappend=on' % (vm, vm),
+        '-serial', 'chardev:serial0',
+        '-chardev', 'socket,id=qmp,path=%s/control.sock,server=on,wait=off'
+                    % vm,
+        '-mon', 'chardev=qmp,mode=control',
+        '-pidfile', '%s/vm.pid' % vm,
+        '-daemonize',
+    ]
+
+
+def blockdev(node, path, fmt='qcow2', ro='off'):
+    return ['-blockdev', 'driver=%s,node-name=%s,read-only=%s,discard=unmap,'
+                         'file.driver=file,file.filename=%s'
+            % (fmt, node, ro, path)]
+
+
+def test_direct_kernel_boot_virtio_root():
+    s = spec(disks=[guest.Disk(path=VM + '/disk')],
+             boot=guest.Boot(kernel='/cache/vmlinuz', ramdisk='/cache/initrd',
+                             cmdline='console=ttyS0 root=/dev/vda rw'))
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert argv == common() + [
+        '-kernel', '/cache/vmlinuz',
+        '-initrd', '/cache/initrd',
+        '-append', 'console=ttyS0 root=/dev/vda rw',
+    ] + blockdev('disk0', VM + '/disk') + [
+        # no bootindex: the kernel is loaded directly
+        '-device', 'virtio-blk-pci,drive=disk0',
+    ]
+
+
+def test_direct_kernel_boot_without_ramdisk_and_cmdline():
+    s = spec(disks=[guest.Disk(path=VM + '/disk')],
+             boot=guest.Boot(kernel='/cache/vmlinuz'))
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert argv == common() + ['-kernel', '/cache/vmlinuz'] + \
+        blockdev('disk0', VM + '/disk') + \
+        ['-device', 'virtio-blk-pci,drive=disk0']
+
+
+def test_firmware_boot_virtio_sata_cdrom_one_ahci_controller():
+    s = spec(disks=[
+        guest.Disk(path=VM + '/disk'),
+        guest.Disk(path='/data/extra.raw', format='raw', bus='sata'),
+        guest.Disk(path=VM + '/disk.config', format='raw', bus='sata',
+                   device='cdrom', readonly=True),
+    ])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert argv == common() + [
+        '-device', 'ich9-ahci,id=ahci0',
+    ] + blockdev('disk0', VM + '/disk') + [
+        '-device', 'virtio-blk-pci,drive=disk0,bootindex=1',
+    ] + blockdev('disk1', '/data/extra.raw', fmt='raw') + [
+        '-device', 'ide-hd,drive=disk1,bus=ahci0.0',
+    ] + blockdev('disk2', VM + '/disk.config', fmt='raw', ro='on') + [
+        '-device', 'ide-cd,drive=disk2,bus=ahci0.1',
+    ]
+    assert argv.count('ich9-ahci,id=ahci0') == 1
+
+
+def test_firmware_boot_sata_root_gets_bootindex_and_ahci_port0():
+    s = spec(disks=[guest.Disk(path=VM + '/disk', bus='ide'),
+                    guest.Disk(path='/d/2', bus='ide')])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert argv == common() + ['-device', 'ich9-ahci,id=ahci0'] + \
+        blockdev('disk0', VM + '/disk') + \
+        ['-device', 'ide-hd,drive=disk0,bus=ahci0.0,bootindex=1'] + \
+        blockdev('disk1', '/d/2') + \
+        ['-device', 'ide-hd,drive=disk1,bus=ahci0.1']
+
+
+def test_virtio_only_has_no_ahci_controller():
+    s = spec(disks=[guest.Disk(path='/d/1'), guest.Disk(path='/d/2')])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert not any(a.startswith('ich9-ahci') for a in argv)
+    assert argv[-2:] == ['-device', 'virtio-blk-pci,drive=disk1']
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'BUG qemu.py render_argv: the ich9-ahci controller is only added when '
+    'some disk has bus sata/ide, but every cdrom is rendered as ide-cd on '
+    'ahci0.N; a cdrom Disk with the default bus (virtio) yields '
+    '"-device ide-cd,...,bus=ahci0.0" without "-device ich9-ahci,id=ahci0" '
+    'and QEMU 7.2 refuses to start: "Bus \'ahci0.0\' not found". The bhyve '
+    'backend puts every cdrom on its AHCI controller.'))
+def test_cdrom_with_default_bus_still_gets_ahci_controller():
+    s = spec(disks=[guest.Disk(path='/d/root'),
+                    guest.Disk(path='/d/cd.iso', format='raw',
+                               device='cdrom', readonly=True)])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert 'ide-cd,drive=disk1,bus=ahci0.0' in argv
+    assert 'ich9-ahci,id=ahci0' in argv
+
+
+def test_nics_with_mtu():
+    s = spec(disks=[guest.Disk(path='/d/1')], nics=[
+        guest.Nic(mac='fa:16:3e:00:00:01', ifname='tap1', mtu=1450),
+        guest.Nic(mac='fa:16:3e:00:00:02', ifname='tap2'),
+        # host_mtu is a virtio-net property: not given to e1000
+        guest.Nic(mac='fa:16:3e:00:00:03', ifname='tap3', model='e1000',
+                  mtu=9000),
+    ])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    assert argv[-12:] == [
+        '-netdev', 'tap,id=net0,ifname=tap1,script=no,downscript=no',
+        '-device', 'virtio-net-pci,netdev=net0,mac=fa:16:3e:00:00:01,'
+                   'host_mtu=1450',
+        '-netdev', 'tap,id=net1,ifname=tap2,script=no,downscript=no',
+        '-device', 'virtio-net-pci,netdev=net1,mac=fa:16:3e:00:00:02',
+        '-netdev', 'tap,id=net2,ifname=tap3,script=no,downscript=no',
+        '-device', 'e1000,netdev=net2,mac=fa:16:3e:00:00:03',
+    ]
+
+
+def test_commas_escaped_in_names_and_paths():
+    vm = '/srv/a,b/' + UUID
+    s = spec(name='web,1', disks=[guest.Disk(path='/img/x,y.qcow2')],
+             nics=[guest.Nic(mac='fa:16:3e:00:00:01', ifname='t,0')],
+             boot=guest.Boot(kernel='/k,1/vmlinuz'))
+    argv = qemu.render_argv(s, base.VMDir(vm), Q, 'tcg')
+    ev = vm.replace(',', ',,')
+    assert argv == common(vm=ev, name='web,,1')[:-3] + [
+        # -pidfile and -kernel take a plain path, not an option string
+        '-pidfile', vm + '/vm.pid', '-daemonize',
+        '-kernel', '/k,1/vmlinuz',
+    ] + blockdev('disk0', '/img/x,,y.qcow2') + [
+        '-device', 'virtio-blk-pci,drive=disk0',
+        '-netdev', 'tap,id=net0,ifname=t,,0,script=no,downscript=no',
+        '-device', 'virtio-net-pci,netdev=net0,mac=fa:16:3e:00:00:01',
+    ]
+
+
+@pytest.mark.parametrize('accel,model,cpu', [
+    ('kvm', None, ['-cpu', 'host']),
+    ('tcg', None, []),
+    ('tcg', 'qemu64', ['-cpu', 'qemu64']),
+    ('kvm', 'Skylake-Client', ['-cpu', 'Skylake-Client']),
+])
+def test_accelerator_and_cpu_model(accel, model, cpu):
+    s = spec(disks=[guest.Disk(path='/d/1')])
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, accel, model)
+    assert argv == common(accel=accel) + cpu + blockdev('disk0', '/d/1') + \
+        ['-device', 'virtio-blk-pci,drive=disk0,bootindex=1']
+
+
+@pytest.fixture
+def short_tmp():
+    """A short temp dir: unix socket paths are limited to 107 bytes, which
+    pytest's tmp_path plus a uuid can exceed."""
+    path = tempfile.mkdtemp(prefix='nbq-')
+    yield path
+    shutil.rmtree(path)
+
+
+def test_render_argv_agrees_with_real_qemu_option_parser(short_tmp):
+    """QEMU itself parses the rendered options (comma escapes, -blockdev
+    keys, ide-cd on the AHCI bus): started paused with -S and quit at
+    once over QMP. Runs only where qemu-system-x86_64 exists."""
+    binary = '/usr/bin/qemu-system-x86_64'
+    if not os.access(binary, os.X_OK):
+        pytest.skip('no qemu-system-x86_64')
+    vm = os.path.join(short_tmp, 'a,b', UUID)
+    os.makedirs(vm)
+    for name in ('root,1.raw', 'cd.raw'):
+        with open(os.path.join(vm, name), 'wb') as f:
+            f.truncate(1 << 20)
+    s = spec(name='x,y', disks=[
+        guest.Disk(path=os.path.join(vm, 'root,1.raw'), format='raw',
+                   bus='sata'),
+        guest.Disk(path=os.path.join(vm, 'cd.raw'), format='raw',
+                   bus='sata', device='cdrom', readonly=True)])
+    vmdir = base.VMDir(vm)
+    argv = qemu.render_argv(s, vmdir, binary, 'tcg') + ['-S']
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                          cwd=vm)
+    assert proc.returncode == 0, proc.stderr
+    pid = vmdir.read_pid()
+    try:
+        assert base.process_alive(pid, UUID)
+        reply = _qmp(vmdir.control, 'query-name')
+        assert reply == {'name': 'x,y'}
+        _qmp(vmdir.control, 'quit')
+        assert base.wait_for_exit(pid, 20, UUID)
+    finally:
+        base.kill_and_wait(pid, UUID)
+
+
+def _qmp(path, command):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        f = s.makefile('rwb')
+        json.loads(f.readline())
+        for cmd in ('qmp_capabilities', command):
+            f.write(json.dumps({'execute': cmd}).encode() + b'\n')
+            f.flush()
+            while True:
+                msg = json.loads(f.readline())
+                if 'event' not in msg:
+                    break
+        return msg.get('return')
+
+
+# -- power_state ------------------------------------------------------------
+
+@pytest.fixture
+def vmdir(short_tmp):
+    path = os.path.join(short_tmp, UUID)
+    os.mkdir(path)
+    return base.VMDir(path)
+
+
+@pytest.fixture
+def marked_process():
+    """A real `sleep` whose command line carries the instance uuid, as
+    QEMU's does (-uuid); stopped by its PID."""
+    proc = subprocess.Popen(['sleep-' + UUID, '60'], executable='/bin/sleep')
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_power_state_no_pidfile_is_shutdown(vmdir):
+    assert qemu.QemuHypervisor().power_state(vmdir) == power_state.SHUTDOWN
+
+
+def test_power_state_dead_pid_is_shutdown(vmdir):
+    proc = subprocess.Popen(['/bin/true'])
+    proc.wait()
+    with open(vmdir.pidfile, 'w') as f:
+        f.write('%d\n' % proc.pid)
+    assert qemu.QemuHypervisor().power_state(vmdir) == power_state.SHUTDOWN
+
+
+def test_power_state_recycled_pid_is_shutdown(vmdir):
+    # A live process that is not this VM (its cmdline lacks the uuid).
+    with open(vmdir.pidfile, 'w') as f:
+        f.write('%d\n' % os.getpid())
+    assert qemu.QemuHypervisor().power_state(vmdir) == power_state.SHUTDOWN
+
+
+def test_power_state_alive_without_monitor_is_nostate(vmdir, marked_process):
+    with open(vmdir.pidfile, 'w') as f:
+        f.write('%d\n' % marked_process.pid)
+    assert qemu.QemuHypervisor().power_state(vmdir) == power_state.NOSTATE
+
+
+def _serve_status(path, status):
+    """One-connection fake QMP monitor answering query-status."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run():
+        conn, _ = srv.accept()
+        with conn, conn.makefile('rwb') as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            json.loads(f.readline())
+            f.write(b'{"return": {}}\n')
+            f.flush()
+            assert json.loads(f.readline()) == {'execute': 'query-status'}
+            f.write(json.dumps({'return': {'status': status,
+                                           'running': False}}).encode()
+                    + b'\n')
+            f.flush()
+        srv.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize('status,state', [
+    ('running', power_state.RUNNING),
+    ('paused', power_state.PAUSED),
+    ('inmigrate', power_state.PAUSED),
+    ('suspended', power_state.SUSPENDED),
+    ('shutdown', power_state.SHUTDOWN),
+    ('internal-error', power_state.CRASHED),
+    ('guest-panicked', power_state.CRASHED),
+    ('some-future-state', power_state.NOSTATE),
+])
+def test_power_state_maps_qmp_status(vmdir, marked_process, status, state):
+    with open(vmdir.pidfile, 'w') as f:
+        f.write('%d\n' % marked_process.pid)
+    t = _serve_status(vmdir.control, status)
+    assert qemu.QemuHypervisor().power_state(vmdir) == state
+    t.join(5)
+    assert not t.is_alive()
