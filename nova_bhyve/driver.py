@@ -297,19 +297,23 @@ class BhyveDriver(driver.ComputeDriver):
 
 
 def _refuse_unsupported(instance, network_info, block_device_info):
-    """Clear errors for what this driver cannot attach yet."""
+    """Clear errors for what this driver cannot attach yet.
+
+    InvalidInput makes Nova abort the build with this message as the fault
+    instead of rescheduling to another host of the same kind.
+    """
     if network_info:
-        raise exception.InstanceDeployFailure(
+        raise exception.InvalidInput(
             reason='network interfaces are not supported by nova-bhyve yet; '
                    'boot with networks=none')
     bdms = driver.block_device_info_get_mapping(block_device_info)
     if bdms:
-        raise exception.InstanceDeployFailure(
+        raise exception.InvalidInput(
             reason='volumes are not supported by nova-bhyve yet')
     if driver.block_device_info_get_ephemerals(block_device_info) or \
             driver.block_device_info_get_swap(block_device_info).get(
                 'swap_size'):
-        raise exception.InstanceDeployFailure(
+        raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
 

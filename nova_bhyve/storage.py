@@ -63,6 +63,21 @@ def _verify_checksum(image_id, meta, path):
             reason='downloaded data does not match its %s checksum' % algo)
 
 
+def _check_format(image_id, disk_format, path):
+    """The data must be what Glance says it is (libvdsk probes it)."""
+    if disk_format not in BOOTABLE_FORMATS:
+        return      # refused below with the list of supported formats
+    try:
+        probed = vdsk.info(path)['format']
+    except vdsk.VdskError as e:
+        raise exception.ImageUnacceptable(image_id=image_id, reason=str(e))
+    if probed != disk_format:
+        raise exception.ImageUnacceptable(
+            image_id=image_id,
+            reason='image data is %s but its disk_format is %s' % (
+                probed, disk_format))
+
+
 def fetch_image(context, image_id, disk_image=True):
     """Path of the verified cached copy of Glance image ``image_id``.
 
@@ -80,6 +95,7 @@ def fetch_image(context, image_id, disk_image=True):
                 images.fetch(context, image_id, tmp)
                 _verify_checksum(image_id, meta, tmp)
                 if disk_image:
+                    _check_format(image_id, meta.get('disk_format'), tmp)
                     images.do_image_deep_inspection(meta, image_id, tmp)
             os.rename(tmp, path)
             LOG.info('cached image %s (%d bytes)', image_id,
