@@ -49,16 +49,69 @@ int vdsk_flush(vdsk_t *d);
 int vdsk_info(vdsk_t *d, struct vdsk_info *info);
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
+
+struct vdsk_open_opts {
+    uint64_t l2_cache_size;
+    ...;
+};
+vdsk_t *vdsk_open2(const char *path, const char *fmt, int flags,
+    const struct vdsk_open_opts *opts);
+
+#define VDSK_BS_DATA ...
+#define VDSK_BS_ZERO ...
+#define VDSK_BS_UNALLOCATED ...
+int vdsk_block_status(vdsk_t *d, uint64_t off, uint64_t len, uint64_t *pnum);
+
+#define VDSK_CONVERT_COMPRESS ...
+struct vdsk_convert_opts {
+    int workers;
+    uint32_t buf_size;
+    uint32_t cluster_size;
+    int flags;
+    ...;
+};
+int vdsk_convert(const char *src, const char *src_fmt, const char *dst,
+    const char *dst_fmt, const struct vdsk_convert_opts *opts);
+int vdsk_commit(const char *path, const char *fmt);
+int vdsk_rebase(const char *path, const char *fmt, const char *backing,
+    const char *backing_fmt, int unsafe);
+
+struct vdsk_bench_opts {
+    int write;
+    int random;
+    int threads;
+    uint32_t bs;
+    uint64_t count;
+    uint64_t offset;
+    uint64_t step;
+    uint64_t seed;
+    int flush_interval;
+    ...;
+};
+struct vdsk_bench_result {
+    double seconds;
+    uint64_t requests;
+    uint64_t bytes;
+    ...;
+};
+int vdsk_bench(const char *path, const char *fmt,
+    const struct vdsk_bench_opts *opts, struct vdsk_bench_result *res);
 """
+
+# the library; formats on other branches add their .c here
+SOURCES = ['vdsk.c', 'raw.c', 'qcow2.c', 'qcow2_rebase.c', 'rangelock.c',
+           'ops.c', 'bench.c']
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     'nova_bhyve._vdsk',
     '#include "vdsk.h"',
-    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c')],
+    sources=[_path(f) for f in SOURCES],
     include_dirs=[_path('include'), _path()],
-    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h')],
+    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
+             _path('rangelock.h')],
+    libraries=['pthread'],
     extra_compile_args=['-Wall', '-Wextra'],
 )
 

@@ -5,8 +5,14 @@
     vdsk.info(path) -> {'format': 'qcow2', 'virtual_size': ..., ...}
     with vdsk.open(path) as img:
         data = img.read(0, 4096)
+    vdsk.convert(src, dst, dst_fmt='raw')       # sparse copy, flattened
+    vdsk.commit(overlay); vdsk.rebase(overlay, new_backing)
+    vdsk.external_snapshot(path) -> path of a new overlay on path
 
-Every failure raises VdskError (an OSError: errno + the library's message).
+An Image may be used from many threads at once: libvdsk range-locks each
+request (disjoint ranges run in parallel) and cffi releases the GIL during
+the calls.  Every failure raises VdskError (an OSError: errno + the
+library's message).
 """
 import errno as _errno
 import os
@@ -14,7 +20,12 @@ import threading
 
 from nova_bhyve._vdsk import ffi, lib
 
-__all__ = ['VdskError', 'Image', 'create', 'info', 'open']
+__all__ = ['VdskError', 'Image', 'bench', 'commit', 'convert', 'create',
+           'external_snapshot', 'info', 'open', 'rebase']
+
+# vdsk_block_status() values
+BLOCK_STATUS = {lib.VDSK_BS_DATA: 'data', lib.VDSK_BS_ZERO: 'zero',
+                lib.VDSK_BS_UNALLOCATED: 'unallocated'}
 
 
 class VdskError(OSError):
@@ -90,27 +101,45 @@ def info(path, fmt=None):
 
 
 class Image(object):
-    """An open image.  Calls are serialised by a lock: libvdsk allows one
-    thread at a time per image."""
+    """An open image.  Safe to use from many threads: requests run
+    concurrently in libvdsk; close() waits for those in flight."""
 
-    def __init__(self, path, fmt=None, readonly=False):
+    def __init__(self, path, fmt=None, readonly=False, l2_cache_size=None):
         self.path = path
         flags = lib.VDSK_RDONLY if readonly else 0
-        d = lib.vdsk_open(_path(path), _opt(fmt), flags)
+        opts = ffi.new('struct vdsk_open_opts *')
+        opts.l2_cache_size = int(l2_cache_size or 0)
+        d = lib.vdsk_open2(_path(path), _opt(fmt), flags, opts)
         if d == ffi.NULL:
             raise _error(path)
         self._d = ffi.gc(d, lib.vdsk_close)
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._busy = 0
         self.readonly = readonly
 
-    def _handle(self):
-        if self._d is None:
-            raise VdskError(_errno.EBADF, 'image is closed', self.path)
-        return self._d
+    def _enter(self):
+        with self._cv:
+            if self._d is None:
+                raise VdskError(_errno.EBADF, 'image is closed', self.path)
+            self._busy += 1
+            return self._d
+
+    def _leave(self):
+        with self._cv:
+            self._busy -= 1
+            if self._busy == 0:
+                self._cv.notify_all()
+
+    def _call(self, fn, *args):
+        d = self._enter()
+        try:
+            return fn(d, *args)
+        finally:
+            self._leave()
 
     @property
     def size(self):
-        return lib.vdsk_size(self._handle())
+        return self._call(lib.vdsk_size)
 
     def _check(self, offset, length):
         if offset < 0 or length < 0:
@@ -119,28 +148,49 @@ class Image(object):
 
     def read(self, offset, length):
         self._check(offset, length)
-        buf = ffi.new('char[]', length) if length else None
-        with self._lock:
-            if length and lib.vdsk_read(self._handle(), buf, offset,
-                                        length) < 0:
-                raise _error(self.path)
-        return ffi.buffer(buf, length)[:] if length else b''
+        if not length:
+            self._enter()
+            self._leave()
+            return b''
+        buf = ffi.new('char[]', length)
+        if self._call(lib.vdsk_read, buf, offset, length) < 0:
+            raise _error(self.path)
+        return ffi.buffer(buf, length)[:]
 
     def write(self, offset, data):
         data = bytes(data) if not isinstance(data, bytes) else data
         self._check(offset, len(data))
-        with self._lock:
-            if data and lib.vdsk_write(self._handle(), ffi.from_buffer(data),
-                                       offset, len(data)) < 0:
-                raise _error(self.path)
+        if data and self._call(lib.vdsk_write, ffi.from_buffer(data),
+                               offset, len(data)) < 0:
+            raise _error(self.path)
 
     def flush(self):
-        with self._lock:
-            if lib.vdsk_flush(self._handle()) < 0:
-                raise _error(self.path)
+        if self._call(lib.vdsk_flush) < 0:
+            raise _error(self.path)
+
+    def block_status(self, offset, length):
+        """('data'|'zero'|'unallocated', run length) for the run at
+        offset (this image only; 'unallocated' reads from the backing
+        file)."""
+        self._check(offset, length)
+        pnum = ffi.new('uint64_t *')
+        st = self._call(lib.vdsk_block_status, offset, length, pnum)
+        if st < 0:
+            raise _error(self.path)
+        return BLOCK_STATUS[st], pnum[0]
+
+    def map(self):
+        """Yield (offset, length, status) runs covering the image."""
+        off, size = 0, self.size
+        while off < size:
+            st, n = self.block_status(off, size - off)
+            yield off, n, st
+            off += n
 
     def close(self):
-        with self._lock:
+        with self._cv:
+            while self._busy:
+                self._cv.wait()
             d, self._d = self._d, None
             if d is not None:
                 ffi.release(d)  # runs vdsk_close now
@@ -152,5 +202,82 @@ class Image(object):
         self.close()
 
 
-def open(path, fmt=None, readonly=False):  # noqa: A001 - mirrors io.open
-    return Image(path, fmt=fmt, readonly=readonly)
+def open(path, fmt=None, readonly=False,  # noqa: A001 - mirrors io.open
+         l2_cache_size=None):
+    """Open an image; l2_cache_size bounds qcow2's L2 table cache (bytes,
+    default 4 MiB)."""
+    return Image(path, fmt=fmt, readonly=readonly,
+                 l2_cache_size=l2_cache_size)
+
+
+def convert(src, dst, src_fmt=None, dst_fmt='raw', compress=False,
+            workers=None, buf_size=None, cluster_size=None):
+    """Copy src (flattening its backing chain) into a new image dst.
+    Unallocated and all-zero ranges are not written."""
+    o = ffi.new('struct vdsk_convert_opts *')
+    o.workers = int(workers or 0)
+    o.buf_size = int(buf_size or 0)
+    o.cluster_size = int(cluster_size or 0)
+    o.flags = lib.VDSK_CONVERT_COMPRESS if compress else 0
+    if lib.vdsk_convert(_path(src), _opt(src_fmt), _path(dst),
+                        _opt(dst_fmt), o) < 0:
+        raise _error(dst)
+
+
+def commit(path, fmt=None):
+    """Write the data allocated in the overlay at path into its backing
+    file.  The overlay keeps its contents."""
+    if lib.vdsk_commit(_path(path), _opt(fmt)) < 0:
+        raise _error(path)
+
+
+def rebase(path, backing, backing_fmt=None, unsafe=False, fmt=None):
+    """Make backing (None: none) the backing file of path.  Safe mode
+    keeps the guest view by copying what would change; unsafe mode only
+    rewrites the header."""
+    b = ffi.NULL if not backing else os.fsencode(backing)
+    if lib.vdsk_rebase(_path(path), _opt(fmt), b, _opt(backing_fmt),
+                       1 if unsafe else 0) < 0:
+        raise _error(path)
+
+
+def external_snapshot(path, overlay=None, fmt=None):
+    """Freeze the image at path: create a qcow2 overlay backed by it (to
+    be used in its place from now on) and return the overlay's path.
+    The default name is PATH.snap-N, N the first number free."""
+    if overlay is None:
+        n = 1
+        while os.path.exists('%s.snap-%d' % (path, n)):
+            n += 1
+        overlay = '%s.snap-%d' % (path, n)
+    backing_fmt = fmt or info(path)['format']
+    create(overlay, 'qcow2', 0, backing=os.path.abspath(path),
+           backing_fmt=backing_fmt)
+    return overlay
+
+
+def bench(path, write=False, pattern='seq', block_size=4096, threads=1,
+          count=75000, offset=0, step=None, fmt=None, seed=0,
+          flush_interval=0):
+    """qemu-img bench on libvdsk: count requests of block_size bytes by
+    threads threads (qemu-img's depth).  Returns seconds, requests,
+    bytes, iops and mb_per_s (MiB/s)."""
+    if pattern not in ('seq', 'rand'):
+        raise VdskError(_errno.EINVAL, 'pattern must be seq or rand', path)
+    o = ffi.new('struct vdsk_bench_opts *')
+    o.write = 1 if write else 0
+    o.random = 1 if pattern == 'rand' else 0
+    o.threads = int(threads)
+    o.bs = int(block_size)
+    o.count = int(count)
+    o.offset = int(offset)
+    o.step = int(step or 0)
+    o.seed = int(seed)
+    o.flush_interval = int(flush_interval)
+    res = ffi.new('struct vdsk_bench_result *')
+    if lib.vdsk_bench(_path(path), _opt(fmt), o, res) < 0:
+        raise _error(path)
+    secs = res.seconds or 1e-9
+    return {'seconds': res.seconds, 'requests': res.requests,
+            'bytes': res.bytes, 'iops': res.requests / secs,
+            'mb_per_s': res.bytes / secs / (1 << 20)}

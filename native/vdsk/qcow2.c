@@ -479,31 +479,51 @@ lookup(struct vdsk *d, uint64_t off, enum ckind *k, uint64_t *host)
 	return classify(d, off, e, k, host);
 }
 
+/* Map the run at off: kind, host offset, length (metadata lock held). */
+static int
+map_run(struct vdsk *d, uint64_t off, size_t len, enum ckind *k,
+    uint64_t *host, size_t *np)
+{
+	struct qcow2 *q = d->priv;
+	uint64_t host2, inoff = off & (q->cs - 1);
+	enum ckind k2;
+	size_t n, step;
+	int r;
+
+	if ((r = lookup(d, off, k, host)) < 0)
+		return r;
+	n = q->cs - inoff < len ? (size_t)(q->cs - inoff) : len;
+	/* extend the run over clusters that can share one I/O */
+	while (n < len && *k != C_COMPRESSED) {
+		if ((r = lookup(d, off + n, &k2, &host2)) < 0)
+			return r;
+		if (k2 != *k || (*k == C_NORMAL &&
+		    host2 != *host + inoff + n))
+			break;
+		step = len - n < q->cs ? len - n : (size_t)q->cs;
+		n += step;
+	}
+	*np = n;
+	return 0;
+}
+
 static int
 qcow2_read(struct vdsk *d, void *buf, uint64_t off, size_t len)
 {
 	struct qcow2 *q = d->priv;
 	uint8_t *p = buf;
-	enum ckind k, k2;
-	uint64_t host, host2, inoff;
-	size_t n, step;
+	enum ckind k;
+	uint64_t host, inoff;
+	size_t n;
 	int r;
 
 	while (len > 0) {
 		inoff = off & (q->cs - 1);
-		if ((r = lookup(d, off, &k, &host)) < 0)
+		vdsk_meta_lock(d);
+		r = map_run(d, off, len, &k, &host, &n);
+		vdsk_meta_unlock(d);
+		if (r < 0)
 			return r;
-		n = q->cs - inoff < len ? (size_t)(q->cs - inoff) : len;
-		/* extend the run over clusters that can share one I/O */
-		while (n < len && k != C_COMPRESSED) {
-			if ((r = lookup(d, off + n, &k2, &host2)) < 0)
-				return r;
-			if (k2 != k || (k == C_NORMAL &&
-			    host2 != host + inoff + n))
-				break;
-			step = len - n < q->cs ? len - n : (size_t)q->cs;
-			n += step;
-		}
 		switch (k) {
 		case C_UNALLOC:
 			r = vdsk_read_backing(d, p, off, n);
@@ -583,71 +603,91 @@ l2_for_write(struct vdsk *d, uint64_t l1i, uint64_t *l2o)
 	return vdsk_pwrite(d, e, 8, q->l1_offset + l1i * 8, "L1 entry");
 }
 
+/*
+ * Write within one guest cluster.  The caller holds the range lock on the
+ * whole cluster, so its L2 entry is ours; the metadata lock is held only
+ * around metadata work, not around data I/O.
+ */
 static int
 write_cluster(struct vdsk *d, uint64_t off, const uint8_t *data, size_t n)
 {
 	struct qcow2 *q = d->priv;
 	uint64_t cl = off >> q->cluster_bits, gco = cl << q->cluster_bits;
 	uint64_t inoff = off - gco, l2o, e, host, nh, l2i;
-	uint8_t *t, eb[8];
+	uint8_t *t, eb[8], *cbuf = NULL;
+	const uint8_t *src = data;
 	enum ckind k;
 	int r;
 
+	vdsk_meta_lock(d);
 	if ((r = l2_for_write(d, cl >> q->l2_bits, &l2o)) < 0)
-		return r;
+		goto out;
 	if ((r = cache_get(d, &q->l2c, l2o, 0, &t)) < 0)
-		return r;
+		goto out;
 	l2i = cl & ((1ULL << q->l2_bits) - 1);
 	e = be64_get(t + l2i * 8);
 	if ((r = classify(d, off, e, &k, &host)) < 0)
-		return r;
-	if (k == C_COMPRESSED)
-		return vdsk_error(ENOTSUP, "%s: writing to compressed "
+		goto out;
+	if (k == C_COMPRESSED) {
+		r = vdsk_error(ENOTSUP, "%s: writing to compressed "
 		    "clusters is not supported yet (guest offset %#llx)",
 		    d->path, (unsigned long long)off);
-	if (k == C_NORMAL && (e & OFLAG_COPIED)) {
-		if ((r = check_data_host(d, host)) < 0)
-			return r;
-		return vdsk_pwrite(d, data, n, host + inoff, "data");
+		goto out;
 	}
+	if (k == C_NORMAL && (e & OFLAG_COPIED)) {
+		r = check_data_host(d, host);
+		vdsk_meta_unlock(d);
+		return r < 0 ? r : vdsk_pwrite(d, data, n, host + inoff, "data");
+	}
+	vdsk_meta_unlock(d);
 	/* Build the whole new cluster: old contents + new data. */
 	if (n < q->cs) {
+		if ((cbuf = malloc(q->cs)) == NULL)
+			return vdsk_error(ENOMEM, "out of memory");
 		if (k == C_ZERO)
-			memset(q->cbuf, 0, q->cs);
+			memset(cbuf, 0, q->cs);
 		else if (k == C_NORMAL)
-			r = vdsk_pread(d, q->cbuf, q->cs, host, "data cluster");
+			r = vdsk_pread(d, cbuf, q->cs, host, "data cluster");
 		else
-			r = vdsk_read_backing(d, q->cbuf, gco, q->cs);
+			r = vdsk_read_backing(d, cbuf, gco, q->cs);
 		if (r < 0)
-			return r;
+			goto out_free;
+		memcpy(cbuf + inoff, data, n);
+		src = cbuf;
 	}
-	memcpy(q->cbuf + inoff, data, n);
+	vdsk_meta_lock(d);
 	if (k == C_ZERO && host != 0 && (e & OFLAG_COPIED)) {
 		/* preallocated zero cluster: reuse it */
 		if ((r = check_data_host(d, host)) < 0)
-			return r;
+			goto out;
 		nh = host;
 		host = 0;
 	} else if ((r = alloc_clusters(d, 1, &nh)) < 0) {
-		return r;
+		goto out;
 	}
-	if ((r = vdsk_pwrite(d, q->cbuf, q->cs, nh, "data cluster")) < 0)
-		return r;
-	/* alloc may have evicted the table from the cache */
+	vdsk_meta_unlock(d);
+	if ((r = vdsk_pwrite(d, src, q->cs, nh, "data cluster")) < 0)
+		goto out_free;
+	vdsk_meta_lock(d);
+	/* others may have evicted the table from the cache */
 	if ((r = cache_get(d, &q->l2c, l2o, 0, &t)) < 0)
-		return r;
+		goto out;
 	be64_put(eb, nh | OFLAG_COPIED);
 	memcpy(t + l2i * 8, eb, 8);
 	if ((r = vdsk_pwrite(d, eb, 8, l2o + l2i * 8, "L2 entry")) < 0)
-		return r;
+		goto out;
 	if (host != 0) {
 		uint64_t rc;
 
 		if ((r = get_refcount(d, host, &rc)) < 0)
-			return r;
+			goto out;
 		if (rc > 0)
 			r = set_refcount(d, host, rc - 1);
 	}
+out:
+	vdsk_meta_unlock(d);
+out_free:
+	free(cbuf);
 	return r;
 }
 
@@ -990,7 +1030,8 @@ qcow2_open(struct vdsk *d)
 	if ((r = load_table(d, q->l1_offset, q->l1_size, &q->l1,
 	    "L1 table")) < 0)
 		return r;
-	cache_init(&q->l2c, "L2 table", q->cs, 4u << 20);
+	cache_init(&q->l2c, "L2 table", q->cs,
+	    d->l2_cache_bytes ? d->l2_cache_bytes : 4u << 20);
 	cache_init(&q->rbc, "refcount block", q->cs, 1u << 20);
 	if (d->flags & VDSK_RDONLY)
 		return 0;
@@ -1184,6 +1225,45 @@ qcow2_create(const char *path, uint64_t size, const char *backing,
 	return r;
 }
 
+/* Allocation status from the L2 tables (see vdsk_ops.block_status). */
+static int
+qcow2_block_status(struct vdsk *d, uint64_t off, uint64_t len,
+    uint64_t *pnum)
+{
+	static const int bs[] = { [C_UNALLOC] = VDSK_BS_UNALLOCATED,
+	    [C_ZERO] = VDSK_BS_ZERO, [C_NORMAL] = VDSK_BS_DATA,
+	    [C_COMPRESSED] = VDSK_BS_DATA };
+	struct qcow2 *q = d->priv;
+	uint64_t pos = off, end = off + len, l2span, l2o, host, next;
+	enum ckind k, k0 = C_UNALLOC;
+	int r = 0;
+
+	l2span = 1ULL << (q->cluster_bits + q->l2_bits);
+	vdsk_meta_lock(d);
+	while (pos < end) {
+		if ((r = l2_offset(d, pos / l2span, &l2o)) < 0)
+			break;
+		if (l2o == 0) {
+			k = C_UNALLOC;
+			next = (pos / l2span + 1) * l2span;
+		} else {
+			if ((r = lookup(d, pos, &k, &host)) < 0)
+				break;
+			next = ((pos >> q->cluster_bits) + 1) << q->cluster_bits;
+		}
+		if (pos == off)
+			k0 = k;
+		else if (bs[k] != bs[k0])
+			break;
+		pos = next;
+	}
+	vdsk_meta_unlock(d);
+	if (r < 0)
+		return r;
+	*pnum = (pos < end ? pos : end) - off;
+	return bs[k0];
+}
+
 const struct vdsk_ops vdsk_qcow2_ops = {
 	.name = "qcow2",
 	.open = qcow2_open,
@@ -1193,4 +1273,7 @@ const struct vdsk_ops vdsk_qcow2_ops = {
 	.flush = qcow2_flush,
 	.create = qcow2_create,
 	.info = qcow2_info,
+	.block_status = qcow2_block_status,
+	.set_backing = vdsk_qcow2_set_backing,
+	.threadsafe = 1,
 };

@@ -32,6 +32,32 @@ raw_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 	return vdsk_pwrite(d, buf, len, off, "data");
 }
 
+/* Holes read as zeroes; there is no backing file to fall through to. */
+static int
+raw_block_status(struct vdsk *d, uint64_t off, uint64_t len, uint64_t *pnum)
+{
+	off_t data, hole;
+
+	data = lseek(d->fd, (off_t)off, SEEK_DATA);
+	if (data < 0 && errno == ENXIO) {
+		*pnum = len;                    /* a hole up to the end */
+		return VDSK_BS_ZERO;
+	}
+	if (data < 0) {
+		*pnum = len;                    /* cannot tell: say data */
+		return VDSK_BS_DATA;
+	}
+	if ((uint64_t)data > off) {
+		*pnum = (uint64_t)data - off < len ? (uint64_t)data - off : len;
+		return VDSK_BS_ZERO;
+	}
+	hole = lseek(d->fd, (off_t)off, SEEK_HOLE);
+	if (hole < 0 || (uint64_t)hole <= off)
+		hole = (off_t)(off + len);
+	*pnum = (uint64_t)hole - off < len ? (uint64_t)hole - off : len;
+	return VDSK_BS_DATA;
+}
+
 static int
 raw_flush(struct vdsk *d)
 {
@@ -74,4 +100,6 @@ const struct vdsk_ops vdsk_raw_ops = {
 	.flush = raw_flush,
 	.create = raw_create,
 	.info = NULL,
+	.block_status = raw_block_status,
+	.threadsafe = 1,
 };

@@ -170,9 +170,9 @@ vdsk_backing_path(const char *image_path, const char *backing)
 	return p;
 }
 
-struct vdsk *
-vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
-    const struct vdsk *child)
+static struct vdsk *
+open_common(const char *path, const char *fmt, int flags, int depth,
+    const struct vdsk *child, uint64_t l2_cache_bytes)
 {
 	const struct vdsk_ops *ops;
 	const struct vdsk *c;
@@ -236,8 +236,24 @@ vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
 		close(fd);
 		return NULL;
 	}
+	if (pthread_mutex_init(&d->meta, NULL) != 0) {
+		free(d->path);
+		free(d);
+		vdsk_error(ENOMEM, "out of memory");
+		close(fd);
+		return NULL;
+	}
+	if (vdsk_rl_init(&d->rl) < 0) {
+		pthread_mutex_destroy(&d->meta);
+		free(d->path);
+		free(d);
+		vdsk_error(ENOMEM, "out of memory");
+		close(fd);
+		return NULL;
+	}
 	d->ops = ops;
 	d->fd = fd;
+	d->l2_cache_bytes = l2_cache_bytes;
 	d->flags = flags;
 	d->depth = depth;
 	d->dev = st.st_dev;
@@ -257,7 +273,23 @@ vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
 		vdsk_close(d);
 		return NULL;
 	}
+	d->lock_align = 1;
+	if (ops->info != NULL) {
+		struct vdsk_info inf;
+
+		memset(&inf, 0, sizeof(inf));
+		ops->info(d, &inf);
+		if (inf.cluster_size > 1)
+			d->lock_align = inf.cluster_size;
+	}
 	return d;
+}
+
+struct vdsk *
+vdsk_open_internal(const char *path, const char *fmt, int flags, int depth,
+    const struct vdsk *child)
+{
+	return open_common(path, fmt, flags, depth, child, 0);
 }
 
 int
@@ -270,9 +302,9 @@ vdsk_open_backing(struct vdsk *d)
 	bpath = vdsk_backing_path(d->path, d->backing_file);
 	if (bpath == NULL)
 		return vdsk_error(ENOMEM, "out of memory");
-	d->backing = vdsk_open_internal(bpath,
+	d->backing = open_common(bpath,
 	    d->backing_fmt[0] ? d->backing_fmt : NULL, VDSK_RDONLY,
-	    d->depth + 1, d);
+	    d->depth + 1, d, d->l2_cache_bytes);
 	if (d->backing == NULL) {
 		int err = vdsk_errno();
 		char msg[sizeof(last_msg)];
@@ -296,7 +328,14 @@ vdsk_read_backing(struct vdsk *d, void *buf, uint64_t off, size_t len)
 		bsize = d->backing->size;
 		if (off < bsize) {
 			n = bsize - off < len ? (size_t)(bsize - off) : len;
-			int r = d->backing->ops->read(d->backing, buf, off, n);
+			struct vdsk *b = d->backing;
+			int r;
+
+			if (!b->ops->threadsafe)
+				vdsk_meta_lock(b);
+			r = b->ops->read(b, buf, off, n);
+			if (!b->ops->threadsafe)
+				vdsk_meta_unlock(b);
 			if (r < 0)
 				return r;
 		}
@@ -306,7 +345,8 @@ vdsk_read_backing(struct vdsk *d, void *buf, uint64_t off, size_t len)
 }
 
 vdsk_t *
-vdsk_open(const char *path, const char *fmt, int flags)
+vdsk_open2(const char *path, const char *fmt, int flags,
+    const struct vdsk_open_opts *opts)
 {
 	last_err = 0;
 	last_msg[0] = '\0';
@@ -314,7 +354,14 @@ vdsk_open(const char *path, const char *fmt, int flags)
 		vdsk_error(EINVAL, "unknown open flags %#x", flags);
 		return NULL;
 	}
-	return vdsk_open_internal(path, fmt, flags, 0, NULL);
+	return open_common(path, fmt, flags, 0, NULL,
+	    opts != NULL ? opts->l2_cache_size : 0);
+}
+
+vdsk_t *
+vdsk_open(const char *path, const char *fmt, int flags)
+{
+	return vdsk_open2(path, fmt, flags, NULL);
 }
 
 int
@@ -331,6 +378,8 @@ vdsk_close(vdsk_t *d)
 	if (close(d->fd) < 0)
 		r = vdsk_error(errno, "%s: close: %s", d->path,
 		    strerror(errno));
+	vdsk_rl_destroy(&d->rl);
+	pthread_mutex_destroy(&d->meta);
 	free(d->path);
 	free(d);
 	return r;
@@ -352,6 +401,28 @@ check_range(vdsk_t *d, uint64_t off, size_t len)
 	return 0;
 }
 
+/* Lock the guest range (widened to whole clusters) and run the driver. */
+static int
+locked_io(vdsk_t *d, void *rbuf, const void *wbuf, uint64_t off, size_t len)
+{
+	struct vdsk_rl_entry e;
+	uint64_t a = d->lock_align, s = off / a * a;
+	uint64_t end = (off + len + a - 1) / a * a;
+	int r;
+
+	vdsk_rl_lock(&d->rl, &e, s, end - s, wbuf != NULL);
+	if (!d->ops->threadsafe)
+		vdsk_meta_lock(d);
+	if (wbuf != NULL)
+		r = d->ops->write(d, wbuf, off, len);
+	else
+		r = d->ops->read(d, rbuf, off, len);
+	if (!d->ops->threadsafe)
+		vdsk_meta_unlock(d);
+	vdsk_rl_unlock(&d->rl, &e);
+	return r;
+}
+
 int
 vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len)
 {
@@ -359,7 +430,7 @@ vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len)
 
 	if (r < 0 || len == 0)
 		return r;
-	return d->ops->read(d, buf, off, len);
+	return locked_io(d, buf, NULL, off, len);
 }
 
 int
@@ -373,15 +444,22 @@ vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len)
 	r = check_range(d, off, len);
 	if (r < 0 || len == 0)
 		return r;
-	return d->ops->write(d, buf, off, len);
+	return locked_io(d, NULL, buf, off, len);
 }
 
 int
 vdsk_flush(vdsk_t *d)
 {
+	int r;
+
 	if (d->flags & VDSK_RDONLY)
 		return 0;
-	return d->ops->flush(d);
+	if (d->ops->threadsafe)
+		return d->ops->flush(d);
+	vdsk_meta_lock(d);
+	r = d->ops->flush(d);
+	vdsk_meta_unlock(d);
+	return r;
 }
 
 int
@@ -399,8 +477,11 @@ vdsk_info(vdsk_t *d, struct vdsk_info *info)
 	if (fstat(d->fd, &st) < 0)
 		return vdsk_error(errno, "%s: %s", d->path, strerror(errno));
 	info->actual_size = (uint64_t)st.st_blocks * 512;
-	if (d->ops->info != NULL)
+	if (d->ops->info != NULL) {
+		vdsk_meta_lock(d);
 		d->ops->info(d, info);
+		vdsk_meta_unlock(d);
+	}
 	return 0;
 }
 

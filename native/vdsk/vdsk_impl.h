@@ -3,10 +3,12 @@
 #define VDSK_IMPL_H
 
 #include <sys/types.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stddef.h>
 
 #include "vdsk.h"
+#include "rangelock.h"
 
 #define VDSK_MAX_CHAIN 16       /* backing chain depth limit */
 
@@ -24,6 +26,26 @@ struct vdsk_ops {
 	int (*create)(const char *path, uint64_t size, const char *backing,
 	    const char *backing_fmt, uint32_t cluster_size);
 	void (*info)(struct vdsk *d, struct vdsk_info *info);
+	/*
+	 * Optional (NULL: every range is VDSK_BS_DATA).  Status of the range
+	 * starting at off (len > 0, within the virtual size): returns a
+	 * VDSK_BS_* value and sets *pnum to the length (> 0, <= len) of the
+	 * run that has it, or a negative errno.
+	 */
+	int (*block_status)(struct vdsk *d, uint64_t off, uint64_t len,
+	    uint64_t *pnum);
+	/*
+	 * Optional: rewrite the backing file name and format in the image
+	 * header (backing NULL: remove it).  Data is not touched.
+	 */
+	int (*set_backing)(struct vdsk *d, const char *backing,
+	    const char *backing_fmt);
+	/*
+	 * Set if read/write may run concurrently on disjoint ranges (the
+	 * driver serialises its metadata with vdsk_meta_lock()).  Drivers
+	 * without it are serialised as a whole by the common layer.
+	 */
+	int threadsafe;
 };
 
 struct vdsk {
@@ -41,10 +63,31 @@ struct vdsk {
 	char backing_fmt[VDSK_FMT_MAX];
 	struct vdsk *backing;
 	void *priv;
+	/* concurrency (see rangelock.h) */
+	pthread_mutex_t meta;           /* driver metadata, or whole driver */
+	struct vdsk_rangelock rl;       /* guest ranges in use */
+	uint64_t lock_align;            /* range lock granularity (cluster) */
+	uint64_t l2_cache_bytes;        /* open option; 0: driver default */
 };
+
+/* Metadata lock of a thread-safe driver (no-ops would be wrong: the
+ * common layer already holds it around non-thread-safe drivers). */
+static inline void vdsk_meta_lock(struct vdsk *d)
+{
+	pthread_mutex_lock(&d->meta);
+}
+
+static inline void vdsk_meta_unlock(struct vdsk *d)
+{
+	pthread_mutex_unlock(&d->meta);
+}
 
 extern const struct vdsk_ops vdsk_raw_ops;
 extern const struct vdsk_ops vdsk_qcow2_ops;
+
+/* qcow2_rebase.c: the qcow2 set_backing op. */
+int vdsk_qcow2_set_backing(struct vdsk *d, const char *backing,
+    const char *backing_fmt);
 
 /* Record the error for vdsk_errno()/vdsk_errmsg(); returns -err. */
 int vdsk_error(int err, const char *fmt, ...)
@@ -62,7 +105,8 @@ int vdsk_pwrite(struct vdsk *d, const void *buf, size_t len, uint64_t off,
  */
 int vdsk_open_backing(struct vdsk *d);
 
-/* Read from d's backing file; zeroes where there is none or it is short. */
+/* Read from d's backing file; zeroes where there is none or it is short.
+ * Safe to call concurrently (serialises non-thread-safe backing drivers). */
 int vdsk_read_backing(struct vdsk *d, void *buf, uint64_t off, size_t len);
 
 /* Open with internal flags, for create paths and backing chains. */

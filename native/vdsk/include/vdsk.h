@@ -6,7 +6,11 @@
  * failure, vdsk_errno() and vdsk_errmsg() describe it.  They are
  * thread-local, so read them from the thread that made the failing call.
  *
- * A vdsk_t may be used by one thread at a time.
+ * Threads: vdsk_read/write/flush/info/block_status may be called on one
+ * vdsk_t from many threads at once.  Requests on disjoint ranges run in
+ * parallel, overlapping ones (with at least one write) one after the other
+ * (range locks, see rangelock.h); each request is atomic with respect to
+ * the others.  vdsk_close() must not race with anything.
  */
 #ifndef VDSK_H
 #define VDSK_H
@@ -57,6 +61,80 @@ int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
 int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
 int vdsk_flush(vdsk_t *d);
 int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+
+/* Open options (vdsk_open2); zero fields mean defaults. */
+struct vdsk_open_opts {
+	uint64_t l2_cache_size;     /* bytes of L2 table cache (qcow2: 4 MiB) */
+};
+
+vdsk_t *vdsk_open2(const char *path, const char *fmt, int flags,
+    const struct vdsk_open_opts *opts);
+
+/*
+ * Allocation status of guest ranges (this image only, not its backing):
+ * returns one of the values below for the run starting at off and sets
+ * *pnum to its length (0 < *pnum <= len), or a negative errno.  Formats
+ * that cannot tell report everything as data.
+ */
+#define VDSK_BS_DATA        1   /* allocated here, holds data */
+#define VDSK_BS_ZERO        2   /* allocated here, reads as zeroes */
+#define VDSK_BS_UNALLOCATED 3   /* reads from the backing file (or zero) */
+int vdsk_block_status(vdsk_t *d, uint64_t off, uint64_t len, uint64_t *pnum);
+
+/*
+ * Copy src into a new image dst (replaced if it exists).  Ranges that are
+ * unallocated in the whole chain or read as zeroes are not written, so the
+ * destination is sparse.  The result has no backing file.
+ */
+#define VDSK_CONVERT_COMPRESS 0x1   /* compressed clusters (qcow2) */
+struct vdsk_convert_opts {
+	int workers;                /* parallel copy threads; 0: 2 */
+	uint32_t buf_size;          /* bytes per I/O; 0: 2 MiB */
+	uint32_t cluster_size;      /* destination cluster size; 0: default */
+	int flags;                  /* VDSK_CONVERT_* */
+};
+int vdsk_convert(const char *src, const char *src_fmt, const char *dst,
+    const char *dst_fmt, const struct vdsk_convert_opts *opts);
+
+/*
+ * Write the data allocated in the image at path into its backing file
+ * (which must be at least as large).  The overlay is left unchanged.
+ */
+int vdsk_commit(const char *path, const char *fmt);
+
+/*
+ * Make backing (format backing_fmt, probed if NULL; NULL or "" backing:
+ * none) the backing file of the image at path.  Safe mode first copies
+ * into the image every cluster whose contents would change, so the guest
+ * view is unchanged; unsafe mode only rewrites the header.
+ */
+int vdsk_rebase(const char *path, const char *fmt, const char *backing,
+    const char *backing_fmt, int unsafe);
+
+/*
+ * A qemu-img bench equivalent: 'count' requests of 'bs' bytes, by
+ * 'threads' threads (each request synchronous).  Sequential requests
+ * start at 'offset' and advance by 'step' (0: bs), wrapping at the end
+ * of the image like qemu-img; random requests are bs-aligned.
+ */
+struct vdsk_bench_opts {
+	int write;
+	int random;
+	int threads;                /* 0: 1 */
+	uint32_t bs;                /* 0: 4096 */
+	uint64_t count;             /* 0: 75000 */
+	uint64_t offset;
+	uint64_t step;
+	uint64_t seed;
+	int flush_interval;         /* write: flush every n requests, 0 never */
+};
+struct vdsk_bench_result {
+	double seconds;
+	uint64_t requests;
+	uint64_t bytes;
+};
+int vdsk_bench(const char *path, const char *fmt,
+    const struct vdsk_bench_opts *opts, struct vdsk_bench_result *res);
 
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
