@@ -115,11 +115,12 @@ class Image(object):
         self._d = ffi.gc(d, lib.vdsk_close)
         self._cv = threading.Condition()
         self._busy = 0
+        self._closing = False
         self.readonly = readonly
 
     def _enter(self):
         with self._cv:
-            if self._d is None:
+            if self._d is None or self._closing:
                 raise VdskError(_errno.EBADF, 'image is closed', self.path)
             self._busy += 1
             return self._d
@@ -189,6 +190,7 @@ class Image(object):
 
     def close(self):
         with self._cv:
+            self._closing = True        # no new requests from now on
             while self._busy:
                 self._cv.wait()
             d, self._d = self._d, None
