@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""libvdsk vs qemu-img on the same files in the same run.
+
+    python bench/vdsk_bench.py [--dir /tmp/vdsk-bench] [--quick]
+
+1. 4 KiB I/O on a 1 GiB fully allocated qcow2, 1 and 4 threads:
+   `vdsk bench` vs `qemu-img bench`.  qemu-img bench has no random
+   pattern, so both run the same pseudo-random offsets: sequential with a
+   large prime stride (-S 7919 * 4 KiB, wrapping at the end of the image
+   like qemu-img does).  libvdsk has no O_DIRECT, so both go through the
+   page cache: qemu-img bench -t writeback -i threads; its -d (queue
+   depth) is vdsk's thread count.  `vdsk bench --pattern rand` (true
+   random) is listed too.
+2. convert of a 4 GiB half-allocated image (1 MiB data / 1 MiB hole),
+   qcow2 -> raw and raw -> qcow2: `vdsk convert` vs `qemu-img convert`
+   (defaults: both flush the result at the end).  Best of N runs each,
+   alternating.
+3. memory: peak RSS of the C stress driver (libvdsk only) with a 1 TiB
+   sparse qcow2 open whose 2048 L2 tables are all read, at the default
+   L2 cache (4 MiB) and at 1 MiB.
+Prints a markdown report on stdout.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from nova_bhyve import vdsk  # noqa: E402
+
+GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
+STRIDE = 7919 * 4096
+VDSK = [sys.executable, '-m', 'nova_bhyve.vdsk_cli']
+ENV = dict(os.environ, PYTHONPATH=REPO)
+
+
+def run(args):
+    t0 = time.monotonic()
+    p = subprocess.run([str(a) for a in args], capture_output=True,
+                       text=True, env=ENV)
+    dt = time.monotonic() - t0
+    if p.returncode != 0:
+        sys.exit('%s failed: %s%s' % (' '.join(map(str, args)), p.stdout,
+                                      p.stderr))
+    return p.stdout, dt
+
+
+def qemu_bench(path, write, threads, count):
+    out, _ = run(['qemu-img', 'bench', '-f', 'qcow2', '-t', 'writeback',
+                  '-i', 'threads', '-d', threads, '-c', count, '-s', 4096,
+                  '-S', STRIDE, '--pattern=165'] + (['-w'] if write else [])
+                 + [path])
+    secs = float(re.search(r'Run completed in ([\d.]+) seconds', out)
+                 .group(1))
+    return count / secs
+
+
+def vdsk_bench(path, write, threads, count, pattern='seq'):
+    args = VDSK + ['bench', '--json', '-f', 'qcow2', '-t', threads, '-c',
+                   count, '-s', 4096, '--pattern', pattern]
+    if pattern == 'seq':
+        args += ['-S', STRIDE]
+    out, _ = run(args + (['-w'] if write else ['--read']) + [path])
+    return json.loads(out.splitlines()[-1])['iops']
+
+
+def best(fn, n):
+    return max(fn() for _ in range(n))
+
+
+def io_section(d, count, reps):
+    img = os.path.join(d, 'io.qcow2')
+    run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-o',
+         'preallocation=full', img, '1G'])
+    rows = []
+    for write in (False, True):
+        for threads in (1, 4):
+            q = best(lambda: qemu_bench(img, write, threads, count), reps)
+            v = best(lambda: vdsk_bench(img, write, threads, count), reps)
+            r = best(lambda: vdsk_bench(img, write, threads, count,
+                                        'rand'), reps)
+            rows.append('| 4 KiB %s, %d thread%s | %.0f | %.0f | %.2fx | '
+                        '%.0f |' % ('write' if write else 'read', threads,
+                                    's' if threads > 1 else '', q, v, v / q,
+                                    r))
+    run(['qemu-img', 'check', '-q', img])
+    os.unlink(img)
+    return ['| workload | qemu-img bench IOPS | vdsk bench IOPS | ratio | '
+            'vdsk --pattern rand IOPS |', '|---|---|---|---|---|'] + rows
+
+
+def make_half_allocated(d, size):
+    raw = os.path.join(d, 'half.raw')
+    chunk = bytes(range(256)) * (MiB // 256)
+    with open(raw, 'wb') as f:
+        f.truncate(size)
+        for off in range(0, size, 2 * MiB):
+            f.seek(off)
+            f.write(chunk)
+    q = os.path.join(d, 'half.qcow2')
+    run(['qemu-img', 'convert', '-O', 'qcow2', raw, q])
+    return raw, q
+
+
+def convert_section(d, size, reps):
+    raw, q = make_half_allocated(d, size)
+    out = os.path.join(d, 'out')
+    rows = []
+    for name, src, sf, df in (('qcow2 -> raw', q, 'qcow2', 'raw'),
+                              ('raw -> qcow2', raw, 'raw', 'qcow2')):
+        tq, tv = [], []
+        for _ in range(reps):
+            for tool, ts in (('qemu', tq), ('vdsk', tv)):
+                if os.path.exists(out):
+                    os.unlink(out)
+                if tool == 'qemu':
+                    _, dt = run(['qemu-img', 'convert', '-f', sf, '-O', df,
+                                 src, out])
+                else:
+                    _, dt = run(VDSK + ['convert', '-f', sf, '-O', df, src,
+                                        out])
+                ts.append(dt)
+        c = subprocess.run(['qemu-img', 'compare', '-f', sf, '-F', df, src,
+                            out], capture_output=True)
+        assert c.returncode == 0, c.stdout
+        alloc = os.stat(out).st_blocks * 512
+        rows.append('| %s | %.2f s | %.2f s | %.2fx | %d MiB |' % (
+            name, min(tq), min(tv), min(tq) / min(tv), alloc // MiB))
+        os.unlink(out)
+    os.unlink(raw)
+    os.unlink(q)
+    return ['| convert (%d GiB, half allocated) | qemu-img | vdsk | '
+            'speed-up | vdsk output allocated |' % (size // GiB),
+            '|---|---|---|---|---|'] + rows
+
+
+def memory_section(d):
+    path = os.path.join(d, 'big.qcow2')
+    vdsk.create(path, 'qcow2', 1 << 40)
+    with vdsk.open(path) as img:            # one cluster per L2 table
+        for i in range(2048):
+            img.write(i * 512 * MiB, b'\x01' * 4096)
+    subprocess.run(['make', '-s', '-C', os.path.join(REPO, 'native'),
+                    '_build/stress'], check=True)
+    exe = os.path.join(REPO, 'native', '_build', 'stress')
+    rows = []
+    for cache in (0, MiB):
+        out, _ = run([exe, '--rss', path, cache, 4096])
+        r = json.loads(out)
+        rows.append('| %s | %.1f MiB | %.1f MiB |' % (
+            'default (4 MiB)' if cache == 0 else '%d MiB' % (cache // MiB),
+            r['hwm_kib'] / 1024.0, (r['rss_kib'] - r['rss_before_kib'])
+            / 1024.0))
+    os.unlink(path)
+    return ['| L2 cache | peak RSS of the process | RSS growth from open |',
+            '|---|---|---|'] + rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--dir', default='/tmp/vdsk-bench')
+    ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--reps', type=int, default=3)
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    reps = 1 if a.quick else a.reps
+    print('## 4 KiB I/O on a 1 GiB qcow2 (IOPS, best of %d)\n' % reps)
+    print('\n'.join(io_section(a.dir, 20000 if a.quick else 200000, reps)))
+    print('\n## convert (best of %d)\n' % reps)
+    print('\n'.join(convert_section(a.dir, GiB if a.quick else 4 * GiB,
+                                    reps)))
+    print('\n## memory: 1 TiB sparse qcow2, 2048 L2 tables read\n')
+    print('\n'.join(memory_section(a.dir)))
+
+
+if __name__ == '__main__':
+    main()
