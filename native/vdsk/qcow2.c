@@ -8,6 +8,10 @@
  * Memory is bounded: the L1 and refcount tables are held in memory (their
  * sizes are capped like QEMU's, 32 MiB and 8 MiB), L2 tables and refcount
  * blocks go through small LRU caches.
+ *
+ * Concurrency: the common layer range-locks whole clusters per request;
+ * here every metadata access (L1, L2, refcounts, the caches, next_free) is
+ * under vdsk_meta_lock(), data reads and writes are done outside it.
  */
 #define _GNU_SOURCE
 #include <sys/stat.h>
