@@ -18,6 +18,15 @@ POWERDOWN = 'NOVA-BHYVE-POWERDOWN'
 
 class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
 
+    ratios = {'VCPU': 4.0}
+    reserved_mb = 321
+
+    def setUp(self):
+        self.flags(cpu_allocation_ratio=self.ratios['VCPU'],
+                   reserved_host_memory_mb=self.reserved_mb,
+                   reserved_host_disk_mb=2048)
+        super().setUp()
+
     def test_boot_reboot_stop_start_restart_delete(self):
         image = self.direct_boot_image('qcow2')
         server = self._create_server(image_uuid=image['id'],
@@ -35,6 +44,20 @@ class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
         rp = self._get_provider_uuid_by_host('compute')
         self.assertEqual({'VCPU': 1, 'MEMORY_MB': 256, 'DISK_GB': 1},
                          allocs[rp]['resources'])
+
+        # inventory: this host's CPUs, memory and disk, with Nova's
+        # allocation ratios and reserved values
+        inv = self._get_provider_inventory(rp)
+        self.assertEqual(os.cpu_count(), inv['VCPU']['total'])
+        self.assertEqual(self.ratios['VCPU'], inv['VCPU']['allocation_ratio'])
+        self.assertEqual(self.reserved_mb, inv['MEMORY_MB']['reserved'])
+        with open('/proc/meminfo') as f:
+            mem_kib = int(f.readline().split()[1])
+        self.assertEqual(mem_kib // 1024, inv['MEMORY_MB']['total'])
+        st = os.statvfs(self.instances_path)
+        self.assertEqual(st.f_blocks * st.f_frsize // 1024 ** 3,
+                         inv['DISK_GB']['total'])
+        self.assertEqual(2, inv['DISK_GB']['reserved'])  # 2048 MiB
 
         # root disk: a qcow2 overlay on the cached image, flavor-sized
         disk = os.path.join(self.vmdir(server), 'disk')
