@@ -42,6 +42,7 @@ def spawn():
     def start(seconds=60, marker=UUID, reap=True):
         proc = subprocess.Popen(['sleep-%s' % marker, str(seconds)],
                                 executable='/bin/sleep')
+        wait_exec(proc.pid, marker)
         reaper = None
         if reap:
             reaper = threading.Thread(target=proc.wait, daemon=True)
@@ -59,6 +60,21 @@ def spawn():
             reaper.join(10)
         else:
             proc.wait(10)
+
+
+def wait_exec(pid, marker, timeout=10):
+    """Wait until ``pid`` runs its new program: Popen returns when the exec
+    has started, but for a moment /proc/PID/cmdline is still empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if marker.encode() in f.read():
+                    return
+        except OSError:
+            return                  # already gone
+        assert time.monotonic() < deadline, 'exec of %d never seen' % pid
+        time.sleep(0.001)
 
 
 def write_pid(vmdir, pid):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -256,11 +257,27 @@ def vmdir(short_tmp):
     return base.VMDir(path)
 
 
+def wait_exec(pid, marker, timeout=10):
+    """Wait until ``pid`` runs its new program: Popen returns when the exec
+    has started, but for a moment /proc/PID/cmdline is still empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if marker.encode() in f.read():
+                    return
+        except OSError:
+            return                  # already gone
+        assert time.monotonic() < deadline, 'exec of %d never seen' % pid
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def marked_process():
     """A real `sleep` whose command line carries the instance uuid, as
     QEMU's does (-uuid); stopped by its PID."""
     proc = subprocess.Popen(['sleep-' + UUID, '60'], executable='/bin/sleep')
+    wait_exec(proc.pid, UUID)
     yield proc
     proc.kill()
     proc.wait()
