@@ -29,14 +29,12 @@ _HASH_CHUNK = 4 * units.Mi
 _COPY_CHUNK = 1 * units.Mi
 
 
-def cache_dir():
-    return os.path.join(CONF.instances_path,
-                        CONF.image_cache.subdirectory_name)
+def cache_dir(instances_path):
+    return os.path.join(instances_path, CONF.image_cache.subdirectory_name)
 
 
-def _cache_path(image_id):
-    return os.path.join(cache_dir(),
-                        hashlib.sha1(image_id.encode()).hexdigest())
+def _cache_path(cache, image_id):
+    return os.path.join(cache, hashlib.sha1(image_id.encode()).hexdigest())
 
 
 def _verify_checksum(image_id, meta, path):
@@ -78,16 +76,17 @@ def _check_format(image_id, disk_format, path):
                 probed, disk_format))
 
 
-def fetch_image(context, image_id, disk_image=True):
-    """Path of the verified cached copy of Glance image ``image_id``.
+def fetch_image(context, image_id, cache, disk_image=True):
+    """Path of the verified copy of Glance image ``image_id`` in the image
+    cache directory ``cache``.
 
     Returns (path, format). Downloads at most once per host: concurrent
     callers wait on a lock file in the cache directory.
     """
-    os.makedirs(cache_dir(), exist_ok=True)
-    path = _cache_path(image_id)
+    os.makedirs(cache, exist_ok=True)
+    path = _cache_path(cache, image_id)
     with lockutils.lock(os.path.basename(path), external=True,
-                        lock_file_prefix='lock-', lock_path=cache_dir()):
+                        lock_file_prefix='lock-', lock_path=cache):
         meta = images.get_info(context, image_id)
         if not os.path.exists(path):
             tmp = path + '.part'

@@ -5,6 +5,8 @@ returns it, the VM process on the host, the files in the instances path and
 the allocations in the real placement service.
 """
 import os
+import signal
+import time
 
 from nova.tests.functional import integrated_helpers  # noqa: F401
 
@@ -108,6 +110,32 @@ class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
         self.assertIsNone(pid_alive(pid))
         self.assertEqual({}, self._get_allocations_by_server_uuid(
             server['id']))
+
+
+class TestPowerStateEvents(nova_harness.BhyveFunctionalTestBase):
+
+    def test_vm_killed_from_outside_becomes_shutoff_at_once(self):
+        # the periodic power state sync must not be what notices it
+        self.flags(sync_power_state_interval=-1)
+        image = self.direct_boot_image('qcow2')
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.flavor_id,
+                                     networks='none')
+        self.wait_for_console(server, ROOT)
+        pid = self.vm_pid(server)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)      # fault injection: QEMU dies
+        server = self._wait_for_state_change(server, 'SHUTOFF',
+                                             max_retries=40)
+        elapsed = time.monotonic() - killed
+        self.assertLess(elapsed, 20)
+        self.assertEqual(4, server['OS-EXT-STS:power_state'])
+        # the disk is intact: the instance starts again and boots
+        self.assertTrue(os.path.exists(os.path.join(self.vmdir(server),
+                                                    'disk')))
+        self._start_server(server)
+        self.wait_for_console(server, ROOT, count=2)
+        self._delete_server(server)
 
 
 def pid_alive(pid):
