@@ -80,7 +80,8 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             argv += ['-initrd', spec.boot.ramdisk]
         if spec.boot.cmdline:
             argv += ['-append', spec.boot.cmdline]
-    if any(d.bus in ('sata', 'ide') for d in spec.disks):
+    if any(d.bus in ('sata', 'ide') or d.device == 'cdrom'
+           for d in spec.disks):
         argv += ['-device', 'ich9-ahci,id=ahci0']
     ahci_port = 0
     for i, disk in enumerate(spec.disks):

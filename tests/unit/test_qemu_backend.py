@@ -50,6 +50,9 @@ def common(vm=VM, name='instance-0000002a', accel='tcg'):
         '-chardev', 'socket,id=qmp,path=%s/control.sock,server=on,wait=off'
                     % vm,
         '-mon', 'chardev=qmp,mode=control',
+        '-chardev', 'socket,id=qmp-events,path=%s/events.sock,server=on,'
+                    'wait=off' % vm,
+        '-mon', 'chardev=qmp-events,mode=control',
         '-pidfile', '%s/vm.pid' % vm,
         '-daemonize',
     ]
@@ -123,13 +126,6 @@ def test_virtio_only_has_no_ahci_controller():
     assert argv[-2:] == ['-device', 'virtio-blk-pci,drive=disk1']
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG qemu.py render_argv: the ich9-ahci controller is only added when '
-    'some disk has bus sata/ide, but every cdrom is rendered as ide-cd on '
-    'ahci0.N; a cdrom Disk with the default bus (virtio) yields '
-    '"-device ide-cd,...,bus=ahci0.0" without "-device ich9-ahci,id=ahci0" '
-    'and QEMU 7.2 refuses to start: "Bus \'ahci0.0\' not found". The bhyve '
-    'backend puts every cdrom on its AHCI controller.'))
 def test_cdrom_with_default_bus_still_gets_ahci_controller():
     s = spec(disks=[guest.Disk(path='/d/root'),
                     guest.Disk(path='/d/cd.iso', format='raw',
