@@ -98,14 +98,23 @@ def post_until_active(test, image_id, flavor_id, host=None, timeout=300,
         time.sleep(POLL)
 
 
-def wait_console_marker(path, marker, t0, timeout=300):
+def wait_console_marker(path, marker, t0, timeout=300, poll=POLL):
     """Seconds after ``t0`` at which ``marker`` first appears in the file
-    ``path`` (polled every POLL s, reading only the new bytes)."""
-    marker = marker.encode()
-    buf = b''
+    ``path`` (polled every ``poll`` s, reading only the new bytes)."""
+    return wait_console_markers(path, [('m', marker)], t0, timeout,
+                                poll)['m']
+
+
+def wait_console_markers(path, markers, t0, timeout=300, poll=POLL):
+    """{name: seconds after ``t0``} at which each of ``markers`` (a list of
+    (name, text), in the order they appear) first shows in the file
+    ``path``, polled every ``poll`` s, reading only the new bytes."""
+    pending = [(n, m.encode()) for n, m in markers]
+    found = {}
+    buf = bytearray()
     pos = 0
     deadline = t0 + timeout
-    while True:
+    while pending:
         try:
             with open(path, 'rb') as f:
                 f.seek(pos)
@@ -115,13 +124,15 @@ def wait_console_marker(path, marker, t0, timeout=300):
         now = time.monotonic()
         if chunk:
             pos += len(chunk)
-            buf = buf[-len(marker):] + chunk
-            if marker in buf:
-                return now - t0
+            buf += chunk
+            while pending and pending[0][1] in buf:
+                found[pending.pop(0)[0]] = now - t0
+            continue
         if now > deadline:
-            raise RuntimeError('%r not in %s within %ss' % (marker, path,
-                                                              timeout))
-        time.sleep(POLL)
+            raise RuntimeError('%r not in %s within %ss' % (
+                pending[0][1], path, timeout))
+        time.sleep(poll)
+    return found
 
 
 def delete_and_wait(test, server):
@@ -155,6 +166,8 @@ class Timings:
         import nova_bhyve.driver as drv
         from nova_bhyve import storage
         self._calls = {}
+        #: (monotonic start, end) of every call, per label; never cleared
+        self.marks = {}
         driver = test.compute.manager.driver
         self._wrap(test, driver, 'spawn', 'driver.spawn')
         self._wrap(test, driver, 'get_info', 'driver.get_info')
@@ -168,12 +181,16 @@ class Timings:
         real = getattr(obj, name)
         calls = self._calls.setdefault(label, [])
 
+        marks = self.marks.setdefault(label, [])
+
         def timed(*args, **kwargs):
             t = time.monotonic()
             try:
                 return real(*args, **kwargs)
             finally:
-                calls.append(time.monotonic() - t)
+                end = time.monotonic()
+                calls.append(end - t)
+                marks.append((t, end))
 
         setattr(obj, name, timed)
         if isinstance(obj, type(os)):      # a module: put the real one back

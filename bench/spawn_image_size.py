@@ -3,10 +3,10 @@
 ~100 MiB and a ~2 GiB base image, warm image cache, through Nova's harness.
 
 Both images are qcow2, made here with qemu-img/qemu-io from the test guest's
-root.qcow2 (its ext4 root file system, first 64 MiB) plus filler data
-written with qemu-io after it, so the allocated size is really ~100 MiB and
-~2 GiB (not sparse). They boot with the guest's kernel/initrd (kernel_id /
-ramdisk_id), flavor 1 vCPU / 256 MiB / 3 GiB root disk. Each image is booted
+root.qcow2 (its ext4 root file system in the first 64 MiB, ~1 MiB of it
+allocated) plus filler data written with qemu-io after it, so the allocated
+size is really ~100 MiB and ~2 GiB (not sparse). They boot with the guest's
+kernel/initrd (kernel_id / ramdisk_id), flavor 1 vCPU / 256 MiB / 3 GiB root disk. Each image is booted
 once first (cold: download into the image cache, checksum, format
 inspection; the guest is checked to mount its root from it), then the two
 are measured interleaved, each server deleted before the next.
@@ -35,20 +35,24 @@ ROOT_FS = 64 * MiB          # the test guest's root.qcow2 virtual size
 SIZES = {'100MiB': 100 * MiB, '2GiB': 2048 * MiB}
 
 
+def _info(path):
+    out = subprocess.run(['qemu-img', 'info', '--output=json', path],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
 def make_image(src, path, total):
     """qcow2 at ``path``: ``src``'s data, then filler up to ``total``
     bytes of allocated data."""
     subprocess.run(['qemu-img', 'convert', '-O', 'qcow2', src, path],
                    check=True)
-    filler = total - ROOT_FS
+    filler = total - _info(path)['actual-size']
     subprocess.run(['qemu-img', 'resize', '-q', path, str(ROOT_FS + filler)],
                    check=True)
     subprocess.run(['qemu-io', '-f', 'qcow2', '-c',
                     'write -q -P 0x5a %d %d' % (ROOT_FS, filler), path],
                    check=True)
-    out = subprocess.run(['qemu-img', 'info', '--output=json', path],
-                         check=True, capture_output=True, text=True).stdout
-    info = json.loads(out)
+    info = _info(path)
     return {'virtual_size': info['virtual-size'],
             'allocated': info['actual-size'],
             'file_size': os.path.getsize(path)}
