@@ -6,10 +6,11 @@ Both images are qcow2, made here with qemu-img/qemu-io from the test guest's
 root.qcow2 (its ext4 root file system in the first 64 MiB, ~1 MiB of it
 allocated) plus filler data written with qemu-io after it, so the allocated
 size is really ~100 MiB and ~2 GiB (not sparse). They boot with the guest's
-kernel/initrd (kernel_id / ramdisk_id), flavor 1 vCPU / 256 MiB / 3 GiB root disk. Each image is booted
-once first (cold: download into the image cache, checksum, format
-inspection; the guest is checked to mount its root from it), then the two
-are measured interleaved, each server deleted before the next.
+kernel/initrd (kernel_id / ramdisk_id), flavor 1 vCPU / 256 MiB / 3 GiB root
+disk. Each image is booted once first (cold: download into the image cache,
+checksum, format inspection; the guest is checked to mount its root from
+it), then the two are measured interleaved, each server deleted before the
+next.
 
     PYTHONPATH=. bench/spawn_image_size.py [--runs 5] [--workdir DIR]
 
