@@ -56,9 +56,11 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     'nova_bhyve._vdsk',
     '#include "vdsk.h"',
-    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c')],
+    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c'),
+             _path('qcow2_cluster.c'), _path('qcow2_refcount.c')],
     include_dirs=[_path('include'), _path()],
-    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h')],
+    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
+             _path('qcow2.h')],
     extra_compile_args=['-Wall', '-Wextra'],
 )
 
