@@ -117,6 +117,12 @@ open_header(struct vdsk *d, struct qcow2 *q, uint8_t *hc)
 		return vdsk_error(EINVAL, "%s: invalid refcount order %u",
 		    d->path, q->refcount_order);
 	q->rb_bits = q->cluster_bits + 3 - q->refcount_order;
+	q->extl2 = (q->incompat & INCOMPAT_EXTL2) != 0;
+	q->l2e_size = q->extl2 ? 16 : 8;
+	q->l2_bits = q->cluster_bits - (q->extl2 ? 4 : 3);
+	q->csize_shift = 62 - (q->cluster_bits - 8);
+	q->csize_mask = (1ULL << (q->cluster_bits - 8)) - 1;
+	q->coff_mask = (1ULL << q->csize_shift) - 1;
 	crypt = be32_get(hc + 32);
 	if (crypt != 0)
 		return vdsk_error(ENOTSUP, "%s: encrypted qcow2 images "
@@ -149,18 +155,19 @@ open_header(struct vdsk *d, struct qcow2 *q, uint8_t *hc)
 	if (q->incompat & INCOMPAT_DATA_FILE)
 		return vdsk_error(ENOTSUP, "%s: qcow2 external data files are "
 		    "not supported", d->path);
-	if (q->incompat & INCOMPAT_EXTL2)
-		return vdsk_error(ENOTSUP, "%s: qcow2 extended L2 entries "
-		    "(subclusters) are not supported", d->path);
+	if (rw && q->extl2)
+		return vdsk_error(ENOTSUP, "%s: writing qcow2 images with "
+		    "extended L2 entries (subclusters) is not supported; open "
+		    "it read-only", d->path);
 	if (q->header_length > 104)
 		ctype = hc[104];
 	if ((q->incompat & INCOMPAT_COMPRESSION) ? ctype != 1 : ctype != 0)
 		return vdsk_error(EINVAL, "%s: invalid compression type %u",
 		    d->path, ctype);
-	if (rw && (q->incompat & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)))
-		return vdsk_error(EROFS, "%s: image is marked %s; open it "
-		    "read-only or repair it (qemu-img check -r all)", d->path,
-		    (q->incompat & INCOMPAT_CORRUPT) ? "corrupt" : "dirty");
+	q->ctype = ctype;
+	if (rw && (q->incompat & INCOMPAT_CORRUPT))
+		return vdsk_error(EROFS, "%s: image is marked corrupt; open it "
+		    "read-only or repair it (qemu-img check -r all)", d->path);
 
 	d->size = be64_get(hc + 24);
 	if (d->size > (uint64_t)INT64_MAX)
@@ -197,10 +204,37 @@ open_header(struct vdsk *d, struct qcow2 *q, uint8_t *hc)
 		return vdsk_error(EINVAL, "%s: invalid snapshot table (%u "
 		    "snapshots at %#llx)", d->path, q->nb_snapshots,
 		    (unsigned long long)snap_off);
-	if (rw && q->nb_snapshots)
-		return vdsk_error(ENOTSUP, "%s: writing to images with "
-		    "internal snapshots is not supported yet", d->path);
+	q->snap_off = snap_off;
 	return 0;
+}
+
+/*
+ * A dirty image (lazy refcounts, not closed cleanly): rebuild the
+ * refcounts from the L1/L2 tables and clear the dirty bit, or refuse.
+ */
+static int
+repair_dirty(struct vdsk *d)
+{
+	struct qcow2 *q = d->priv;
+	struct vdsk_check res;
+	uint8_t b[8];
+	int r;
+
+	r = qcow2_check(d, QCOW2_CHECK_REPAIR_ALL, &res);
+	if (r == 0 && res.corruptions != 0)
+		r = vdsk_error(EROFS, "%s: image is marked dirty and its "
+		    "refcounts cannot be repaired (%llu errors left); open it "
+		    "read-only or run qemu-img check -r all", d->path,
+		    (unsigned long long)res.corruptions);
+	if (r < 0)
+		return r;
+	if ((r = qcow2_flush(d)) < 0)
+		return r;
+	q->incompat &= ~INCOMPAT_DIRTY;
+	be64_put(b, q->incompat);
+	if ((r = vdsk_pwrite(d, b, 8, 72, "header")) < 0)
+		return r;
+	return qcow2_flush(d);
 }
 
 static int
@@ -263,16 +297,21 @@ qcow2_open(struct vdsk *d)
 		return r;
 	qcow2_cache_init(&q->l2c, "L2 table", q->cs, 4u << 20);
 	qcow2_cache_init(&q->rbc, "refcount block", q->cs, 1u << 20);
-	if (d->flags & VDSK_RDONLY)
+	if ((r = qcow2_snap_load(d, q->nb_snapshots, q->snap_off)) < 0)
+		return r;
+	if ((d->flags & VDSK_RDONLY) && !(d->flags & VDSK_OPEN_CHECK))
 		return 0;
 
 	if ((q->cbuf = malloc(q->cs)) == NULL)
 		return vdsk_error(ENOMEM, "out of memory");
-	q->rt_entries = ((uint64_t)q->rt_clusters << q->cluster_bits) / 8;
-	if ((r = qcow2_load_table(d, q->rt_offset, q->rt_entries, &q->rt,
-	    "refcount table")) < 0)
+	if ((r = qcow2_load_rt(d)) < 0)
 		return r;
 	q->next_free = (d->file_size + q->cs - 1) & ~(q->cs - 1);
+	if (d->flags & VDSK_RDONLY)
+		return 0;
+	if ((q->incompat & INCOMPAT_DIRTY) && !(d->flags & VDSK_OPEN_CHECK) &&
+	    (r = repair_dirty(d)) < 0)
+		return r;
 	if (q->autoclear != 0) {
 		/* we keep none of the auto-clear features consistent */
 		uint8_t z[8] = { 0 };
@@ -294,6 +333,9 @@ qcow2_close(struct vdsk *d)
 	free(q->l1);
 	free(q->rt);
 	free(q->cbuf);
+	free(q->zbuf);
+	free(q->dbuf);
+	qcow2_snap_free(q);
 	free(q);
 	d->priv = NULL;
 }
@@ -306,6 +348,7 @@ qcow2_info(struct vdsk *d, struct vdsk_info *info)
 	info->cluster_size = (uint32_t)q->cs;
 	info->version = q->version;
 	info->dirty = (q->incompat & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) != 0;
+	info->nb_snapshots = q->nb_snapshots;
 }
 
 /* ---- create ---- */
@@ -464,5 +507,10 @@ const struct vdsk_ops vdsk_qcow2_ops = {
 	.flush = qcow2_flush,
 	.create = qcow2_create,
 	.info = qcow2_info,
+	.discard = qcow2_discard,
+	.resize = qcow2_resize,
+	.write_compressed = qcow2_write_compressed,
+	.snapshot = qcow2_snapshot,
+	.check = qcow2_check,
 };
 

@@ -181,9 +181,18 @@ qcow2_set_refcount(struct vdsk *d, uint64_t host, uint64_t val)
 	uint8_t *b;
 	int r;
 
+	if (q->refcount_order < 6 && val >> (1u << q->refcount_order))
+		return vdsk_error(ERANGE, "%s: refcount overflow at %#llx "
+		    "(refcount_bits=%u)", d->path, (unsigned long long)host,
+		    1u << q->refcount_order);
 	if (val == 0) {
 		qcow2_cache_drop(&q->l2c, host);
 		qcow2_cache_drop(&q->rbc, host);
+		if (cl < q->free_hint)
+			q->free_hint = cl;
+		if (q->comp_cur && (q->comp_cur >> q->cluster_bits) == cl)
+			q->comp_cur = 0;
+		q->dbuf_entry = 0;
 	}
 	if (idx >= q->rt_entries) {
 		if (val == 0)
@@ -227,15 +236,78 @@ qcow2_set_refcount(struct vdsk *d, uint64_t host, uint64_t val)
 	return vdsk_pwrite(d, b + boff, blen, rbo + boff, "refcount");
 }
 
-/* Reserve n contiguous clusters at the end of the file, refcount 1. */
+int
+qcow2_update_refcount(struct vdsk *d, uint64_t off, uint64_t len, int addend)
+{
+	struct qcow2 *q = d->priv;
+	uint64_t c, end = off + len, rc;
+	int r;
+
+	for (c = off & ~(q->cs - 1); c < end; c += q->cs) {
+		if ((r = qcow2_get_refcount(d, c, &rc)) < 0)
+			return r;
+		if (addend < 0 && rc < (uint64_t)-addend)
+			return vdsk_error(EIO, "%s: corrupt image: refcount of "
+			    "cluster %#llx would drop below zero", d->path,
+			    (unsigned long long)c);
+		if ((r = qcow2_set_refcount(d, c, rc + (int64_t)addend)) < 0)
+			return r;
+	}
+	return 0;
+}
+
+int
+qcow2_load_rt(struct vdsk *d)
+{
+	struct qcow2 *q = d->priv;
+
+	if (q->rt != NULL)
+		return 0;
+	q->rt_entries = ((uint64_t)q->rt_clusters << q->cluster_bits) / 8;
+	return qcow2_load_table(d, q->rt_offset, q->rt_entries, &q->rt,
+	    "refcount table");
+}
+
+/*
+ * Reserve n contiguous clusters, refcount 1: the first free run (refcount
+ * 0) inside the file, else at the end of the file.
+ */
 int
 qcow2_alloc_clusters(struct vdsk *d, uint64_t n, uint64_t *off)
 {
 	struct qcow2 *q = d->priv;
-	uint64_t i;
+	uint64_t i, cl, end = q->next_free >> q->cluster_bits, run = 0, start;
+	uint64_t rc;
 	int r;
 
 	*off = 0;
+	start = cl = q->free_hint;
+	for (; cl < end && run < n; cl++) {
+		if ((r = qcow2_get_refcount(d, cl << q->cluster_bits,
+		    &rc)) < 0)
+			return r;
+		if (rc != 0) {
+			run = 0;
+			start = cl + 1;
+		} else {
+			run++;
+		}
+	}
+	if (run == 0 && start < q->free_hint)
+		start = q->free_hint;
+	if (run == n || (run > 0 && cl == end)) {
+		*off = start << q->cluster_bits;
+		if (start + n > end)
+			q->next_free = (start + n) << q->cluster_bits;
+		if (start == q->free_hint)
+			q->free_hint = start + n;
+		for (i = 0; i < n; i++)
+			if ((r = qcow2_set_refcount(d, *off +
+			    (i << q->cluster_bits), 1)) < 0)
+				return r;
+		return 0;
+	}
+	q->free_hint = end;
 	if (q->next_free >= MAX_HOST_OFFSET ||
 	    n > (MAX_HOST_OFFSET - q->next_free) >> q->cluster_bits)
 		return vdsk_error(EFBIG, "%s: image file too large", d->path);
