@@ -2,8 +2,17 @@
  * libvdsk qcow2 driver: versions 2 and 3 read, write with cluster
  * allocation.  Metadata updates are written through (entry by entry) in
  * the order refcount -> data -> L2 -> L1, so the file never references a
- * cluster whose refcount is not yet on disk.  New clusters are appended at
- * the end of the file; freed clusters are not reused yet.
+ * cluster whose refcount is not yet on disk.  New clusters go to the first
+ * free (refcount 0) run in the file, else at its end.  Refcounts are kept
+ * exact (lazy refcounts are never used; the dirty bit is never set); a
+ * dirty image from qemu gets its refcounts rebuilt on a writable open.
+ * The header is only patched field by field, so unknown header extensions
+ * and compatible feature bits stay as they are; auto-clear bits are
+ * cleared on a writable open.
+ *
+ * Files: qcow2.c header/open/create, qcow2_cluster.c mapping and data,
+ * qcow2_refcount.c caches and refcounts, qcow2_snapshot.c internal
+ * snapshots, qcow2_check.c consistency check and repair.
  *
  * Memory is bounded: the L1 and refcount tables are held in memory (their
  * sizes are capped like QEMU's, 32 MiB and 8 MiB), L2 tables and refcount
