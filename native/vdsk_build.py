@@ -36,6 +36,31 @@ struct vdsk_info {
     char backing_format[...];
     uint64_t actual_size;
     int dirty;
+    uint32_t nb_snapshots;
+    ...;
+};
+
+struct vdsk_snapshot {
+    char id[...];
+    char name[...];
+    uint64_t vm_state_size;
+    uint64_t disk_size;
+    int64_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    ...;
+};
+
+#define VDSK_CHECK_REPAIR_LEAKS ...
+
+struct vdsk_check {
+    uint64_t corruptions;
+    uint64_t leaks;
+    uint64_t corruptions_fixed;
+    uint64_t leaks_fixed;
+    uint64_t allocated_clusters;
+    uint64_t total_clusters;
+    ...;
 };
 
 int vdsk_create(const char *path, const char *fmt, uint64_t size,
@@ -47,6 +72,16 @@ int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
 int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
 int vdsk_flush(vdsk_t *d);
 int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+int vdsk_discard(vdsk_t *d, uint64_t off, uint64_t len);
+int vdsk_resize(vdsk_t *d, uint64_t size);
+int vdsk_write_compressed(vdsk_t *d, const void *buf, uint64_t off,
+    size_t len);
+int vdsk_snapshot_create(vdsk_t *d, const char *name);
+int vdsk_snapshot_list(vdsk_t *d, struct vdsk_snapshot *out, int max);
+int vdsk_snapshot_apply(vdsk_t *d, const char *name);
+int vdsk_snapshot_delete(vdsk_t *d, const char *name);
+int vdsk_check(const char *path, const char *fmt, int flags,
+    struct vdsk_check *res);
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
 """
@@ -56,10 +91,14 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     'nova_bhyve._vdsk',
     '#include "vdsk.h"',
-    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c')],
+    sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c'),
+             _path('qcow2_cluster.c'), _path('qcow2_refcount.c'),
+             _path('qcow2_snapshot.c'), _path('qcow2_check.c')],
     include_dirs=[_path('include'), _path()],
-    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h')],
+    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
+             _path('qcow2.h')],
     extra_compile_args=['-Wall', '-Wextra'],
+    libraries=['z', 'zstd'],
 )
 
 if __name__ == '__main__':

@@ -14,7 +14,9 @@ import threading
 
 from nova_bhyve._vdsk import ffi, lib
 
-__all__ = ['VdskError', 'Image', 'create', 'info', 'open']
+__all__ = ['VdskError', 'Image', 'create', 'info', 'open', 'check',
+           'snapshot_create', 'snapshot_list', 'snapshot_apply',
+           'snapshot_delete']
 
 
 class VdskError(OSError):
@@ -86,6 +88,7 @@ def info(path, fmt=None):
         'actual_size': out.actual_size,
         'version': out.version or None,
         'dirty': bool(out.dirty),
+        'snapshots': out.nb_snapshots,
     }
 
 
@@ -134,6 +137,30 @@ class Image(object):
                                        offset, len(data)) < 0:
                 raise _error(self.path)
 
+    def discard(self, offset, length):
+        """Free the whole clusters in the range; they read as zeroes."""
+        self._check(offset, length)
+        with self._lock:
+            if lib.vdsk_discard(self._handle(), offset, length) < 0:
+                raise _error(self.path)
+
+    def resize(self, size):
+        """Grow, or shrink when nothing is allocated past the new end."""
+        self._check(size, 0)
+        with self._lock:
+            if lib.vdsk_resize(self._handle(), size) < 0:
+                raise _error(self.path)
+
+    def write_compressed(self, offset, data):
+        """Write one whole aligned cluster compressed (qcow2)."""
+        data = bytes(data)
+        self._check(offset, len(data))
+        with self._lock:
+            if lib.vdsk_write_compressed(self._handle(),
+                                         ffi.from_buffer(data), offset,
+                                         len(data)) < 0:
+                raise _error(self.path)
+
     def flush(self):
         with self._lock:
             if lib.vdsk_flush(self._handle()) < 0:
@@ -154,3 +181,60 @@ class Image(object):
 
 def open(path, fmt=None, readonly=False):  # noqa: A001 - mirrors io.open
     return Image(path, fmt=fmt, readonly=readonly)
+
+
+def check(path, repair=False, fmt=None):
+    """Check an image like `qemu-img check`; repair=True (or 'leaks')
+    repairs leaked clusters.  Returns a dict: corruptions, leaks,
+    corruptions_fixed, leaks_fixed, allocated_clusters, total_clusters."""
+    res = ffi.new('struct vdsk_check *')
+    flags = lib.VDSK_CHECK_REPAIR_LEAKS if repair else 0
+    if lib.vdsk_check(_path(path), _opt(fmt), flags, res) < 0:
+        raise _error(path)
+    return {k: getattr(res, k) for k in (
+        'corruptions', 'leaks', 'corruptions_fixed', 'leaks_fixed',
+        'allocated_clusters', 'total_clusters')}
+
+
+def _snap(path, fn, *args):
+    d = lib.vdsk_open(_path(path), ffi.NULL, lib.VDSK_NO_BACKING)
+    if d == ffi.NULL:
+        raise _error(path)
+    try:
+        if fn(d, *args) < 0:
+            raise _error(path)
+    finally:
+        lib.vdsk_close(d)
+
+
+def snapshot_create(path, name):
+    _snap(path, lib.vdsk_snapshot_create, name.encode('utf-8'))
+
+
+def snapshot_apply(path, name):
+    _snap(path, lib.vdsk_snapshot_apply, name.encode('utf-8'))
+
+
+def snapshot_delete(path, name):
+    _snap(path, lib.vdsk_snapshot_delete, name.encode('utf-8'))
+
+
+def snapshot_list(path):
+    """[{'id', 'name', 'vm_state_size', 'disk_size', 'date_sec',
+    'date_nsec', 'vm_clock_nsec'}, ...] in table order."""
+    d = lib.vdsk_open(_path(path), ffi.NULL,
+                      lib.VDSK_RDONLY | lib.VDSK_NO_BACKING)
+    if d == ffi.NULL:
+        raise _error(path)
+    try:
+        n = lib.vdsk_snapshot_list(d, ffi.NULL, 0)
+        out = ffi.new('struct vdsk_snapshot[]', max(n, 1))
+        if n < 0 or lib.vdsk_snapshot_list(d, out, n) < 0:
+            raise _error(path)
+    finally:
+        lib.vdsk_close(d)
+    return [{'id': ffi.string(s.id).decode('utf-8', 'replace'),
+             'name': ffi.string(s.name).decode('utf-8', 'replace'),
+             'vm_state_size': s.vm_state_size, 'disk_size': s.disk_size,
+             'date_sec': s.date_sec, 'date_nsec': s.date_nsec,
+             'vm_clock_nsec': s.vm_clock_nsec} for s in out[0:n]]

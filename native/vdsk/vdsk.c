@@ -428,3 +428,131 @@ vdsk_create(const char *path, const char *fmt, uint64_t size,
 		return vdsk_error(EFBIG, "%s: size too large", path);
 	return ops->create(path, size, backing, backing_fmt, cluster_size);
 }
+
+/* ---- discard, resize, compressed writes, snapshots, check ---- */
+
+static int
+need_rw(vdsk_t *d)
+{
+	if (d->flags & VDSK_RDONLY)
+		return vdsk_error(EROFS, "%s: image is open read-only",
+		    d->path);
+	return 0;
+}
+
+static int
+unsupported(vdsk_t *d, const char *what)
+{
+	return vdsk_error(ENOTSUP, "%s: %s is not supported for %s images",
+	    d->path, what, d->ops->name);
+}
+
+int
+vdsk_discard(vdsk_t *d, uint64_t off, uint64_t len)
+{
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if (off > d->size || len > d->size - off)
+		return vdsk_error(EINVAL, "%s: discard range beyond the "
+		    "virtual size", d->path);
+	if (d->ops->discard == NULL || len == 0)
+		return 0;
+	return d->ops->discard(d, off, len);
+}
+
+int
+vdsk_resize(vdsk_t *d, uint64_t size)
+{
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if (size > (uint64_t)INT64_MAX)
+		return vdsk_error(EFBIG, "%s: size too large", d->path);
+	if (d->ops->resize == NULL)
+		return unsupported(d, "resize");
+	return d->ops->resize(d, size);
+}
+
+int
+vdsk_write_compressed(vdsk_t *d, const void *buf, uint64_t off, size_t len)
+{
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if (off > d->size || len > d->size - off)
+		return vdsk_error(EINVAL, "%s: range beyond the virtual size",
+		    d->path);
+	if (d->ops->write_compressed == NULL)
+		return unsupported(d, "compression");
+	return d->ops->write_compressed(d, buf, off, len);
+}
+
+static int
+snapshot_op(vdsk_t *d, int op, const char *name, struct vdsk_snapshot *out,
+    int max)
+{
+	int r;
+
+	last_err = 0;
+	last_msg[0] = '\0';
+	if (op != VDSK_SNAP_LIST && (r = need_rw(d)) < 0)
+		return r;
+	if (op != VDSK_SNAP_LIST && (name == NULL || name[0] == '\0'))
+		return vdsk_error(EINVAL, "%s: empty snapshot name", d->path);
+	if (d->ops->snapshot == NULL)
+		return op == VDSK_SNAP_LIST ? 0 : unsupported(d,
+		    "internal snapshots");
+	return d->ops->snapshot(d, op, name, out, max);
+}
+
+int
+vdsk_snapshot_create(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_CREATE, name, NULL, 0);
+}
+
+int
+vdsk_snapshot_list(vdsk_t *d, struct vdsk_snapshot *out, int max)
+{
+	return snapshot_op(d, VDSK_SNAP_LIST, NULL, out, max < 0 ? 0 : max);
+}
+
+int
+vdsk_snapshot_apply(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_APPLY, name, NULL, 0);
+}
+
+int
+vdsk_snapshot_delete(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_DELETE, name, NULL, 0);
+}
+
+int
+vdsk_check(const char *path, const char *fmt, int flags,
+    struct vdsk_check *res)
+{
+	vdsk_t *d;
+	int r;
+
+	last_err = 0;
+	last_msg[0] = '\0';
+	memset(res, 0, sizeof(*res));
+	if (flags & ~VDSK_CHECK_REPAIR_LEAKS)
+		return vdsk_error(EINVAL, "unknown check flags %#x", flags);
+	d = vdsk_open_internal(path, fmt, VDSK_NO_BACKING | VDSK_OPEN_CHECK |
+	    ((flags & VDSK_CHECK_REPAIR_LEAKS) ? 0 : VDSK_RDONLY), 0, NULL);
+	if (d == NULL)
+		return -vdsk_errno();
+	r = d->ops->check != NULL ? d->ops->check(d, flags, res) : 0;
+	if (r < 0) {
+		vdsk_close(d);
+		return r;
+	}
+	return vdsk_close(d);
+}

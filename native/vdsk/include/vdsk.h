@@ -36,6 +36,7 @@ struct vdsk_info {
 	char backing_format[VDSK_FMT_MAX];  /* "" if not recorded */
 	uint64_t actual_size;               /* bytes allocated on the host */
 	int dirty;                          /* qcow2 dirty/corrupt flags set */
+	uint32_t nb_snapshots;              /* internal snapshots */
 };
 
 /*
@@ -57,6 +58,54 @@ int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
 int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
 int vdsk_flush(vdsk_t *d);
 int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+
+/*
+ * Free whole clusters in [off, off+len) (partial clusters are left as
+ * they are); they read as zeroes afterwards (qcow2; raw: no-op).
+ */
+int vdsk_discard(vdsk_t *d, uint64_t off, uint64_t len);
+
+/* Change the virtual size; a qcow2 shrink needs an unallocated tail. */
+int vdsk_resize(vdsk_t *d, uint64_t size);
+
+/*
+ * Write one whole cluster compressed (qcow2): off cluster aligned, len
+ * the cluster size (or the rest of the disk for the last cluster).
+ */
+int vdsk_write_compressed(vdsk_t *d, const void *buf, uint64_t off,
+    size_t len);
+
+/* Internal snapshots (qcow2).  name matches a snapshot's id or name. */
+struct vdsk_snapshot {
+	char id[128];
+	char name[256];
+	uint64_t vm_state_size;
+	uint64_t disk_size;
+	int64_t date_sec;
+	uint32_t date_nsec;
+	uint64_t vm_clock_nsec;
+};
+
+int vdsk_snapshot_create(vdsk_t *d, const char *name);
+/* Returns the number of snapshots; fills up to max entries of out. */
+int vdsk_snapshot_list(vdsk_t *d, struct vdsk_snapshot *out, int max);
+int vdsk_snapshot_apply(vdsk_t *d, const char *name);
+int vdsk_snapshot_delete(vdsk_t *d, const char *name);
+
+/* Consistency check, like qemu-img check (qcow2; raw is always clean). */
+#define VDSK_CHECK_REPAIR_LEAKS 0x1
+
+struct vdsk_check {
+	uint64_t corruptions;           /* remaining after repair */
+	uint64_t leaks;                 /* remaining after repair */
+	uint64_t corruptions_fixed;
+	uint64_t leaks_fixed;
+	uint64_t allocated_clusters;
+	uint64_t total_clusters;
+};
+
+int vdsk_check(const char *path, const char *fmt, int flags,
+    struct vdsk_check *res);
 
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
