@@ -24,6 +24,10 @@ struct vdsk_ops {
 	int (*create)(const char *path, uint64_t size, const char *backing,
 	    const char *backing_fmt, uint32_t cluster_size);
 	void (*info)(struct vdsk *d, struct vdsk_info *info);
+	/* optional: create with a subformat (NULL = the default one) */
+	int (*create_subformat)(const char *path, uint64_t size,
+	    const char *backing, const char *backing_fmt,
+	    uint32_t cluster_size, const char *subformat);
 };
 
 struct vdsk {
@@ -45,6 +49,9 @@ struct vdsk {
 
 extern const struct vdsk_ops vdsk_raw_ops;
 extern const struct vdsk_ops vdsk_qcow2_ops;
+extern const struct vdsk_ops vdsk_vmdk_ops;
+extern const struct vdsk_ops vdsk_vdi_ops;
+extern const struct vdsk_ops vdsk_vpc_ops;        /* VHD */
 
 /* Record the error for vdsk_errno()/vdsk_errmsg(); returns -err. */
 int vdsk_error(int err, const char *fmt, ...)
