@@ -332,3 +332,23 @@ def test_create_errors(tmp_path):
     with pytest.raises(vdsk.VdskError) as e:
         vdsk.create(p, 'vpc', 3 << 40)
     assert e.value.errno == errno.EFBIG
+
+
+@needs_qemu_io
+def test_vmdk_delta_disk_reads_and_writes_through_parent(tmp_path):
+    """parentFileNameHint (qemu-img create -f vmdk -b) is a backing file:
+    unallocated grains read from it and partial grain writes copy it."""
+    base, top = tmp_path / 'base.vmdk', tmp_path / 'top.vmdk'
+    qemu_img('create', '-f', 'vmdk', base, 4 * MiB)
+    qemu_io(base, 'vmdk', 'write -P 0x61 0 1M')
+    qemu_img('create', '-f', 'vmdk', '-b', base.name, '-F', 'vmdk', top)
+    qemu_io(top, 'vmdk', 'write -P 0x62 100k 10k')
+    info = vdsk.info(top)
+    assert info['backing_file'] == 'base.vmdk'
+    with vdsk.open(top) as img:
+        img.write(300000, b'hello')
+    data = assert_same_as_qemu(top, 'vmdk', tmp_path)
+    assert data[300000:300005] == b'hello'
+    assert data[:1000] == b'\x61' * 1000
+    assert data[290000:300000] == b'\x61' * 10000
+    qemu_check(top, 'vmdk')
