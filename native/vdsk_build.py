@@ -65,6 +65,9 @@ struct vdsk_check {
 
 int vdsk_create(const char *path, const char *fmt, uint64_t size,
     const char *backing, const char *backing_fmt, uint32_t cluster_size);
+int vdsk_create_subformat(const char *path, const char *fmt,
+    const char *subformat, uint64_t size, const char *backing,
+    const char *backing_fmt, uint32_t cluster_size);
 vdsk_t *vdsk_open(const char *path, const char *fmt, int flags);
 int vdsk_close(vdsk_t *d);
 uint64_t vdsk_size(const vdsk_t *d);
@@ -93,10 +96,12 @@ ffibuilder.set_source(
     '#include "vdsk.h"',
     sources=[_path('vdsk.c'), _path('raw.c'), _path('qcow2.c'),
              _path('qcow2_cluster.c'), _path('qcow2_refcount.c'),
-             _path('qcow2_snapshot.c'), _path('qcow2_check.c')],
+             _path('qcow2_snapshot.c'), _path('qcow2_check.c'),
+             _path('vmdk.c'), _path('vmdk_desc.c'), _path('vdi.c'),
+             _path('vhd.c')],
     include_dirs=[_path('include'), _path()],
     depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
-             _path('qcow2.h')],
+             _path('qcow2.h'), _path('vmdk_impl.h')],
     extra_compile_args=['-Wall', '-Wextra'],
     libraries=['z', 'zstd'],
 )

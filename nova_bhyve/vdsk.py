@@ -1,5 +1,8 @@
 """Pythonic API over libvdsk (native/vdsk), the virtual disk image library.
 
+Formats: raw, qcow2, vmdk, vdi, vpc (VHD; "vhd" is accepted as an alias and
+reported as "vpc", as qemu-img does).
+
     vdsk.create('/var/lib/x/disk', 'qcow2', 10 * units.Gi,
                 backing='/var/lib/x/_base/abc', backing_fmt='raw')
     vdsk.info(path) -> {'format': 'qcow2', 'virtual_size': ..., ...}
@@ -43,8 +46,13 @@ def _str(chars):
 
 
 def create(path, fmt, size, backing=None, backing_fmt=None,
-           cluster_size=None):
+           cluster_size=None, subformat=None):
     """Create an image; an existing file at path is replaced.
+
+    subformat (like qemu-img's -o subformat=): vmdk 'monolithicSparse'
+    (the only one created); vdi 'dynamic' (default) or 'static'; vpc
+    'dynamic' (default) or 'fixed'.  vpc sizes are rounded up to a CHS
+    geometry as qemu-img does.
 
     size may be 0 with a backing file: the overlay then gets the backing
     file's virtual size.  A relative backing path is relative to the new
@@ -55,9 +63,10 @@ def create(path, fmt, size, backing=None, backing_fmt=None,
         backing = os.fsencode(backing)
     if int(size) < 0:
         raise VdskError(_errno.EINVAL, 'negative size', path)
-    rc = lib.vdsk_create(_path(path), fmt.encode('utf-8'), int(size),
-                         ffi.NULL if backing is None else backing,
-                         _opt(backing_fmt), int(cluster_size or 0))
+    rc = lib.vdsk_create_subformat(
+        _path(path), fmt.encode('utf-8'), _opt(subformat), int(size),
+        ffi.NULL if backing is None else backing, _opt(backing_fmt),
+        int(cluster_size or 0))
     if rc < 0:
         raise _error(path)
 

@@ -149,6 +149,12 @@ find_ops(const char *fmt)
 		return &vdsk_raw_ops;
 	if (strcmp(fmt, "qcow2") == 0)
 		return &vdsk_qcow2_ops;
+	if (strcmp(fmt, "vmdk") == 0)
+		return &vdsk_vmdk_ops;
+	if (strcmp(fmt, "vdi") == 0)
+		return &vdsk_vdi_ops;
+	if (strcmp(fmt, "vpc") == 0 || strcmp(fmt, "vhd") == 0)
+		return &vdsk_vpc_ops;
 	return NULL;
 }
 
@@ -408,6 +414,15 @@ int
 vdsk_create(const char *path, const char *fmt, uint64_t size,
     const char *backing, const char *backing_fmt, uint32_t cluster_size)
 {
+	return vdsk_create_subformat(path, fmt, NULL, size, backing,
+	    backing_fmt, cluster_size);
+}
+
+int
+vdsk_create_subformat(const char *path, const char *fmt,
+    const char *subformat, uint64_t size, const char *backing,
+    const char *backing_fmt, uint32_t cluster_size)
+{
 	const struct vdsk_ops *ops;
 
 	last_err = 0;
@@ -426,6 +441,14 @@ vdsk_create(const char *path, const char *fmt, uint64_t size,
 		    "backing file", path);
 	if (size > (uint64_t)INT64_MAX)
 		return vdsk_error(EFBIG, "%s: size too large", path);
+	if (subformat != NULL && subformat[0] == '\0')
+		subformat = NULL;
+	if (subformat != NULL && ops->create_subformat == NULL)
+		return vdsk_error(EINVAL, "%s: format '%s' has no subformats",
+		    path, fmt);
+	if (ops->create_subformat != NULL)
+		return ops->create_subformat(path, size, backing, backing_fmt,
+		    cluster_size, subformat);
 	return ops->create(path, size, backing, backing_fmt, cluster_size);
 }
 

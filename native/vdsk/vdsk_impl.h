@@ -32,6 +32,10 @@ struct vdsk_ops {
 	int (*snapshot)(struct vdsk *d, int op, const char *name,
 	    struct vdsk_snapshot *out, int max);
 	int (*check)(struct vdsk *d, int flags, struct vdsk_check *res);
+	/* optional: create with a subformat (NULL = the default one) */
+	int (*create_subformat)(const char *path, uint64_t size,
+	    const char *backing, const char *backing_fmt,
+	    uint32_t cluster_size, const char *subformat);
 };
 
 /* snapshot ops */
@@ -62,6 +66,9 @@ struct vdsk {
 
 extern const struct vdsk_ops vdsk_raw_ops;
 extern const struct vdsk_ops vdsk_qcow2_ops;
+extern const struct vdsk_ops vdsk_vmdk_ops;
+extern const struct vdsk_ops vdsk_vdi_ops;
+extern const struct vdsk_ops vdsk_vpc_ops;        /* VHD */
 
 /* Record the error for vdsk_errno()/vdsk_errmsg(); returns -err. */
 int vdsk_error(int err, const char *fmt, ...)

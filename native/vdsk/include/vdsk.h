@@ -1,5 +1,5 @@
 /*
- * libvdsk: virtual disk images (raw, qcow2).
+ * libvdsk: virtual disk images (raw, qcow2, vmdk, vdi, vpc/vhd).
  *
  * Conventions: functions returning int give 0 on success and a negative
  * errno value on failure; vdsk_open() returns NULL on failure.  After any
@@ -28,7 +28,7 @@ typedef struct vdsk vdsk_t;
 #define VDSK_PATH_MAX    1024
 
 struct vdsk_info {
-	char format[VDSK_FMT_MAX];          /* "raw", "qcow2" */
+	char format[VDSK_FMT_MAX];          /* "raw", "qcow2", "vmdk", ... */
 	uint64_t virtual_size;              /* bytes */
 	uint32_t cluster_size;              /* 0 if the format has none */
 	uint32_t version;                   /* format version, 0 if none */
@@ -40,14 +40,28 @@ struct vdsk_info {
 };
 
 /*
- * Create an image.  fmt is "raw" or "qcow2".  backing/backing_fmt are qcow2
- * only; a relative backing path is relative to the new image's directory.
- * size 0 with a backing file means "the backing file's size".
- * cluster_size 0 means the default (64 KiB); it must be a power of two in
- * 512..2M.  An existing file at path is truncated.
+ * Create an image.  fmt is "raw", "qcow2", "vmdk", "vdi" or "vpc" ("vhd").
+ * backing/backing_fmt are qcow2 only; a relative backing path is relative
+ * to the new image's directory.  size 0 with a backing file means "the
+ * backing file's size".  cluster_size 0 means the format's default (qcow2:
+ * 64 KiB, a power of two in 512..2M; the others accept only their fixed
+ * size).  An existing file at path is truncated.
  */
 int vdsk_create(const char *path, const char *fmt, uint64_t size,
     const char *backing, const char *backing_fmt, uint32_t cluster_size);
+
+/*
+ * vdsk_create() with a subformat (NULL or "" = the format's default):
+ *   vmdk  "monolithicSparse" (the only one created; 64 KiB grains)
+ *   vdi   "dynamic" (default) or "static" (alias "fixed"); 1 MiB blocks
+ *   vpc   "dynamic" (default, 2 MiB blocks) or "fixed"; "vhd" is an
+ *         alias of "vpc".  The size is rounded up to a CHS geometry
+ *         like qemu-img create -f vpc (force_size=off).
+ * vmdk, vdi and vpc images have no backing file here.
+ */
+int vdsk_create_subformat(const char *path, const char *fmt,
+    const char *subformat, uint64_t size, const char *backing,
+    const char *backing_fmt, uint32_t cluster_size);
 
 /* fmt NULL probes the format from the file's magic. */
 vdsk_t *vdsk_open(const char *path, const char *fmt, int flags);

@@ -2,7 +2,8 @@
  * vdsk: a small command line front end to libvdsk, used by tests.
  *
  *   vdsk info [--json] [-f FMT] FILE
- *   vdsk create -f FMT [-b BACKING [-F BFMT]] [-c CLUSTER] FILE [SIZE]
+ *   vdsk create -f FMT [-o subformat=SUB] [-b BACKING [-F BFMT]]
+ *               [-c CLUSTER] FILE [SIZE]
  *   vdsk read [-f FMT] FILE OFFSET LEN      > data
  *   vdsk write [-f FMT] [--compressed] FILE OFFSET   < data
  *   vdsk check [-r leaks] [--json] [-f FMT] FILE   exit 0 clean, 2 corrupt,
@@ -29,8 +30,8 @@ usage(void)
 {
 	fprintf(stderr,
 	    "usage: vdsk info [--json] [-f FMT] FILE\n"
-	    "       vdsk create -f FMT [-b BACKING [-F BFMT]] [-c CLUSTER] "
-	    "FILE [SIZE]\n"
+	    "       vdsk create -f FMT [-o subformat=SUB] [-b BACKING "
+	    "[-F BFMT]] [-c CLUSTER] FILE [SIZE]\n"
 	    "       vdsk read [-f FMT] FILE OFFSET LEN\n"
 	    "       vdsk write [-f FMT] [--compressed] FILE OFFSET\n"
 	    "       vdsk check [-r leaks] [--json] [-f FMT] FILE\n"
@@ -100,7 +101,7 @@ json_str(const char *key, const char *s, int last)
 }
 
 struct args {
-	const char *fmt, *backing, *bfmt, *pos[4];
+	const char *fmt, *backing, *bfmt, *subformat, *pos[4];
 	int npos, json, compressed, repair;
 	uint64_t cluster;
 };
@@ -135,6 +136,13 @@ parse_args(int argc, char **argv, struct args *a)
 			dst = &a->backing;
 		else if (strcmp(s, "-F") == 0)
 			dst = &a->bfmt;
+		else if (strcmp(s, "-o") == 0) {
+			if (i + 1 >= argc || strncmp(argv[i + 1], "subformat=",
+			    10) != 0)
+				return -1;
+			a->subformat = argv[++i] + 10;
+			continue;
+		}
 		else if (strcmp(s, "-c") == 0) {
 			if (i + 1 >= argc || parse_size(argv[++i],
 			    &a->cluster) < 0 || a->cluster > UINT32_MAX)
@@ -220,8 +228,8 @@ cmd_create(struct args *a)
 		fprintf(stderr, "vdsk: invalid size '%s'\n", a->pos[1]);
 		return 2;
 	}
-	if (vdsk_create(a->pos[0], a->fmt, size, a->backing, a->bfmt,
-	    (uint32_t)a->cluster) < 0)
+	if (vdsk_create_subformat(a->pos[0], a->fmt, a->subformat, size,
+	    a->backing, a->bfmt, (uint32_t)a->cluster) < 0)
 		return fail("create");
 	return 0;
 }
