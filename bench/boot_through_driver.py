@@ -11,6 +11,9 @@ clock starts when the POST is sent; the marker is found by polling the
 instance's console.log (QEMU's chardev logfile) every 5 ms, not the API. The
 driver's steps are timed as they run (observed, not changed), so the result
 also splits the time into "POST -> QEMU started" and "QEMU started -> init".
+As a measure that host load distorts less than wall time, the CPU seconds
+the guest's QEMU process has used when the root-mounted marker appears are
+recorded for every variant (bare: sampled every 5 ms from /proc).
 
 Bare: bench/boot_bare.py's one_run() (qemu-system-x86_64 -accel tcg -M q35
 -m 256, -kernel/-initrd, a fresh qcow2 overlay on root.qcow2; the clock
@@ -38,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import common  # noqa: F401  (sys.path)
@@ -49,6 +53,63 @@ RESULT = {}
 POLL = 0.005
 
 
+_TICK = os.sysconf('SC_CLK_TCK')
+
+
+def _proc_cpu(pid):
+    """CPU seconds (user + system) used so far by process ``pid``."""
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class _BareCpu:
+    """Observes boot_bare.one_run(): records when it starts QEMU and
+    samples that QEMU's CPU time every 5 ms (observation only: the real
+    subprocess.Popen runs), so the QEMU CPU seconds at the init marker can
+    be read off afterwards."""
+
+    def __init__(self):
+        self.samples = []
+        self.t_popen = None
+
+    def __enter__(self):
+        real_popen = subprocess.Popen
+        outer = self
+
+        class Shim:
+            def __getattr__(self, name):
+                return getattr(subprocess, name)
+
+            @staticmethod
+            def Popen(*args, **kwargs):
+                outer.t_popen = time.monotonic()
+                proc = real_popen(*args, **kwargs)
+                threading.Thread(target=outer._sample, args=(proc.pid,),
+                                 daemon=True).start()
+                return proc
+
+        boot_bare.subprocess = Shim()
+        return self
+
+    def __exit__(self, *exc):
+        boot_bare.subprocess = subprocess
+
+    def _sample(self, pid):
+        while True:
+            try:
+                cpu = _proc_cpu(pid)
+            except (OSError, IndexError, ValueError):
+                return
+            self.samples.append((time.monotonic(), cpu))
+            time.sleep(POLL)
+
+    def cpu_at(self, seconds_after_start):
+        t = self.t_popen + seconds_after_start
+        before = [c for ts, c in self.samples if ts <= t]
+        return before[-1] if before else None
+
+
 def _cpu():
     """CPU seconds (user + system) used so far by this process, all
     threads: Nova's in-process services, the harness and the poll loop."""
@@ -57,6 +118,10 @@ def _cpu():
 
 
 class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
+
+    def setUp(self):
+        common.give_calibration_time(self)
+        super().setUp()
 
     def _driver_run(self, image, timings):
         m = self.manifest['markers']
@@ -71,6 +136,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
             log, [('init', m['init']), ('root_mounted', m['root_mounted'])],
             t0, timeout=ARGS.timeout, poll=POLL)
         cpu = _cpu() - cpu0
+        qemu_cpu = _proc_cpu(self.vm_pid(server))
         start, started = timings.marks['hypervisor.start'][-1]
         steps = timings.take()
         argv = None
@@ -91,6 +157,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
             'post_to_qemu_daemonized': round(started - t0, 3),
             'qemu_exec_to_init': round(t0 + found['init'] - start, 3),
             'nova_process_cpu_post_to_root_mounted': round(cpu, 3),
+            'qemu_cpu_at_root_mounted': qemu_cpu,
             'steps': steps,
         })
         return r, argv
@@ -120,6 +187,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
                 [('init', m['init']), ('root_mounted', m['root_mounted'])],
                 t0, timeout=ARGS.timeout, poll=POLL)
             r = {k: round(v, 3) for k, v in found.items()}
+            r['qemu_cpu_at_root_mounted'] = _proc_cpu(pid)
             r['qemu_daemonized'] = round(daemonized, 3)
             r['bench_process_cpu_to_root_mounted'] = round(_cpu() - cpu0, 3)
             return r
@@ -150,15 +218,19 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
                 elif kind == 'driver_argv_no_nova':
                     r = self._replay_run(argv)
                 else:
-                    r = boot_bare.one_run(self.manifest, 'kernel',
-                                          ARGS.timeout)
+                    with _BareCpu() as obs:
+                        r = boot_bare.one_run(self.manifest, 'kernel',
+                                              ARGS.timeout)
+                    r['qemu_cpu_at_root_mounted'] = obs.cpu_at(
+                        r['root_mounted'])
                 samples[kind].append(r)
                 common.say('run %d %s: %s', i + 1, kind, r)
         med = {k: statistics.median(s['init'] for s in samples[k])
                for k in samples}
         keys_d = ('init', 'root_mounted', 'post_returned',
                   'post_to_qemu_exec', 'post_to_qemu_daemonized',
-                  'qemu_exec_to_init')
+                  'qemu_exec_to_init', 'qemu_cpu_at_root_mounted',
+                  'nova_process_cpu_post_to_root_mounted')
         RESULT.update({
             'benchmark': 'boot_through_driver',
             'unit': 'seconds; driver: from POST /servers sent; bare: from '
@@ -169,11 +241,21 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
             'driver': {k: common.summary(s[k] for s in samples['driver'])
                        for k in keys_d},
             'bare': {k: common.summary(s[k] for s in samples['bare'])
-                     for k in ('init', 'root_mounted')},
+                     for k in ('init', 'root_mounted',
+                               'qemu_cpu_at_root_mounted')},
             'driver_argv_no_nova': {
                 k: common.summary(s[k] for s in samples[
                     'driver_argv_no_nova'])
-                for k in ('init', 'root_mounted', 'qemu_daemonized')},
+                for k in ('init', 'root_mounted', 'qemu_daemonized',
+                          'qemu_cpu_at_root_mounted')},
+            'ratio_init_min': round(
+                min(s['init'] for s in samples['driver']) /
+                min(s['init'] for s in samples['bare']), 3),
+            'ratio_qemu_cpu_at_root_mounted_median': round(
+                statistics.median(s['qemu_cpu_at_root_mounted']
+                                  for s in samples['driver']) /
+                statistics.median(s['qemu_cpu_at_root_mounted']
+                                  for s in samples['bare']), 3),
             'ratio_init_median': round(med['driver'] / med['bare'], 3),
             'ratio_qemu_exec_to_init_median': round(statistics.median(
                 s['qemu_exec_to_init'] for s in samples['driver']) /

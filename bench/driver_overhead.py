@@ -31,6 +31,10 @@ RESULT = {}
 
 class DriverOverhead(nova_harness.BhyveFunctionalTestBase):
 
+    def setUp(self):
+        common.give_calibration_time(self)
+        super().setUp()
+
     def test_overhead(self):
         self.flags(compute_driver='fake.SmallFakeDriver')
         self._start_compute('fake')

@@ -61,6 +61,10 @@ def make_image(src, path, total):
 
 class SpawnImageSize(nova_harness.BhyveFunctionalTestBase):
 
+    def setUp(self):
+        common.give_calibration_time(self)
+        super().setUp()
+
     def test_image_size(self):
         m = self.manifest
         work = tempfile.mkdtemp(prefix='nb-imgsize-', dir=ARGS.workdir)
