@@ -36,6 +36,9 @@ def _capabilities():
     caps.update({
         'supports_image_type_raw': True,
         'supports_image_type_qcow2': True,
+        'supports_image_type_vmdk': True,
+        'supports_image_type_vdi': True,
+        'supports_image_type_vhd': True,
     })
     return caps
 

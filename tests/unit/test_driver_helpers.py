@@ -148,12 +148,12 @@ def test_capabilities_has_every_nova_key():
     assert all(isinstance(v, bool) for v in caps.values())
 
 
-def test_capabilities_claim_raw_and_qcow2_images_only():
+def test_capabilities_claim_the_image_formats_libvdsk_reads():
     caps = driver.BhyveDriver.capabilities
     image_types = {k[len('supports_image_type_'):]
                    for k, v in caps.items()
                    if k.startswith('supports_image_type_') and v}
-    assert image_types == {'raw', 'qcow2'}
+    assert image_types == {'raw', 'qcow2', 'vmdk', 'vdi', 'vhd'}
     # every image type nova knows is stated, not left implicit
     nova_types = {k for k in nova_driver.ComputeDriver.capabilities
                   if k.startswith('supports_image_type_')}

@@ -157,9 +157,9 @@ def test_check_format_refuses_mismatch(tmp_dir, maker, claimed, probed):
         probed, claimed) in str(e.value)
 
 
-def test_check_format_leaves_unbootable_formats_to_caller(tmp_dir):
-    assert storage._check_format(IMAGE_ID, 'iso',
-                                 raw_image(tmp_dir, units.Mi)) is None
+def test_check_format_refuses_data_of_another_format(tmp_dir):
+    with pytest.raises(exception.ImageUnacceptable, match='disk_format is iso'):
+        storage._check_format(IMAGE_ID, 'iso', raw_image(tmp_dir, units.Mi))
 
 
 def test_check_format_unreadable(tmp_dir):
