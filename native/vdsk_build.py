@@ -36,10 +36,38 @@ struct vdsk_info {
     char backing_format[...];
     uint64_t actual_size;
     int dirty;
+    uint32_t nb_snapshots;
+    ...;
+};
+
+struct vdsk_snapshot {
+    char id[...];
+    char name[...];
+    uint64_t vm_state_size;
+    uint64_t disk_size;
+    int64_t date_sec;
+    uint32_t date_nsec;
+    uint64_t vm_clock_nsec;
+    ...;
+};
+
+#define VDSK_CHECK_REPAIR_LEAKS ...
+
+struct vdsk_check {
+    uint64_t corruptions;
+    uint64_t leaks;
+    uint64_t corruptions_fixed;
+    uint64_t leaks_fixed;
+    uint64_t allocated_clusters;
+    uint64_t total_clusters;
+    ...;
 };
 
 int vdsk_create(const char *path, const char *fmt, uint64_t size,
     const char *backing, const char *backing_fmt, uint32_t cluster_size);
+int vdsk_create_subformat(const char *path, const char *fmt,
+    const char *subformat, uint64_t size, const char *backing,
+    const char *backing_fmt, uint32_t cluster_size);
 vdsk_t *vdsk_open(const char *path, const char *fmt, int flags);
 int vdsk_close(vdsk_t *d);
 uint64_t vdsk_size(const vdsk_t *d);
@@ -47,6 +75,16 @@ int vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len);
 int vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len);
 int vdsk_flush(vdsk_t *d);
 int vdsk_info(vdsk_t *d, struct vdsk_info *info);
+int vdsk_discard(vdsk_t *d, uint64_t off, uint64_t len);
+int vdsk_resize(vdsk_t *d, uint64_t size);
+int vdsk_write_compressed(vdsk_t *d, const void *buf, uint64_t off,
+    size_t len);
+int vdsk_snapshot_create(vdsk_t *d, const char *name);
+int vdsk_snapshot_list(vdsk_t *d, struct vdsk_snapshot *out, int max);
+int vdsk_snapshot_apply(vdsk_t *d, const char *name);
+int vdsk_snapshot_delete(vdsk_t *d, const char *name);
+int vdsk_check(const char *path, const char *fmt, int flags,
+    struct vdsk_check *res);
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
 
@@ -98,9 +136,10 @@ int vdsk_bench(const char *path, const char *fmt,
     const struct vdsk_bench_opts *opts, struct vdsk_bench_result *res);
 """
 
-# the library; formats on other branches add their .c here
-SOURCES = ['vdsk.c', 'raw.c', 'qcow2.c', 'qcow2_rebase.c', 'rangelock.c',
-           'ops.c', 'bench.c']
+# the library (keep in step with LIBSRCS in native/Makefile)
+SOURCES = ['vdsk.c', 'raw.c', 'qcow2.c', 'qcow2_cluster.c', 'qcow2_refcount.c',
+           'qcow2_snapshot.c', 'qcow2_check.c', 'qcow2_rebase.c', 'vmdk.c',
+           'vmdk_desc.c', 'vdi.c', 'vhd.c', 'rangelock.c', 'ops.c', 'bench.c']
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
@@ -110,9 +149,9 @@ ffibuilder.set_source(
     sources=[_path(f) for f in SOURCES],
     include_dirs=[_path('include'), _path()],
     depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
-             _path('rangelock.h')],
-    libraries=['pthread'],
+             _path('qcow2.h'), _path('vmdk_impl.h'), _path('rangelock.h')],
     extra_compile_args=['-Wall', '-Wextra'],
+    libraries=['z', 'zstd', 'pthread'],
 )
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
 from nova_bhyve import conf
+from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import hypervisor
@@ -35,6 +36,9 @@ def _capabilities():
     caps.update({
         'supports_image_type_raw': True,
         'supports_image_type_qcow2': True,
+        'supports_image_type_vmdk': True,
+        'supports_image_type_vdi': True,
+        'supports_image_type_vhd': True,
     })
     return caps
 
@@ -45,13 +49,18 @@ class BhyveDriver(driver.ComputeDriver):
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi)
         self.hypervisor = hypervisor.get(CONF.bhyve.hypervisor)
+        # Read once: each driver keeps its own tree even if several run in
+        # one process (Nova's functional tests run two computes that way).
+        self.instances_path = CONF.instances_path
+        self.image_cache_dir = storage.cache_dir(self.instances_path)
         self._host = None
+        self._watcher = events.LifecycleWatcher(self.hypervisor,
+                                                self.emit_event)
 
     # -- helpers ----------------------------------------------------------
 
-    @staticmethod
-    def _vmdir_for_uuid(uuid):
-        return base.VMDir(os.path.join(CONF.instances_path, uuid))
+    def _vmdir_for_uuid(self, uuid):
+        return base.VMDir(os.path.join(self.instances_path, uuid))
 
     def _vmdir(self, instance, must_exist=True):
         vmdir = self._vmdir_for_uuid(instance.uuid)
@@ -61,7 +70,7 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _vmdirs(self):
         try:
-            names = os.listdir(CONF.instances_path)
+            names = os.listdir(self.instances_path)
         except FileNotFoundError:
             return []
         vmdirs = [self._vmdir_for_uuid(n) for n in sorted(names)]
@@ -87,12 +96,13 @@ class BhyveDriver(driver.ComputeDriver):
             self.hypervisor.start(spec, vmdir)
         except base.HypervisorError as e:
             raise exception.InstanceDeployFailure(reason=str(e))
+        self._watcher.watch(vmdir)
 
     # -- host -------------------------------------------------------------
 
     def init_host(self, host):
         self._host = host
-        os.makedirs(CONF.instances_path, exist_ok=True)
+        os.makedirs(self.instances_path, exist_ok=True)
         info = self.hypervisor.host_info()
         LOG.info('nova-bhyve on %s: %s backend, version %s', host,
                  info['hypervisor_type'], info['hypervisor_version'])
@@ -100,6 +110,11 @@ class BhyveDriver(driver.ComputeDriver):
             state = self.hypervisor.power_state(vmdir)
             LOG.info('adopted instance %s (power state %s)', vmdir.uuid,
                      power_state.STATE_MAP.get(state, state))
+            if state not in (power_state.SHUTDOWN, power_state.CRASHED):
+                self._watcher.watch(vmdir)
+
+    def cleanup_host(self, host):
+        self._watcher.stop_all()
 
     def get_available_nodes(self, refresh=False):
         return [self._host or CONF.host]
@@ -122,9 +137,9 @@ class BhyveDriver(driver.ComputeDriver):
         return vcpus, memory
 
     def get_available_resource(self, nodename):
-        os.makedirs(CONF.instances_path, exist_ok=True)
+        os.makedirs(self.instances_path, exist_ok=True)
         mem_total, mem_used = host.memory_mb()
-        disk_total, disk_used, disk_free = host.disk_gb(CONF.instances_path)
+        disk_total, disk_used, disk_free = host.disk_gb(self.instances_path)
         vcpus_used, _ = self._used()
         info = self.hypervisor.host_info()
         return {
@@ -147,7 +162,7 @@ class BhyveDriver(driver.ComputeDriver):
 
     def update_provider_tree(self, provider_tree, nodename, allocations=None):
         mem_total, _ = host.memory_mb()
-        disk_total = host.disk_gb(CONF.instances_path)[0]
+        disk_total = host.disk_gb(self.instances_path)[0]
         vcpus = host.vcpus()
         ratios = self._get_allocation_ratios(
             provider_tree.data(nodename).inventory)
@@ -200,15 +215,16 @@ class BhyveDriver(driver.ComputeDriver):
             raise exception.InstanceExists(name=instance.name)
         os.makedirs(vmdir.path, exist_ok=True)
         try:
-            base_path, base_fmt = storage.fetch_image(context,
-                                                      image_meta.id)
+            cache = self.image_cache_dir
+            base_path, base_fmt = storage.fetch_image(context, image_meta.id,
+                                                      cache)
             kernel = ramdisk = None
             if instance.kernel_id:
                 kernel, _ = storage.fetch_image(
-                    context, instance.kernel_id, disk_image=False)
+                    context, instance.kernel_id, cache, disk_image=False)
             if instance.ramdisk_id:
                 ramdisk, _ = storage.fetch_image(
-                    context, instance.ramdisk_id, disk_image=False)
+                    context, instance.ramdisk_id, cache, disk_image=False)
             root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                               format=self.hypervisor.instance_disk_format)
             spec = guest.build(instance, image_meta, root, kernel, ramdisk)
@@ -226,6 +242,7 @@ class BhyveDriver(driver.ComputeDriver):
         LOG.info('instance %s spawned', instance.uuid, instance=instance)
 
     def _remove(self, vmdir):
+        self._watcher.unwatch(vmdir.uuid)
         try:
             self.hypervisor.kill(vmdir)
         finally:
@@ -234,6 +251,7 @@ class BhyveDriver(driver.ComputeDriver):
     def destroy(self, context, instance, network_info, block_device_info=None,
                 destroy_disks=True, destroy_secrets=True):
         vmdir = self._vmdir_for_uuid(instance.uuid)
+        self._watcher.unwatch(instance.uuid)
         if os.path.isdir(vmdir.path):
             self.hypervisor.kill(vmdir)
         self.cleanup(context, instance, network_info, block_device_info,

@@ -22,21 +22,22 @@ from nova_bhyve import vdsk
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
 
-#: disk formats an instance can boot from (what libvdsk opens and the
-#: hypervisors can use as an overlay backing)
+#: Glance disk formats the hypervisors use directly as an overlay backing
 BOOTABLE_FORMATS = ('raw', 'qcow2')
+#: Glance disk formats converted once, by libvdsk, into a qcow2 cache entry
+CONVERTED_FORMATS = ('vmdk', 'vdi', 'vhd')
+IMAGE_FORMATS = BOOTABLE_FORMATS + CONVERTED_FORMATS
+#: Glance's disk_format name -> libvdsk's (qemu-img's) format name
+_VDSK_NAME = {'vhd': 'vpc'}
 _HASH_CHUNK = 4 * units.Mi
-_COPY_CHUNK = 1 * units.Mi
 
 
-def cache_dir():
-    return os.path.join(CONF.instances_path,
-                        CONF.image_cache.subdirectory_name)
+def cache_dir(instances_path):
+    return os.path.join(instances_path, CONF.image_cache.subdirectory_name)
 
 
-def _cache_path(image_id):
-    return os.path.join(cache_dir(),
-                        hashlib.sha1(image_id.encode()).hexdigest())
+def _cache_path(cache, image_id):
+    return os.path.join(cache, hashlib.sha1(image_id.encode()).hexdigest())
 
 
 def _verify_checksum(image_id, meta, path):
@@ -65,50 +66,78 @@ def _verify_checksum(image_id, meta, path):
 
 def _check_format(image_id, disk_format, path):
     """The data must be what Glance says it is (libvdsk probes it)."""
-    if disk_format not in BOOTABLE_FORMATS:
-        return      # refused below with the list of supported formats
+    expected = _VDSK_NAME.get(disk_format, disk_format)
     try:
         probed = vdsk.info(path)['format']
+        if probed == 'raw' and expected == 'vpc':
+            # a fixed VHD has only a footer, so it probes as raw
+            probed = vdsk.info(path, fmt='vpc')['format']
     except vdsk.VdskError as e:
         raise exception.ImageUnacceptable(image_id=image_id, reason=str(e))
-    if probed != disk_format:
+    if probed != expected:
         raise exception.ImageUnacceptable(
             image_id=image_id,
             reason='image data is %s but its disk_format is %s' % (
                 probed, disk_format))
 
 
-def fetch_image(context, image_id, disk_image=True):
-    """Path of the verified cached copy of Glance image ``image_id``.
+def fetch_image(context, image_id, cache, disk_image=True):
+    """Path of the verified copy of Glance image ``image_id`` in the image
+    cache directory ``cache``, and the format of that copy.
 
-    Returns (path, format). Downloads at most once per host: concurrent
-    callers wait on a lock file in the cache directory.
+    Downloads at most once per host: concurrent callers wait on a lock file
+    in the cache directory. vmdk, vdi and vhd images are converted once into
+    a qcow2 cache entry, so instance disks are always overlays on raw or
+    qcow2.
     """
-    os.makedirs(cache_dir(), exist_ok=True)
-    path = _cache_path(image_id)
+    meta = images.get_info(context, image_id)
+    fmt = meta.get('disk_format')
+    if disk_image and fmt not in IMAGE_FORMATS:
+        raise exception.ImageUnacceptable(
+            image_id=image_id,
+            reason='disk_format %s is not supported (supported: %s)' % (
+                fmt, ', '.join(IMAGE_FORMATS)))
+    os.makedirs(cache, exist_ok=True)
+    path = _cache_path(cache, image_id)
     with lockutils.lock(os.path.basename(path), external=True,
-                        lock_file_prefix='lock-', lock_path=cache_dir()):
-        meta = images.get_info(context, image_id)
+                        lock_file_prefix='lock-', lock_path=cache):
         if not os.path.exists(path):
             tmp = path + '.part'
             with fileutils.remove_path_on_error(tmp):
                 images.fetch(context, image_id, tmp)
                 _verify_checksum(image_id, meta, tmp)
                 if disk_image:
-                    _check_format(image_id, meta.get('disk_format'), tmp)
+                    _check_format(image_id, fmt, tmp)
                     images.do_image_deep_inspection(meta, image_id, tmp)
-            os.rename(tmp, path)
+                if disk_image and fmt in CONVERTED_FORMATS:
+                    _convert_to_qcow2(image_id, tmp, _VDSK_NAME.get(fmt, fmt),
+                                      path)
+                    os.unlink(tmp)
+                else:
+                    os.rename(tmp, path)
             LOG.info('cached image %s (%d bytes)', image_id,
                      os.path.getsize(path))
         else:
             os.utime(path)     # the cache's last-use time
-    fmt = meta.get('disk_format')
-    if disk_image and fmt not in BOOTABLE_FORMATS:
+    if disk_image and fmt in CONVERTED_FORMATS:
+        fmt = 'qcow2'
+    return path, fmt
+
+
+def _convert_to_qcow2(image_id, src, src_format, dst):
+    """Sparse qcow2 copy of ``src`` by libvdsk's convert (parallel;
+    unallocated and all-zero ranges are not written)."""
+    tmp = dst + '.convert'
+    try:
+        vdsk.convert(src, tmp, src_fmt=src_format, dst_fmt='qcow2')
+        os.rename(tmp, dst)
+    except vdsk.VdskError as e:
         raise exception.ImageUnacceptable(
             image_id=image_id,
-            reason='disk_format %s is not supported (supported: %s)' % (
-                fmt, ', '.join(BOOTABLE_FORMATS)))
-    return path, fmt
+            reason='cannot convert %s image: %s' % (src_format, e))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def create_root_disk(base, base_format, path, root_gb, image_id,
@@ -146,13 +175,11 @@ def create_root_disk(base, base_format, path, root_gb, image_id,
 
 
 def _copy_to_raw(src, src_format, path, size):
-    """Sparse raw copy of image ``src``: all-zero chunks are not written."""
-    vdsk.create(path, 'raw', size)
-    zero = bytes(_COPY_CHUNK)
-    with vdsk.open(src, fmt=src_format, readonly=True) as img, \
-            vdsk.open(path, fmt='raw') as out:
-        for offset in range(0, img.size, _COPY_CHUNK):
-            data = img.read(offset, min(_COPY_CHUNK, img.size - offset))
-            if data != zero[:len(data)]:
-                out.write(offset, data)
-        out.flush()
+    """Sparse raw copy of image ``src`` (libvdsk convert: unallocated and
+    all-zero ranges are not written), grown to ``size`` bytes."""
+    vdsk.convert(src, path, src_fmt=src_format, dst_fmt='raw')
+    try:
+        if os.path.getsize(path) < size:
+            os.truncate(path, size)     # a sparse tail reads as zeroes
+    except OSError as e:
+        raise vdsk.VdskError(e.errno, e.strerror, path)

@@ -1,5 +1,8 @@
 """Pythonic API over libvdsk (native/vdsk), the virtual disk image library.
 
+Formats: raw, qcow2, vmdk, vdi, vpc (VHD; "vhd" is accepted as an alias and
+reported as "vpc", as qemu-img does).
+
     vdsk.create('/var/lib/x/disk', 'qcow2', 10 * units.Gi,
                 backing='/var/lib/x/_base/abc', backing_fmt='raw')
     vdsk.info(path) -> {'format': 'qcow2', 'virtual_size': ..., ...}
@@ -20,8 +23,10 @@ import threading
 
 from nova_bhyve._vdsk import ffi, lib
 
-__all__ = ['VdskError', 'Image', 'bench', 'commit', 'convert', 'create',
-           'external_snapshot', 'info', 'open', 'rebase']
+__all__ = ['VdskError', 'Image', 'bench', 'check', 'commit', 'convert',
+           'create', 'external_snapshot', 'info', 'open', 'rebase',
+           'snapshot_apply', 'snapshot_create', 'snapshot_delete',
+           'snapshot_list']
 
 # vdsk_block_status() values
 BLOCK_STATUS = {lib.VDSK_BS_DATA: 'data', lib.VDSK_BS_ZERO: 'zero',
@@ -52,8 +57,13 @@ def _str(chars):
 
 
 def create(path, fmt, size, backing=None, backing_fmt=None,
-           cluster_size=None):
+           cluster_size=None, subformat=None):
     """Create an image; an existing file at path is replaced.
+
+    subformat (like qemu-img's -o subformat=): vmdk 'monolithicSparse'
+    (the only one created); vdi 'dynamic' (default) or 'static'; vpc
+    'dynamic' (default) or 'fixed'.  vpc sizes are rounded up to a CHS
+    geometry as qemu-img does.
 
     size may be 0 with a backing file: the overlay then gets the backing
     file's virtual size.  A relative backing path is relative to the new
@@ -64,9 +74,10 @@ def create(path, fmt, size, backing=None, backing_fmt=None,
         backing = os.fsencode(backing)
     if int(size) < 0:
         raise VdskError(_errno.EINVAL, 'negative size', path)
-    rc = lib.vdsk_create(_path(path), fmt.encode('utf-8'), int(size),
-                         ffi.NULL if backing is None else backing,
-                         _opt(backing_fmt), int(cluster_size or 0))
+    rc = lib.vdsk_create_subformat(
+        _path(path), fmt.encode('utf-8'), _opt(subformat), int(size),
+        ffi.NULL if backing is None else backing, _opt(backing_fmt),
+        int(cluster_size or 0))
     if rc < 0:
         raise _error(path)
 
@@ -97,6 +108,7 @@ def info(path, fmt=None):
         'actual_size': out.actual_size,
         'version': out.version or None,
         'dirty': bool(out.dirty),
+        'snapshots': out.nb_snapshots,
     }
 
 
@@ -163,6 +175,27 @@ class Image(object):
         self._check(offset, len(data))
         if data and self._call(lib.vdsk_write, ffi.from_buffer(data),
                                offset, len(data)) < 0:
+            raise _error(self.path)
+
+    def discard(self, offset, length):
+        """Free the whole clusters in the range; they read as zeroes."""
+        self._check(offset, length)
+        if self._call(lib.vdsk_discard, offset, length) < 0:
+            raise _error(self.path)
+
+    def resize(self, size):
+        """Grow, or shrink when nothing is allocated past the new end."""
+        if size < 0:
+            raise VdskError(_errno.EINVAL, 'negative size', self.path)
+        if self._call(lib.vdsk_resize, size) < 0:
+            raise _error(self.path)
+
+    def write_compressed(self, offset, data):
+        """Write one whole aligned cluster compressed (qcow2)."""
+        data = bytes(data)
+        self._check(offset, len(data))
+        if self._call(lib.vdsk_write_compressed, ffi.from_buffer(data),
+                      offset, len(data)) < 0:
             raise _error(self.path)
 
     def flush(self):
@@ -283,3 +316,60 @@ def bench(path, write=False, pattern='seq', block_size=4096, threads=1,
     return {'seconds': res.seconds, 'requests': res.requests,
             'bytes': res.bytes, 'iops': res.requests / secs,
             'mb_per_s': res.bytes / secs / (1 << 20)}
+
+
+def check(path, repair=False, fmt=None):
+    """Check an image like `qemu-img check`; repair=True (or 'leaks')
+    repairs leaked clusters.  Returns a dict: corruptions, leaks,
+    corruptions_fixed, leaks_fixed, allocated_clusters, total_clusters."""
+    res = ffi.new('struct vdsk_check *')
+    flags = lib.VDSK_CHECK_REPAIR_LEAKS if repair else 0
+    if lib.vdsk_check(_path(path), _opt(fmt), flags, res) < 0:
+        raise _error(path)
+    return {k: getattr(res, k) for k in (
+        'corruptions', 'leaks', 'corruptions_fixed', 'leaks_fixed',
+        'allocated_clusters', 'total_clusters')}
+
+
+def _snap(path, fn, *args):
+    d = lib.vdsk_open(_path(path), ffi.NULL, lib.VDSK_NO_BACKING)
+    if d == ffi.NULL:
+        raise _error(path)
+    try:
+        if fn(d, *args) < 0:
+            raise _error(path)
+    finally:
+        lib.vdsk_close(d)
+
+
+def snapshot_create(path, name):
+    _snap(path, lib.vdsk_snapshot_create, name.encode('utf-8'))
+
+
+def snapshot_apply(path, name):
+    _snap(path, lib.vdsk_snapshot_apply, name.encode('utf-8'))
+
+
+def snapshot_delete(path, name):
+    _snap(path, lib.vdsk_snapshot_delete, name.encode('utf-8'))
+
+
+def snapshot_list(path):
+    """[{'id', 'name', 'vm_state_size', 'disk_size', 'date_sec',
+    'date_nsec', 'vm_clock_nsec'}, ...] in table order."""
+    d = lib.vdsk_open(_path(path), ffi.NULL,
+                      lib.VDSK_RDONLY | lib.VDSK_NO_BACKING)
+    if d == ffi.NULL:
+        raise _error(path)
+    try:
+        n = lib.vdsk_snapshot_list(d, ffi.NULL, 0)
+        out = ffi.new('struct vdsk_snapshot[]', max(n, 1))
+        if n < 0 or lib.vdsk_snapshot_list(d, out, n) < 0:
+            raise _error(path)
+    finally:
+        lib.vdsk_close(d)
+    return [{'id': ffi.string(s.id).decode('utf-8', 'replace'),
+             'name': ffi.string(s.name).decode('utf-8', 'replace'),
+             'vm_state_size': s.vm_state_size, 'disk_size': s.disk_size,
+             'date_sec': s.date_sec, 'date_nsec': s.date_nsec,
+             'vm_clock_nsec': s.vm_clock_nsec} for s in out[0:n]]

@@ -149,6 +149,12 @@ find_ops(const char *fmt)
 		return &vdsk_raw_ops;
 	if (strcmp(fmt, "qcow2") == 0)
 		return &vdsk_qcow2_ops;
+	if (strcmp(fmt, "vmdk") == 0)
+		return &vdsk_vmdk_ops;
+	if (strcmp(fmt, "vdi") == 0)
+		return &vdsk_vdi_ops;
+	if (strcmp(fmt, "vpc") == 0 || strcmp(fmt, "vhd") == 0)
+		return &vdsk_vpc_ops;
 	return NULL;
 }
 
@@ -401,49 +407,79 @@ check_range(vdsk_t *d, uint64_t off, size_t len)
 	return 0;
 }
 
-/* Lock the guest range (widened to whole clusters) and run the driver. */
+/*
+ * Locking for requests.  Reads and writes lock their guest range, widened
+ * to whole clusters (shared/exclusive); discard and compressed writes lock
+ * theirs exclusive; resize, snapshot create/apply/delete and check lock
+ * the whole image exclusive, so they wait for all requests in flight and
+ * none start under them (d->size is only read under a range lock).  A
+ * driver that is not threadsafe also runs under d->meta as a whole; a
+ * threadsafe one takes d->meta itself around its metadata work.
+ */
+static int
+range_begin(vdsk_t *d, struct vdsk_rl_entry *e, uint64_t off, uint64_t len,
+    int excl)
+{
+	uint64_t a = d->lock_align ? d->lock_align : 512, s, end;
+
+	if (len > UINT64_MAX - off || off + len > UINT64_MAX - a)
+		return vdsk_error(EINVAL, "%s: range %#llx+%#llx overflows",
+		    d->path, (unsigned long long)off, (unsigned long long)len);
+	s = off / a * a;
+	end = (off + len + a - 1) / a * a;
+	vdsk_rl_lock(&d->rl, e, s, end - s, excl);
+	if (!d->ops->threadsafe)
+		vdsk_meta_lock(d);
+	return 0;
+}
+
+static void
+range_end(vdsk_t *d, struct vdsk_rl_entry *e)
+{
+	if (!d->ops->threadsafe)
+		vdsk_meta_unlock(d);
+	vdsk_rl_unlock(&d->rl, e);
+}
+
+/* The whole image, exclusive. */
+static void
+excl_begin(vdsk_t *d, struct vdsk_rl_entry *e)
+{
+	vdsk_rl_lock(&d->rl, e, 0, UINT64_MAX, 1);
+	if (!d->ops->threadsafe)
+		vdsk_meta_lock(d);
+}
+
 static int
 locked_io(vdsk_t *d, void *rbuf, const void *wbuf, uint64_t off, size_t len)
 {
 	struct vdsk_rl_entry e;
-	uint64_t a = d->lock_align, s = off / a * a;
-	uint64_t end = (off + len + a - 1) / a * a;
 	int r;
 
-	vdsk_rl_lock(&d->rl, &e, s, end - s, wbuf != NULL);
-	if (!d->ops->threadsafe)
-		vdsk_meta_lock(d);
-	if (wbuf != NULL)
-		r = d->ops->write(d, wbuf, off, len);
-	else
-		r = d->ops->read(d, rbuf, off, len);
-	if (!d->ops->threadsafe)
-		vdsk_meta_unlock(d);
-	vdsk_rl_unlock(&d->rl, &e);
+	if ((r = range_begin(d, &e, off, len, wbuf != NULL)) < 0)
+		return r;
+	if ((r = check_range(d, off, len)) == 0 && len > 0) {
+		if (wbuf != NULL)
+			r = d->ops->write(d, wbuf, off, len);
+		else
+			r = d->ops->read(d, rbuf, off, len);
+	}
+	range_end(d, &e);
 	return r;
 }
 
 int
 vdsk_read(vdsk_t *d, void *buf, uint64_t off, size_t len)
 {
-	int r = check_range(d, off, len);
-
-	if (r < 0 || len == 0)
-		return r;
 	return locked_io(d, buf, NULL, off, len);
 }
 
 int
 vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len)
 {
-	int r;
-
 	if (d->flags & VDSK_RDONLY)
 		return vdsk_error(EROFS, "%s: image is open read-only",
 		    d->path);
-	r = check_range(d, off, len);
-	if (r < 0 || len == 0)
-		return r;
 	return locked_io(d, NULL, buf, off, len);
 }
 
@@ -489,6 +525,15 @@ int
 vdsk_create(const char *path, const char *fmt, uint64_t size,
     const char *backing, const char *backing_fmt, uint32_t cluster_size)
 {
+	return vdsk_create_subformat(path, fmt, NULL, size, backing,
+	    backing_fmt, cluster_size);
+}
+
+int
+vdsk_create_subformat(const char *path, const char *fmt,
+    const char *subformat, uint64_t size, const char *backing,
+    const char *backing_fmt, uint32_t cluster_size)
+{
 	const struct vdsk_ops *ops;
 
 	last_err = 0;
@@ -507,5 +552,175 @@ vdsk_create(const char *path, const char *fmt, uint64_t size,
 		    "backing file", path);
 	if (size > (uint64_t)INT64_MAX)
 		return vdsk_error(EFBIG, "%s: size too large", path);
+	if (subformat != NULL && subformat[0] == '\0')
+		subformat = NULL;
+	if (subformat != NULL && ops->create_subformat == NULL)
+		return vdsk_error(EINVAL, "%s: format '%s' has no subformats",
+		    path, fmt);
+	if (ops->create_subformat != NULL)
+		return ops->create_subformat(path, size, backing, backing_fmt,
+		    cluster_size, subformat);
 	return ops->create(path, size, backing, backing_fmt, cluster_size);
+}
+
+/* ---- discard, resize, compressed writes, snapshots, check ---- */
+
+static int
+need_rw(vdsk_t *d)
+{
+	if (d->flags & VDSK_RDONLY)
+		return vdsk_error(EROFS, "%s: image is open read-only",
+		    d->path);
+	return 0;
+}
+
+static int
+unsupported(vdsk_t *d, const char *what)
+{
+	return vdsk_error(ENOTSUP, "%s: %s is not supported for %s images",
+	    d->path, what, d->ops->name);
+}
+
+int
+vdsk_discard(vdsk_t *d, uint64_t off, uint64_t len)
+{
+	struct vdsk_rl_entry e;
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if ((r = range_begin(d, &e, off, len, 1)) < 0)
+		return r;
+	if (off > d->size || len > d->size - off)
+		r = vdsk_error(EINVAL, "%s: discard range beyond the "
+		    "virtual size", d->path);
+	else if (d->ops->discard != NULL && len > 0)
+		r = d->ops->discard(d, off, len);
+	range_end(d, &e);
+	return r;
+}
+
+int
+vdsk_resize(vdsk_t *d, uint64_t size)
+{
+	struct vdsk_rl_entry e;
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if (size > (uint64_t)INT64_MAX)
+		return vdsk_error(EFBIG, "%s: size too large", d->path);
+	if (d->ops->resize == NULL)
+		return unsupported(d, "resize");
+	excl_begin(d, &e);
+	r = d->ops->resize(d, size);
+	range_end(d, &e);
+	return r;
+}
+
+int
+vdsk_write_compressed(vdsk_t *d, const void *buf, uint64_t off, size_t len)
+{
+	struct vdsk_rl_entry e;
+	int r;
+
+	if ((r = need_rw(d)) < 0)
+		return r;
+	if (d->ops->write_compressed == NULL)
+		return unsupported(d, "compression");
+	if ((r = range_begin(d, &e, off, len, 1)) < 0)
+		return r;
+	if (off > d->size || len > d->size - off)
+		r = vdsk_error(EINVAL, "%s: range beyond the virtual size",
+		    d->path);
+	else
+		r = d->ops->write_compressed(d, buf, off, len);
+	range_end(d, &e);
+	return r;
+}
+
+static int
+snapshot_op(vdsk_t *d, int op, const char *name, struct vdsk_snapshot *out,
+    int max)
+{
+	struct vdsk_rl_entry e;
+	int r;
+
+	last_err = 0;
+	last_msg[0] = '\0';
+	if (op != VDSK_SNAP_LIST && (r = need_rw(d)) < 0)
+		return r;
+	if (op != VDSK_SNAP_LIST && (name == NULL || name[0] == '\0'))
+		return vdsk_error(EINVAL, "%s: empty snapshot name", d->path);
+	if (d->ops->snapshot == NULL)
+		return op == VDSK_SNAP_LIST ? 0 : unsupported(d,
+		    "internal snapshots");
+	if (op == VDSK_SNAP_LIST) {
+		/* the driver takes d->meta; no I/O needs to stop */
+		if (!d->ops->threadsafe)
+			vdsk_meta_lock(d);
+		r = d->ops->snapshot(d, op, name, out, max);
+		if (!d->ops->threadsafe)
+			vdsk_meta_unlock(d);
+		return r;
+	}
+	excl_begin(d, &e);
+	r = d->ops->snapshot(d, op, name, out, max);
+	range_end(d, &e);
+	return r;
+}
+
+int
+vdsk_snapshot_create(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_CREATE, name, NULL, 0);
+}
+
+int
+vdsk_snapshot_list(vdsk_t *d, struct vdsk_snapshot *out, int max)
+{
+	return snapshot_op(d, VDSK_SNAP_LIST, NULL, out, max < 0 ? 0 : max);
+}
+
+int
+vdsk_snapshot_apply(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_APPLY, name, NULL, 0);
+}
+
+int
+vdsk_snapshot_delete(vdsk_t *d, const char *name)
+{
+	return snapshot_op(d, VDSK_SNAP_DELETE, name, NULL, 0);
+}
+
+int
+vdsk_check(const char *path, const char *fmt, int flags,
+    struct vdsk_check *res)
+{
+	vdsk_t *d;
+	int r;
+
+	last_err = 0;
+	last_msg[0] = '\0';
+	memset(res, 0, sizeof(*res));
+	if (flags & ~VDSK_CHECK_REPAIR_LEAKS)
+		return vdsk_error(EINVAL, "unknown check flags %#x", flags);
+	d = vdsk_open_internal(path, fmt, VDSK_NO_BACKING | VDSK_OPEN_CHECK |
+	    ((flags & VDSK_CHECK_REPAIR_LEAKS) ? 0 : VDSK_RDONLY), 0, NULL);
+	if (d == NULL)
+		return -vdsk_errno();
+	r = 0;
+	if (d->ops->check != NULL) {
+		struct vdsk_rl_entry e;
+
+		excl_begin(d, &e);
+		r = d->ops->check(d, flags, res);
+		range_end(d, &e);
+	}
+	if (r < 0) {
+		vdsk_close(d);
+		return r;
+	}
+	return vdsk_close(d);
 }

@@ -26,6 +26,18 @@ struct vdsk_ops {
 	int (*create)(const char *path, uint64_t size, const char *backing,
 	    const char *backing_fmt, uint32_t cluster_size);
 	void (*info)(struct vdsk *d, struct vdsk_info *info);
+	/* optional */
+	int (*discard)(struct vdsk *d, uint64_t off, uint64_t len);
+	int (*resize)(struct vdsk *d, uint64_t size);
+	int (*write_compressed)(struct vdsk *d, const void *buf, uint64_t off,
+	    size_t len);
+	int (*snapshot)(struct vdsk *d, int op, const char *name,
+	    struct vdsk_snapshot *out, int max);
+	int (*check)(struct vdsk *d, int flags, struct vdsk_check *res);
+	/* optional: create with a subformat (NULL = the default one) */
+	int (*create_subformat)(const char *path, uint64_t size,
+	    const char *backing, const char *backing_fmt,
+	    uint32_t cluster_size, const char *subformat);
 	/*
 	 * Optional (NULL: every range is VDSK_BS_DATA).  Status of the range
 	 * starting at off (len > 0, within the virtual size): returns a
@@ -47,6 +59,15 @@ struct vdsk_ops {
 	 */
 	int threadsafe;
 };
+
+/* snapshot ops */
+#define VDSK_SNAP_CREATE        0
+#define VDSK_SNAP_LIST          1
+#define VDSK_SNAP_APPLY         2
+#define VDSK_SNAP_DELETE        3
+
+/* internal open flag: open for vdsk_check (dirty images allowed) */
+#define VDSK_OPEN_CHECK         0x1000
 
 struct vdsk {
 	const struct vdsk_ops *ops;
@@ -84,6 +105,9 @@ static inline void vdsk_meta_unlock(struct vdsk *d)
 
 extern const struct vdsk_ops vdsk_raw_ops;
 extern const struct vdsk_ops vdsk_qcow2_ops;
+extern const struct vdsk_ops vdsk_vmdk_ops;
+extern const struct vdsk_ops vdsk_vdi_ops;
+extern const struct vdsk_ops vdsk_vpc_ops;        /* VHD */
 
 /* qcow2_rebase.c: the qcow2 set_backing op. */
 int vdsk_qcow2_set_backing(struct vdsk *d, const char *backing,

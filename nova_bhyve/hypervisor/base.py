@@ -34,6 +34,7 @@ class VMDir:
     spec = property(lambda self: self._p('spec.json'))
     pidfile = property(lambda self: self._p('vm.pid'))
     control = property(lambda self: self._p('control.sock'))
+    events = property(lambda self: self._p('events.sock'))
     serial = property(lambda self: self._p('serial.sock'))
     console_log = property(lambda self: self._p('console.log'))
     exit_status = property(lambda self: self._p('exit.status'))
@@ -149,6 +150,18 @@ class Hypervisor(abc.ABC):
                 return True
             if time.monotonic() >= deadline:
                 return False
+
+    def wait_for_change(self, vmdir, stop):
+        """Block until the VM's state may have changed, or ``stop`` (a
+        threading.Event) is set. Returns False once no further change can
+        be observed (the VM process is gone).
+
+        This default polls; backends with an event channel override it.
+        """
+        if self.pid(vmdir) is None:
+            return False
+        stop.wait(1.0)
+        return True
 
     def host_info(self):
         """Hypervisor type/version for get_available_resource."""

@@ -65,6 +65,10 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             '-chardev', _opts('socket', id='qmp', path=vmdir.control,
                               server='on', wait='off'),
             '-mon', 'chardev=qmp,mode=control',
+            # a second monitor, only for the lifecycle event watcher
+            '-chardev', _opts('socket', id='qmp-events', path=vmdir.events,
+                              server='on', wait='off'),
+            '-mon', 'chardev=qmp-events,mode=control',
             '-pidfile', vmdir.pidfile,
             '-daemonize']
     cpu = cpu_model or ('host' if accelerator == 'kvm' else None)
@@ -76,7 +80,8 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             argv += ['-initrd', spec.boot.ramdisk]
         if spec.boot.cmdline:
             argv += ['-append', spec.boot.cmdline]
-    if any(d.bus in ('sata', 'ide') for d in spec.disks):
+    if any(d.bus in ('sata', 'ide') or d.device == 'cdrom'
+           for d in spec.disks):
         argv += ['-device', 'ich9-ahci,id=ahci0']
     ahci_port = 0
     for i, disk in enumerate(spec.disks):
@@ -138,7 +143,8 @@ class QemuHypervisor(base.Hypervisor):
                 else 'qemu', 'hypervisor_version': version}
 
     def start(self, spec, vmdir):
-        for stale in (vmdir.control, vmdir.serial, vmdir.pidfile):
+        for stale in (vmdir.control, vmdir.events, vmdir.serial,
+                      vmdir.pidfile):
             if os.path.exists(stale):
                 os.unlink(stale)
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,
@@ -180,9 +186,30 @@ class QemuHypervisor(base.Hypervisor):
     def kill(self, vmdir):
         pid = vmdir.read_pid()
         base.kill_and_wait(pid, vmdir.uuid)
-        for path in (vmdir.pidfile, vmdir.control, vmdir.serial):
+        for path in (vmdir.pidfile, vmdir.control, vmdir.events,
+                     vmdir.serial):
             if os.path.exists(path):
                 os.unlink(path)
+
+    def wait_for_change(self, vmdir, stop):
+        """Listen on the events monitor: returns on each QMP event, and
+        False at end of file (QEMU exited or was killed)."""
+        listener = getattr(stop, 'qmp_listener', None)
+        if listener is None:
+            try:
+                listener = qmp.EventListener(vmdir.events)
+            except base.HypervisorError:
+                return super().wait_for_change(vmdir, stop)
+            stop.qmp_listener = listener
+        while not stop.is_set():
+            event = listener.next_event(timeout=1.0)
+            if event is qmp.EOF:
+                listener.close()
+                return False
+            if event is not None:
+                return True
+        listener.close()
+        return False
 
     def pause(self, vmdir):
         qmp.execute(vmdir.control, 'stop')

@@ -54,3 +54,65 @@ def execute(path, command, arguments=None, timeout=10.0):
             return reply.get('return')
         except (OSError, ValueError) as e:
             raise HypervisorError('QMP %s on %s: %s' % (command, path, e))
+
+
+EOF = object()
+
+
+class EventListener:
+    """A long-lived QMP connection that only receives events.
+
+    Reads the raw socket with its own line buffer: a file object made by
+    socket.makefile() cannot be read again after one timeout.
+    """
+
+    def __init__(self, path):
+        self._buf = b''
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(10.0)
+            self._sock.connect(path)
+            greeting = self._line(10.0)
+            if greeting in (None, EOF) or 'QMP' not in json.loads(greeting):
+                raise ValueError('no QMP greeting')
+            self._sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+            while True:
+                line = self._line(10.0)
+                if line in (None, EOF):
+                    raise ValueError('no reply to qmp_capabilities')
+                if 'return' in json.loads(line):
+                    break
+        except (OSError, ValueError) as e:
+            self.close()
+            raise HypervisorError('cannot listen on %s: %s' % (path, e))
+
+    def _line(self, timeout):
+        while b'\n' not in self._buf:
+            self._sock.settimeout(timeout)
+            try:
+                chunk = self._sock.recv(65536)
+            except socket.timeout:
+                return None
+            except OSError:
+                return EOF
+            if not chunk:
+                return EOF
+            self._buf += chunk
+        line, self._buf = self._buf.split(b'\n', 1)
+        return line
+
+    def next_event(self, timeout):
+        """The next event dict, None on timeout, EOF when QEMU is gone."""
+        line = self._line(timeout)
+        if line is None or line is EOF:
+            return line
+        try:
+            return json.loads(line)
+        except ValueError:
+            return None
+
+    def close(self):
+        try:
+            self._sock.close()
+        except OSError:
+            pass

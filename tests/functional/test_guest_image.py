@@ -271,3 +271,13 @@ def test_two_boots_are_told_apart_and_tick(manifest, workdir, boot):
         g.wait_for(r"tick 2\b", timeout=60)
         assert_powers_off(g, manifest)
     assert seen[0] != seen[1]
+
+
+def test_no_root_disk_reports_failure(manifest, workdir, boot):
+    g = boot(["-kernel", manifest["vmlinuz"], "-initrd", manifest["initrd"],
+              "-append", manifest["cmdline"]])
+    g.wait_for(re.escape(manifest["markers"]["init"]))
+    g.wait_for(re.escape(manifest["markers"]["root_failed"]))
+    g.wait_for(re.escape(manifest["markers"]["shell_ready"]))
+    assert manifest["markers"]["root_mounted"] not in g.output
+    assert_powers_off(g, manifest)

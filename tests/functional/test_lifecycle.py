@@ -5,6 +5,8 @@ returns it, the VM process on the host, the files in the instances path and
 the allocations in the real placement service.
 """
 import os
+import signal
+import time
 
 from nova.tests.functional import integrated_helpers  # noqa: F401
 
@@ -17,6 +19,15 @@ POWERDOWN = 'NOVA-BHYVE-POWERDOWN'
 
 
 class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
+
+    ratios = {'VCPU': 4.0}
+    reserved_mb = 321
+
+    def setUp(self):
+        self.flags(cpu_allocation_ratio=self.ratios['VCPU'],
+                   reserved_host_memory_mb=self.reserved_mb,
+                   reserved_host_disk_mb=2048)
+        super().setUp()
 
     def test_boot_reboot_stop_start_restart_delete(self):
         image = self.direct_boot_image('qcow2')
@@ -35,6 +46,20 @@ class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
         rp = self._get_provider_uuid_by_host('compute')
         self.assertEqual({'VCPU': 1, 'MEMORY_MB': 256, 'DISK_GB': 1},
                          allocs[rp]['resources'])
+
+        # inventory: this host's CPUs, memory and disk, with Nova's
+        # allocation ratios and reserved values
+        inv = self._get_provider_inventory(rp)
+        self.assertEqual(os.cpu_count(), inv['VCPU']['total'])
+        self.assertEqual(self.ratios['VCPU'], inv['VCPU']['allocation_ratio'])
+        self.assertEqual(self.reserved_mb, inv['MEMORY_MB']['reserved'])
+        with open('/proc/meminfo') as f:
+            mem_kib = int(f.readline().split()[1])
+        self.assertEqual(mem_kib // 1024, inv['MEMORY_MB']['total'])
+        st = os.statvfs(self.instances_path)
+        self.assertEqual(st.f_blocks * st.f_frsize // 1024 ** 3,
+                         inv['DISK_GB']['total'])
+        self.assertEqual(2, inv['DISK_GB']['reserved'])  # 2048 MiB
 
         # root disk: a qcow2 overlay on the cached image, flavor-sized
         disk = os.path.join(self.vmdir(server), 'disk')
@@ -85,6 +110,32 @@ class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
         self.assertIsNone(pid_alive(pid))
         self.assertEqual({}, self._get_allocations_by_server_uuid(
             server['id']))
+
+
+class TestPowerStateEvents(nova_harness.BhyveFunctionalTestBase):
+
+    def test_vm_killed_from_outside_becomes_shutoff_at_once(self):
+        # the periodic power state sync must not be what notices it
+        self.flags(sync_power_state_interval=-1)
+        image = self.direct_boot_image('qcow2')
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.flavor_id,
+                                     networks='none')
+        self.wait_for_console(server, ROOT)
+        pid = self.vm_pid(server)
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)      # fault injection: QEMU dies
+        server = self._wait_for_state_change(server, 'SHUTOFF',
+                                             max_retries=40)
+        elapsed = time.monotonic() - killed
+        self.assertLess(elapsed, 20)
+        self.assertEqual(4, server['OS-EXT-STS:power_state'])
+        # the disk is intact: the instance starts again and boots
+        self.assertTrue(os.path.exists(os.path.join(self.vmdir(server),
+                                                    'disk')))
+        self._start_server(server)
+        self.wait_for_console(server, ROOT, count=2)
+        self._delete_server(server)
 
 
 def pid_alive(pid):

@@ -35,6 +35,26 @@ class TestSpawnImages(nova_harness.BhyveFunctionalTestBase):
         for server in servers:
             self._delete_server(server)
 
+    def test_boot_from_vmdk_vdi_and_vhd_images(self):
+        """libvdsk reads each format into the cache; no conversion tool.
+        (qemu-img only makes the test images, from the guest's raw disk.)"""
+        servers = []
+        for fmt, qemu_fmt, opts in (('vmdk', 'vmdk', 'subformat=monolithicSparse'),
+                                    ('vdi', 'vdi', 'static=off'),
+                                    ('vhd', 'vpc', 'subformat=dynamic')):
+            path = os.path.join(self.instances_path, 'guest.' + fmt)
+            subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O',
+                            qemu_fmt, '-o', opts, self.manifest['disk_raw'],
+                            path], check=True)
+            image = nova_harness.glance_image(self.glance, 'guest-' + fmt,
+                                              path, fmt)
+            servers.append(self._create_server(
+                image_uuid=image['id'], flavor_id=self.flavor_id,
+                networks='none'))
+        for server in servers:
+            self.wait_for_console(server, ROOT)
+            self._delete_server(server)
+
     def test_image_fetched_once_and_shared(self):
         downloads = []
         real_download = self.glance.download

@@ -202,7 +202,7 @@ def test_errors(tmp_path):
         d.read(0, 1)
     assert e.value.errno == errno.EBADF
     with pytest.raises(vdsk.VdskError) as e:
-        vdsk.create(tmp_path / 'x', 'vmdk', MiB)
+        vdsk.create(tmp_path / 'x', 'vhdx', MiB)
     assert e.value.errno == errno.ENOTSUP
     with pytest.raises(vdsk.VdskError):
         vdsk.create(tmp_path / 'x', 'raw', MiB, backing='img.qcow2')

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -49,6 +50,9 @@ def common(vm=VM, name='instance-0000002a', accel='tcg'):
         '-chardev', 'socket,id=qmp,path=%s/control.sock,server=on,wait=off'
                     % vm,
         '-mon', 'chardev=qmp,mode=control',
+        '-chardev', 'socket,id=qmp-events,path=%s/events.sock,server=on,'
+                    'wait=off' % vm,
+        '-mon', 'chardev=qmp-events,mode=control',
         '-pidfile', '%s/vm.pid' % vm,
         '-daemonize',
     ]
@@ -122,13 +126,6 @@ def test_virtio_only_has_no_ahci_controller():
     assert argv[-2:] == ['-device', 'virtio-blk-pci,drive=disk1']
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'BUG qemu.py render_argv: the ich9-ahci controller is only added when '
-    'some disk has bus sata/ide, but every cdrom is rendered as ide-cd on '
-    'ahci0.N; a cdrom Disk with the default bus (virtio) yields '
-    '"-device ide-cd,...,bus=ahci0.0" without "-device ich9-ahci,id=ahci0" '
-    'and QEMU 7.2 refuses to start: "Bus \'ahci0.0\' not found". The bhyve '
-    'backend puts every cdrom on its AHCI controller.'))
 def test_cdrom_with_default_bus_still_gets_ahci_controller():
     s = spec(disks=[guest.Disk(path='/d/root'),
                     guest.Disk(path='/d/cd.iso', format='raw',
@@ -256,11 +253,27 @@ def vmdir(short_tmp):
     return base.VMDir(path)
 
 
+def wait_exec(pid, marker, timeout=10):
+    """Wait until ``pid`` runs its new program: Popen returns when the exec
+    has started, but for a moment /proc/PID/cmdline is still empty."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if marker.encode() in f.read():
+                    return
+        except OSError:
+            return                  # already gone
+        assert time.monotonic() < deadline, 'exec of %d never seen' % pid
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def marked_process():
     """A real `sleep` whose command line carries the instance uuid, as
     QEMU's does (-uuid); stopped by its PID."""
     proc = subprocess.Popen(['sleep-' + UUID, '60'], executable='/bin/sleep')
+    wait_exec(proc.pid, UUID)
     yield proc
     proc.kill()
     proc.wait()

@@ -2,9 +2,15 @@
  * vdsk: a small command line front end to libvdsk, used by tests.
  *
  *   vdsk info [--json] [-f FMT] FILE
- *   vdsk create -f FMT [-b BACKING [-F BFMT]] [-c CLUSTER] FILE [SIZE]
+ *   vdsk create -f FMT [-o subformat=SUB] [-b BACKING [-F BFMT]]
+ *               [-c CLUSTER] FILE [SIZE]
  *   vdsk read [-f FMT] FILE OFFSET LEN      > data
- *   vdsk write [-f FMT] FILE OFFSET         < data
+ *   vdsk write [-f FMT] [--compressed] FILE OFFSET   < data
+ *   vdsk check [-r leaks] [--json] [-f FMT] FILE   exit 0 clean, 2 corrupt,
+ *                                                  3 leaks (qemu-img's codes)
+ *   vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE
+ *   vdsk resize [-f FMT] FILE SIZE
+ *   vdsk discard [-f FMT] FILE OFFSET LEN
  *
  * Sizes and offsets accept K, M, G, T suffixes (powers of 1024).
  */
@@ -24,10 +30,14 @@ usage(void)
 {
 	fprintf(stderr,
 	    "usage: vdsk info [--json] [-f FMT] FILE\n"
-	    "       vdsk create -f FMT [-b BACKING [-F BFMT]] [-c CLUSTER] "
-	    "FILE [SIZE]\n"
+	    "       vdsk create -f FMT [-o subformat=SUB] [-b BACKING "
+	    "[-F BFMT]] [-c CLUSTER] FILE [SIZE]\n"
 	    "       vdsk read [-f FMT] FILE OFFSET LEN\n"
-	    "       vdsk write [-f FMT] FILE OFFSET\n");
+	    "       vdsk write [-f FMT] [--compressed] FILE OFFSET\n"
+	    "       vdsk check [-r leaks] [--json] [-f FMT] FILE\n"
+	    "       vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE\n"
+	    "       vdsk resize [-f FMT] FILE SIZE\n"
+	    "       vdsk discard [-f FMT] FILE OFFSET LEN\n");
 	return 2;
 }
 
@@ -91,8 +101,8 @@ json_str(const char *key, const char *s, int last)
 }
 
 struct args {
-	const char *fmt, *backing, *bfmt, *pos[4];
-	int npos, json;
+	const char *fmt, *backing, *bfmt, *subformat, *pos[4];
+	int npos, json, compressed, repair;
 	uint64_t cluster;
 };
 
@@ -110,12 +120,29 @@ parse_args(int argc, char **argv, struct args *a)
 			a->json = 1;
 			continue;
 		}
+		if (strcmp(s, "--compressed") == 0) {
+			a->compressed = 1;
+			continue;
+		}
+		if (strcmp(s, "-r") == 0) {
+			if (i + 1 >= argc || strcmp(argv[++i], "leaks") != 0)
+				return -1;
+			a->repair = 1;
+			continue;
+		}
 		if (strcmp(s, "-f") == 0)
 			dst = &a->fmt;
 		else if (strcmp(s, "-b") == 0)
 			dst = &a->backing;
 		else if (strcmp(s, "-F") == 0)
 			dst = &a->bfmt;
+		else if (strcmp(s, "-o") == 0) {
+			if (i + 1 >= argc || strncmp(argv[i + 1], "subformat=",
+			    10) != 0)
+				return -1;
+			a->subformat = argv[++i] + 10;
+			continue;
+		}
 		else if (strcmp(s, "-c") == 0) {
 			if (i + 1 >= argc || parse_size(argv[++i],
 			    &a->cluster) < 0 || a->cluster > UINT32_MAX)
@@ -166,6 +193,7 @@ cmd_info(struct args *a)
 		json_str("backing-filename-format", info.backing_format, 0);
 		printf("    \"dirty-flag\": %s,\n",
 		    info.dirty ? "true" : "false");
+		printf("    \"snapshots\": %u,\n", info.nb_snapshots);
 		printf("    \"actual-size\": %llu\n}\n",
 		    (unsigned long long)info.actual_size);
 	} else {
@@ -181,6 +209,8 @@ cmd_info(struct args *a)
 		if (info.backing_format[0])
 			printf("backing file format: %s\n",
 			    info.backing_format);
+		if (info.nb_snapshots)
+			printf("snapshots: %u\n", info.nb_snapshots);
 	}
 	return 0;
 }
@@ -198,8 +228,8 @@ cmd_create(struct args *a)
 		fprintf(stderr, "vdsk: invalid size '%s'\n", a->pos[1]);
 		return 2;
 	}
-	if (vdsk_create(a->pos[0], a->fmt, size, a->backing, a->bfmt,
-	    (uint32_t)a->cluster) < 0)
+	if (vdsk_create_subformat(a->pos[0], a->fmt, a->subformat, size,
+	    a->backing, a->bfmt, (uint32_t)a->cluster) < 0)
 		return fail("create");
 	return 0;
 }
@@ -261,7 +291,22 @@ cmd_write(struct args *a)
 		fprintf(stderr, "vdsk: out of memory\n");
 		return 1;
 	}
-	while ((n = fread(buf, 1, CHUNK, stdin)) > 0) {
+	if (a->compressed) {
+		struct vdsk_info info;
+
+		if (vdsk_info(d, &info) < 0 || info.cluster_size == 0)
+			rc = fail("write");
+		while (rc == 0 && (n = fread(buf, 1, info.cluster_size,
+		    stdin)) > 0) {
+			if (vdsk_write_compressed(d, buf, off, n) < 0) {
+				rc = fail("write");
+				break;
+			}
+			off += n;
+		}
+	}
+	while (rc == 0 && !a->compressed &&
+	    (n = fread(buf, 1, CHUNK, stdin)) > 0) {
 		if (vdsk_write(d, buf, off, n) < 0) {
 			rc = fail("write");
 			break;
@@ -280,6 +325,137 @@ cmd_write(struct args *a)
 	return rc;
 }
 
+static int
+cmd_check(struct args *a)
+{
+	struct vdsk_check res;
+
+	if (a->npos != 1)
+		return usage();
+	if (vdsk_check(a->pos[0], a->fmt, a->repair ?
+	    VDSK_CHECK_REPAIR_LEAKS : 0, &res) < 0) {
+		fail("check");
+		return 1;
+	}
+	if (a->json) {
+		printf("{\n    \"filename\": \"%s\",\n", a->pos[0]);
+		printf("    \"corruptions\": %llu,\n    \"leaks\": %llu,\n"
+		    "    \"corruptions-fixed\": %llu,\n"
+		    "    \"leaks-fixed\": %llu,\n"
+		    "    \"allocated-clusters\": %llu,\n"
+		    "    \"total-clusters\": %llu\n}\n",
+		    (unsigned long long)res.corruptions,
+		    (unsigned long long)res.leaks,
+		    (unsigned long long)res.corruptions_fixed,
+		    (unsigned long long)res.leaks_fixed,
+		    (unsigned long long)res.allocated_clusters,
+		    (unsigned long long)res.total_clusters);
+	} else {
+		if (res.leaks_fixed)
+			printf("The following inconsistencies were found and "
+			    "repaired:\n\n    %llu leaked clusters\n\n",
+			    (unsigned long long)res.leaks_fixed);
+		if (res.corruptions)
+			printf("%llu errors were found on the image.\n",
+			    (unsigned long long)res.corruptions);
+		if (res.leaks)
+			printf("%llu leaked clusters were found on the "
+			    "image.\n", (unsigned long long)res.leaks);
+		if (!res.corruptions && !res.leaks)
+			printf("No errors were found on the image.\n");
+		printf("%llu/%llu = allocated clusters\n",
+		    (unsigned long long)res.allocated_clusters,
+		    (unsigned long long)res.total_clusters);
+	}
+	return res.corruptions ? 2 : res.leaks ? 3 : 0;
+}
+
+static int
+cmd_snapshot(int argc, char **argv)
+{
+	const char *name = NULL, *path;
+	struct vdsk_snapshot *sn = NULL;
+	char op = 0;
+	vdsk_t *d;
+	int n, i, r = 0;
+
+	if (argc == 2 && strcmp(argv[0], "-l") == 0) {
+		op = 'l';
+	} else if (argc == 3 && argv[0][0] == '-' && argv[0][2] == '\0' &&
+	    strchr("cad", argv[0][1]) != NULL) {
+		op = argv[0][1];
+		name = argv[1];
+	} else {
+		return usage();
+	}
+	path = argv[argc - 1];
+	d = vdsk_open(path, NULL, (op == 'l' ? VDSK_RDONLY : 0) |
+	    VDSK_NO_BACKING);
+	if (d == NULL)
+		return fail("open");
+	switch (op) {
+	case 'l':
+		n = vdsk_snapshot_list(d, NULL, 0);
+		if (n > 0 && (sn = calloc((size_t)n, sizeof(*sn))) == NULL) {
+			vdsk_close(d);
+			fprintf(stderr, "vdsk: out of memory\n");
+			return 1;
+		}
+		if (n > 0)
+			n = vdsk_snapshot_list(d, sn, n);
+		if (n < 0) {
+			r = fail("snapshot");
+			break;
+		}
+		if (n > 0)
+			printf("Snapshot list:\nID\tTAG\tVM SIZE\tDATE\t"
+			    "VM CLOCK\tDISK SIZE\n");
+		for (i = 0; i < n; i++)
+			printf("%s\t%s\t%llu\t%lld\t%llu\t%llu\n", sn[i].id,
+			    sn[i].name,
+			    (unsigned long long)sn[i].vm_state_size,
+			    (long long)sn[i].date_sec,
+			    (unsigned long long)sn[i].vm_clock_nsec,
+			    (unsigned long long)sn[i].disk_size);
+		free(sn);
+		break;
+	case 'c':
+		if (vdsk_snapshot_create(d, name) < 0)
+			r = fail("snapshot");
+		break;
+	case 'a':
+		if (vdsk_snapshot_apply(d, name) < 0)
+			r = fail("snapshot");
+		break;
+	default:
+		if (vdsk_snapshot_delete(d, name) < 0)
+			r = fail("snapshot");
+		break;
+	}
+	if (vdsk_close(d) < 0 && r == 0)
+		r = fail("close");
+	return r;
+}
+
+static int
+cmd_resize_discard(struct args *a, int discard)
+{
+	uint64_t x, len = 0;
+	vdsk_t *d;
+	int r = 0;
+
+	if (a->npos != 2 + discard || parse_size(a->pos[1], &x) < 0 ||
+	    (discard && parse_size(a->pos[2], &len) < 0))
+		return usage();
+	if ((d = vdsk_open(a->pos[0], a->fmt, 0)) == NULL)
+		return fail("open");
+	if (discard ? vdsk_discard(d, x, len) < 0 : vdsk_resize(d, x) < 0)
+		r = fail(discard ? "discard" : "resize");
+	if (vdsk_close(d) < 0 && r == 0)
+		r = fail("close");
+	return r;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -287,6 +463,8 @@ main(int argc, char **argv)
 
 	if (argc < 2)
 		return usage();
+	if (strcmp(argv[1], "snapshot") == 0)
+		return cmd_snapshot(argc - 2, argv + 2);
 	if (parse_args(argc - 2, argv + 2, &a) < 0)
 		return usage();
 	if (strcmp(argv[1], "info") == 0)
@@ -297,5 +475,11 @@ main(int argc, char **argv)
 		return cmd_read(&a);
 	if (strcmp(argv[1], "write") == 0)
 		return cmd_write(&a);
+	if (strcmp(argv[1], "check") == 0)
+		return cmd_check(&a);
+	if (strcmp(argv[1], "resize") == 0)
+		return cmd_resize_discard(&a, 0);
+	if (strcmp(argv[1], "discard") == 0)
+		return cmd_resize_discard(&a, 1);
 	return usage();
 }

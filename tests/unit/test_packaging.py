@@ -1,0 +1,298 @@
+"""Packaging: what lands where when an operator installs nova-bhyve.
+
+Nova loads drivers relative to ``nova.virt`` (``compute_driver =
+bhyve.BhyveDriver`` imports ``nova.virt.bhyve``), so the package ships a
+one-file shim, nova/virt/bhyve/__init__.py, that must end up inside the
+installed Nova tree - and nothing else of ``nova``: a nova/__init__.py or
+nova/virt/__init__.py in the wheel would overwrite Nova's own files.
+
+* the wheel built from this tree has the shim, the compiled libvdsk and the
+  oslo.config.opts entry point, and no other file under nova/;
+* an sdist (MANIFEST.in) carries everything needed to build that wheel again
+  (native/ sources, headers, Makefile, vdsk_build.py) plus tools/, etc/,
+  devstack/; a wheel built from the unpacked sdist imports nova_bhyve._vdsk
+  and libvdsk works;
+* in the test environment (``pip install .``, as tools/setup-host does), the
+  shim is inside Nova's installed nova/virt/, Nova's real loader
+  (nova.virt.driver.load_compute_driver) builds a nova_bhyve BhyveDriver
+  from ``bhyve.BhyveDriver``, and the entry point is discoverable. These
+  tests skip, saying why, when nova-bhyve is not installed (a run from a
+  source tree with PYTHONPATH); they never pass without checking.
+
+Builds run on a copy of the tree, so they never write build/ or *.egg-info
+into the working tree other people use.
+"""
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+SHIM = 'nova/virt/bhyve/__init__.py'
+# Files the wheel must never carry: they belong to Nova.
+NOVA_OWNED = ('nova/__init__.py', 'nova/virt/__init__.py')
+
+_IGNORE = shutil.ignore_patterns(
+    '.git', '.venv', '.tox', 'build', 'dist', '*.egg-info', '__pycache__',
+    '_build', '.pytest_cache', '*.so', '*.o', '*.a', '*.pyc', 'bench')
+
+
+def _copy_tree(dest):
+    shutil.copytree(REPO, dest, ignore=_IGNORE, symlinks=True)
+    return dest
+
+
+def _run(cmd, cwd, timeout=900, env=None):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, '%s failed (%d):\n%s' % (
+        ' '.join(cmd), proc.returncode, proc.stdout[-6000:])
+    return proc.stdout
+
+
+def _can_build_without_isolation():
+    """setuptools, cffi and a bdist_wheel (the wheel package, or setuptools
+    >= 70.1 which has its own) are in this environment: build offline with
+    them instead of fetching the build requirements into an isolated env."""
+    have = importlib.util.find_spec
+    if not (have('setuptools') and have('cffi')):
+        return False
+    if have('wheel'):
+        return True
+    try:
+        return importlib.util.find_spec('setuptools.command.bdist_wheel')
+    except ImportError:
+        return False
+
+
+def _pip_wheel(src, out):
+    cmd = [sys.executable, '-m', 'pip', 'wheel', '--no-deps',
+           '--disable-pip-version-check', '-w', out]
+    if _can_build_without_isolation():
+        cmd.append('--no-build-isolation')
+    _run(cmd + [src], cwd=out)
+    wheels = [f for f in os.listdir(out) if f.endswith('.whl')]
+    assert len(wheels) == 1, wheels
+    return os.path.join(out, wheels[0])
+
+
+@pytest.fixture(scope='module')
+def wheel_of_tree(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('wheel')
+    src = _copy_tree(str(tmp / 'src'))
+    out = str(tmp / 'out')
+    os.mkdir(out)
+    return _pip_wheel(src, out)
+
+
+def _sdist(src, out):
+    if importlib.util.find_spec('build'):
+        cmd = [sys.executable, '-m', 'build', '--sdist', '--no-isolation',
+               '--outdir', out, src]
+    else:
+        cmd = [sys.executable, 'setup.py', '-q', 'sdist', '--dist-dir', out]
+    _run(cmd, cwd=src)
+    sdists = [f for f in os.listdir(out) if f.endswith('.tar.gz')]
+    assert len(sdists) == 1, sdists
+    return os.path.join(out, sdists[0])
+
+
+@pytest.fixture(scope='module')
+def sdist_of_tree(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('sdist')
+    src = _copy_tree(str(tmp / 'src'))
+    out = str(tmp / 'out')
+    os.mkdir(out)
+    return _sdist(src, out)
+
+
+# -- (a) the wheel ----------------------------------------------------------
+
+def test_wheel_carries_the_shim_and_nothing_of_nova(wheel_of_tree):
+    with zipfile.ZipFile(wheel_of_tree) as whl:
+        names = whl.namelist()
+    assert SHIM in names
+    for owned in NOVA_OWNED:
+        assert owned not in names, (
+            '%s in the wheel would overwrite Nova\'s own file' % owned)
+    under_nova = [n for n in names if n.startswith('nova/')]
+    assert under_nova == [SHIM], (
+        'only the shim may go into Nova\'s tree, the wheel has %s'
+        % under_nova)
+
+
+def test_wheel_carries_compiled_libvdsk_and_entry_point(wheel_of_tree):
+    with zipfile.ZipFile(wheel_of_tree) as whl:
+        names = whl.namelist()
+        eps = [n for n in names if n.endswith('.dist-info/entry_points.txt')]
+        assert len(eps) == 1, names
+        entry_points = whl.read(eps[0]).decode()
+    assert any(n.startswith('nova_bhyve/_vdsk') and n.endswith('.so')
+               for n in names), names
+    assert '[oslo.config.opts]' in entry_points
+    assert 'nova_bhyve = nova_bhyve.conf:list_opts' in entry_points
+
+
+# -- the sdist (MANIFEST.in) ------------------------------------------------
+
+SDIST_MUST_CARRY = (
+    'native/vdsk_build.py', 'native/Makefile',
+    'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
+    'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
+    'native/vdsk/tools/vdsk.c',
+    'tools/setup-host', 'tools/build-test-guest',
+    'etc/nova-bhyve/nova-bhyve-config-generator.conf',
+    'etc/nova-bhyve/nova-bhyve.conf.sample',
+    'devstack/plugin.sh', 'devstack/settings', 'devstack/README.md',
+    'nova/virt/bhyve/__init__.py', 'MANIFEST.in', 'setup.cfg',
+)
+
+
+def _sdist_members(sdist):
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
+    top = names[0].split('/')[0]
+    return top, {n[len(top) + 1:] for n in names if n.startswith(top + '/')}
+
+
+def test_sdist_carries_native_sources_tools_etc_devstack(sdist_of_tree):
+    _, members = _sdist_members(sdist_of_tree)
+    missing = [m for m in SDIST_MUST_CARRY if m not in members]
+    assert not missing, 'the sdist lacks %s (see MANIFEST.in)' % missing
+    # every C source and header of native/ in the repository
+    for root, dirs, files in os.walk(os.path.join(REPO, 'native')):
+        dirs[:] = [d for d in dirs if d != '_build']
+        for f in files:
+            if f.endswith(('.c', '.h')):
+                rel = os.path.relpath(os.path.join(root, f), REPO)
+                assert rel.replace(os.sep, '/') in members, rel
+    built = [m for m in members
+             if m.startswith('native/_build') or m.endswith(('.so', '.o'))
+             or '__pycache__' in m]
+    assert not built, 'build products in the sdist: %s' % built
+
+
+def test_wheel_built_from_sdist_imports_libvdsk(sdist_of_tree, tmp_path):
+    top, _ = _sdist_members(sdist_of_tree)
+    with tarfile.open(sdist_of_tree) as tar:
+        if hasattr(tarfile, 'data_filter'):
+            tar.extractall(tmp_path / 'unpacked', filter='data')
+        else:
+            tar.extractall(tmp_path / 'unpacked')
+    out = tmp_path / 'out'
+    out.mkdir()
+    wheel = _pip_wheel(str(tmp_path / 'unpacked' / top), str(out))
+    site = tmp_path / 'site'
+    with zipfile.ZipFile(wheel) as whl:
+        whl.extractall(site)
+    img = tmp_path / 'probe.qcow2'
+    probe = textwrap.dedent('''
+        import sys
+        import nova_bhyve._vdsk as m
+        assert m.__file__.startswith(sys.argv[1]), m.__file__
+        ffi, lib = m.ffi, m.lib
+        path = sys.argv[2].encode()
+        rc = lib.vdsk_create(path, b'qcow2', 1 << 20, ffi.NULL, ffi.NULL, 0)
+        assert rc == 0, ffi.string(lib.vdsk_errmsg())
+        d = lib.vdsk_open(path, ffi.NULL, 0)
+        assert d != ffi.NULL, ffi.string(lib.vdsk_errmsg())
+        assert lib.vdsk_size(d) == 1 << 20
+        buf = ffi.new('char[]', b'nova-bhyve' * 100)
+        assert lib.vdsk_write(d, buf, 4096, 1000) == 0
+        back = ffi.new('char[]', 1000)
+        assert lib.vdsk_read(d, back, 4096, 1000) == 0
+        assert ffi.buffer(back)[:] == ffi.buffer(buf)[:1000]
+        assert lib.vdsk_close(d) == 0
+        print('ok', m.__file__)
+    ''')
+    env = dict(os.environ, PYTHONPATH=str(site))
+    result = _run([sys.executable, '-c', probe, str(site), str(img)],
+                  cwd=str(tmp_path), env=env)
+    assert result.strip().startswith('ok ' + str(site))
+
+
+# -- (b) the installed package, as nova-compute sees it ---------------------
+
+def _installed_shim():
+    """nova.virt.bhyve as installed, or skip when this is a source-tree run
+    without nova-bhyve installed (nothing to check then)."""
+    try:
+        importlib.metadata.distribution('nova-bhyve')
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip('nova-bhyve is not installed in this environment '
+                    '(source-tree run?): `pip install .` (not editable) '
+                    'puts the nova.virt.bhyve shim into Nova\'s tree')
+    try:
+        import nova.virt.bhyve as shim
+    except ImportError as e:
+        pytest.skip('nova.virt.bhyve is not importable (%s): the shim is '
+                    'not installed into Nova\'s tree; run `pip install .` '
+                    '(not editable)' % e)
+    return shim
+
+
+def test_shim_is_inside_installed_nova_virt():
+    shim = _installed_shim()
+    import nova.virt
+    nova_virt = os.path.realpath(os.path.dirname(nova.virt.__file__))
+    shim_file = os.path.realpath(shim.__file__)
+    assert os.path.dirname(os.path.dirname(shim_file)) == nova_virt, (
+        'nova.virt.bhyve comes from %s, not from inside Nova\'s installed '
+        'nova/virt (%s): an editable or source-tree install?'
+        % (shim_file, nova_virt))
+    assert not shim_file.startswith(os.path.realpath(REPO) + os.sep)
+
+
+@pytest.fixture
+def driver_conf(tmp_path):
+    import nova.conf
+    from nova_bhyve import conf as bhyve_conf  # noqa: F401 ([bhyve] opts)
+    CONF = nova.conf.CONF
+    overrides = [('instances_path', str(tmp_path / 'instances'), None),
+                 ('hypervisor', 'auto', 'bhyve'),
+                 ('qemu_accel', 'tcg', 'bhyve')]
+    for name, value, group in overrides:
+        CONF.set_override(name, value, group=group)
+    yield CONF
+    for name, _, group in overrides:
+        CONF.clear_override(name, group=group)
+
+
+def test_nova_loader_builds_bhyve_driver(driver_conf):
+    _installed_shim()
+    from nova.virt import driver as nova_driver
+    from nova_bhyve import driver as bhyve_driver
+    try:
+        drv = nova_driver.load_compute_driver(None, 'bhyve.BhyveDriver')
+    except SystemExit:
+        # Nova logs the ImportError / ValueError and exits
+        pytest.fail("nova.virt.driver.load_compute_driver(None, "
+                    "'bhyve.BhyveDriver') exited: the driver could not be "
+                    "imported or is not a ComputeDriver (see the log)")
+    assert isinstance(drv, bhyve_driver.BhyveDriver)
+    assert isinstance(drv, nova_driver.ComputeDriver)
+    assert type(drv).__module__ == 'nova_bhyve.driver'
+
+
+def test_oslo_config_entry_point_is_discoverable():
+    _installed_shim()
+    eps = [ep for ep in importlib.metadata.entry_points(
+        group='oslo.config.opts') if ep.name == 'nova_bhyve']
+    assert len(eps) == 1, eps
+    assert eps[0].value == 'nova_bhyve.conf:list_opts'
+    assert eps[0].dist.name == 'nova-bhyve'
+    groups = eps[0].load()()
+    assert [getattr(g, 'name', g) for g, _ in groups] == ['bhyve']
+    names = {o.name for _, opts in groups for o in opts}
+    assert {'hypervisor', 'qemu_accel', 'qemu_binary',
+            'bhyve_path', 'bhyve_bootrom'} <= names
