@@ -3,7 +3,7 @@
     vdsk info [--json] [-f FMT] FILE
     vdsk create -f FMT [-b BACKING [-F BACKING_FMT]] [-o cluster_size=N] FILE [SIZE]
     vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] SRC DST
-    vdsk check [-r leaks|all] [-f FMT] FILE
+    vdsk check [-r leaks|all] [-f FMT] FILE     (-r all: leaks only)
     vdsk snapshot (-c|-l|-a|-d) [NAME] FILE
     vdsk resize FILE [+|-]SIZE
     vdsk commit [-f FMT] FILE
@@ -11,21 +11,18 @@
     vdsk bench [--read|-w|--write] [--pattern seq|rand] [-s|--block-size N]
                [-t|--threads|-d N] [-c|--count N] [-o OFFSET] [-S STEP] FILE
 
-Exit status: 0 success, 1 error (also: operation not supported by this
-build); check: 2 corruptions found, 3 leaks only (like qemu-img).
+Exit status: 0 success, 1 error; check: 2 corruptions found, 3 leaks
+only (like qemu-img).
 """
 import argparse
 import json
 import sys
+import time
 
 from nova_bhyve import vdsk
 
 _SUFFIX = {'': 0, 'b': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40, 'p': 50,
            'e': 60}
-
-
-class Unsupported(Exception):
-    pass
 
 
 def parse_size(text):
@@ -42,13 +39,6 @@ def parse_size(text):
     except ValueError:
         raise argparse.ArgumentTypeError('invalid size: %r' % text)
     return int(value * (1 << _SUFFIX[unit]))
-
-
-def _need(obj, name, what):
-    fn = getattr(obj, name, None)
-    if fn is None:
-        raise Unsupported('%s: not supported by this build' % what)
-    return fn
 
 
 def _human(n):
@@ -121,48 +111,58 @@ def cmd_convert(a):
     return 0
 
 
-def _count(res, key):
-    v = res.get(key, 0) if isinstance(res, dict) else getattr(res, key, 0)
-    return v or 0
-
-
 def cmd_check(a):
-    check = _need(vdsk, 'check', 'vdsk check')
-    res = check(a.file, repair=a.r or False)
-    corrupt = _count(res, 'corruptions')
-    leaks = _count(res, 'leaks')
-    if not corrupt and not leaks:
-        print('No errors were found on the image.')
-        return 0
+    res = vdsk.check(a.file, repair=bool(a.r), fmt=a.f)
+    if a.r == 'all':
+        print('vdsk: -r all repairs leaked clusters only', file=sys.stderr)
+    fixed_l, fixed_c = res['leaks_fixed'], res['corruptions_fixed']
+    if fixed_l or fixed_c:
+        print('The following inconsistencies were found and repaired:\n')
+        print('    %d leaked clusters' % fixed_l)
+        print('    %d corruptions\n' % fixed_c)
+    corrupt, leaks = res['corruptions'], res['leaks']
     if corrupt:
         print('%d errors were found on the image.' % corrupt)
         print('Data may be corrupted, or further writes to the image may '
               'corrupt it.')
-        return 2
-    print('%d leaked clusters were found on the image.' % leaks)
-    print('This means waste of disk space, but no harm to data.')
-    return 3
+    if leaks:
+        print('%d leaked clusters were found on the image.' % leaks)
+        print('This means waste of disk space, but no harm to data.')
+    if not corrupt and not leaks:
+        print('No errors were found on the image.')
+    if res['total_clusters']:
+        print('%d/%d = %.2f%% allocated clusters' % (
+            res['allocated_clusters'], res['total_clusters'],
+            100.0 * res['allocated_clusters'] / res['total_clusters']))
+    return 2 if corrupt else 3 if leaks else 0
+
+
+def _clock(ns):
+    s = ns // 10 ** 9
+    return '%04d:%02d:%02d.%03d' % (s // 3600, s // 60 % 60, s % 60,
+                                     ns // 10 ** 6 % 1000)
 
 
 def cmd_snapshot(a):
     if a.l:
-        lst = _need(vdsk, 'snapshot_list', 'vdsk snapshot')
-        snaps = lst(a.file)
-        print('Snapshot list:')
-        print('%-4s %-20s %s' % ('ID', 'TAG', 'VM SIZE'))
-        for n, s in enumerate(snaps or [], 1):
-            if isinstance(s, dict):
-                print('%-4s %-20s %s' % (s.get('id', n), s.get('name', ''),
-                                         s.get('vm_state_size', 0)))
-            else:
-                print('%-4s %s' % (n, s))
+        if a.name is not None:
+            raise vdsk.VdskError(22, '-l takes no snapshot name')
+        snaps = vdsk.snapshot_list(a.file)
+        if snaps:
+            print('Snapshot list:')
+            print('%-10s%-17s%8s%20s%13s' % ('ID', 'TAG', 'VM SIZE',
+                                            'DATE', 'VM CLOCK'))
+        for s in snaps:
+            date = time.strftime('%Y-%m-%d %H:%M:%S',
+                                 time.localtime(s['date_sec']))
+            print('%-10s%-17s%8s%20s%13s' % (
+                s['id'], s['name'], _human(s['vm_state_size']), date,
+                _clock(s['vm_clock_nsec'])))
         return 0
     if not a.name:
         raise vdsk.VdskError(22, 'snapshot name required')
-    op = {'c': 'create', 'a': 'apply', 'd': 'delete'}[
-        'c' if a.c else 'a' if a.a else 'd']
-    fn = _need(vdsk, 'snapshot_' + op, 'vdsk snapshot')
-    fn(a.file, a.name)
+    op = 'create' if a.c else 'apply' if a.a else 'delete'
+    getattr(vdsk, 'snapshot_' + op)(a.file, a.name)
     return 0
 
 
@@ -170,13 +170,12 @@ def cmd_resize(a):
     text = a.size
     rel = text[0] if text[:1] in '+-' else ''
     size = parse_size(text.lstrip('+-'))
-    with vdsk.open(a.file) as img:
-        resize = _need(img, 'resize', 'vdsk resize')
+    with vdsk.open(a.file, fmt=a.f) as img:
         if rel:
             size = img.size + size if rel == '+' else img.size - size
         if size < 0:
             raise vdsk.VdskError(22, 'new size would be negative')
-        resize(size)
+        img.resize(size)
     print('Image resized.')
     return 0
 
@@ -260,6 +259,7 @@ def build_parser():
     s.set_defaults(fn=cmd_snapshot)
 
     s = sub.add_parser('resize', help='change the virtual size')
+    s.add_argument('-f', metavar='FMT')
     s.add_argument('file')
     s.add_argument('size')
     s.set_defaults(fn=cmd_resize)
@@ -305,9 +305,6 @@ def main(argv=None):
         args.json = True
     try:
         return args.fn(args)
-    except Unsupported as e:
-        print('vdsk: %s' % e, file=sys.stderr)
-        return 1
     except vdsk.VdskError as e:
         print('vdsk: %s' % (e.strerror or e), file=sys.stderr)
         return 1

@@ -106,6 +106,7 @@ struct conv {
 	struct vdsk *src, *dst;
 	size_t buf_size;
 	uint64_t gran;                  /* zero detection granularity */
+	int compress;                   /* whole dst clusters, compressed */
 	pthread_mutex_t mu;
 	uint64_t pos;                   /* next guest offset to look at */
 	struct err err;
@@ -115,15 +116,15 @@ struct conv {
 static int
 next_job(struct conv *c, uint64_t *off, size_t *len)
 {
-	uint64_t n;
+	/* compressed jobs grow to cluster boundaries at both ends */
+	uint64_t n, max = c->buf_size - (c->compress ? 2 * c->gran : 0);
 	int st, r = 0;
 
 	*len = 0;
 	pthread_mutex_lock(&c->mu);
 	while (c->err.code == 0 && c->pos < c->src->size) {
 		n = c->src->size - c->pos;
-		st = chain_status(c->src, c->pos, n < c->buf_size ? n :
-		    c->buf_size, &n);
+		st = chain_status(c->src, c->pos, n < max ? n : max, &n);
 		if (st < 0) {
 			err_save(&c->err, st);
 			r = st;
@@ -132,7 +133,16 @@ next_job(struct conv *c, uint64_t *off, size_t *len)
 		*off = c->pos;
 		c->pos += n;
 		if (st == VDSK_BS_DATA) {
-			*len = (size_t)n;
+			if (c->compress) {
+				/* whole destination clusters (the previous
+				 * job ended on a boundary at or before) */
+				*off = *off / c->gran * c->gran;
+				c->pos = (c->pos + c->gran - 1) / c->gran *
+				    c->gran;
+				if (c->pos > c->src->size)
+					c->pos = c->src->size;
+			}
+			*len = (size_t)(c->pos - *off);
 			break;
 		}
 	}
@@ -168,6 +178,25 @@ write_nonzero(struct conv *c, const uint8_t *buf, uint64_t off, size_t len)
 	return 0;
 }
 
+/* Compressed: each non-zero destination cluster in one write. */
+static int
+write_compressed(struct conv *c, const uint8_t *buf, uint64_t off,
+    size_t len)
+{
+	size_t i, g;
+	int r;
+
+	for (i = 0; i < len; i += g) {
+		g = len - i < c->gran ? len - i : (size_t)c->gran;
+		if (is_zero(buf + i, g))
+			continue;
+		if ((r = vdsk_write_compressed(c->dst, buf + i, off + i,
+		    g)) < 0)
+			return r;
+	}
+	return 0;
+}
+
 static void *
 conv_worker(void *arg)
 {
@@ -187,7 +216,9 @@ conv_worker(void *arg)
 		if (next_job(c, &off, &len) < 0 || len == 0)
 			break;
 		r = vdsk_read(c->src, buf, off, len);
-		if (r == 0)
+		if (r == 0 && c->compress)
+			r = write_compressed(c, buf, off, len);
+		else if (r == 0)
 			r = write_nonzero(c, buf, off, len);
 		if (r < 0) {
 			pthread_mutex_lock(&c->mu);
@@ -230,9 +261,10 @@ vdsk_convert(const char *src, const char *src_fmt, const char *dst,
 
 	if (opts != NULL)
 		o = *opts;
-	if (o.flags & VDSK_CONVERT_COMPRESS)
-		return vdsk_error(ENOTSUP, "%s: compressed output is not "
-		    "supported by this build", dst);
+	if ((o.flags & VDSK_CONVERT_COMPRESS) &&
+	    (dst_fmt == NULL || strcmp(dst_fmt, "qcow2") != 0))
+		return vdsk_error(ENOTSUP, "%s: compressed output needs the "
+		    "qcow2 format", dst);
 	if (o.flags & ~VDSK_CONVERT_COMPRESS)
 		return vdsk_error(EINVAL, "unknown convert flags %#x", o.flags);
 	memset(&c, 0, sizeof(c));
@@ -259,6 +291,13 @@ vdsk_convert(const char *src, const char *src_fmt, const char *dst,
 	c.gran = 4096;
 	if (vdsk_info(c.dst, &inf) == 0 && inf.cluster_size > c.gran)
 		c.gran = inf.cluster_size;
+	if (o.flags & VDSK_CONVERT_COMPRESS) {
+		c.compress = 1;
+		c.gran = inf.cluster_size ? inf.cluster_size : 65536;
+		/* room for the widening of a job to whole clusters */
+		c.buf_size = (c.buf_size + c.gran - 1) / c.gran * c.gran +
+		    2 * c.gran;
+	}
 	pthread_mutex_init(&c.mu, NULL);
 	r = run_workers(&c, o.workers);
 	pthread_mutex_destroy(&c.mu);
