@@ -2,7 +2,9 @@
  * libvdsk qcow2 driver: versions 2 and 3 read, write with cluster
  * allocation.  Metadata updates are written through (entry by entry) in
  * the order refcount -> data -> L2 -> L1, so the file never references a
- * cluster whose refcount is not yet on disk.  New clusters go to the first
+ * cluster whose refcount is not yet on disk.  Whole-cluster writes over
+ * unallocated clusters allocate a contiguous run at once (one write for
+ * its refcounts, one for the data, one for its L2 entries).  New clusters go to the first
  * free (refcount 0) run in the file, else at its end.  Refcounts are kept
  * exact (lazy refcounts are never used; the dirty bit is never set); a
  * dirty image from qemu gets its refcounts rebuilt on a writable open.

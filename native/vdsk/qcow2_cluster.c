@@ -559,6 +559,70 @@ out_free:
 	return r;
 }
 
+/*
+ * Sequential writes (convert, guest streaming): whole clusters at the
+ * cluster-aligned off that are not allocated yet (unallocated or plain
+ * zero entries, nothing to copy or free) and share one L2 table get a
+ * run of contiguous host clusters: refcounts in one write per refcount
+ * block, the data in one pwrite, the L2 entries in one pwrite.  Sets
+ * *done to the bytes written, 0 if the run is shorter than 2 clusters
+ * (the caller then goes cluster by cluster).
+ */
+static int
+write_run(struct vdsk *d, uint64_t off, const uint8_t *data, size_t len,
+    size_t *done)
+{
+	struct qcow2 *q = d->priv;
+	uint64_t cl = off >> q->cluster_bits, l2o, e, l2i, m, i, max, nh;
+	uint64_t mask = (1ULL << q->l2_bits) - 1;
+	uint8_t *t, *eb = NULL;
+	int r;
+
+	*done = 0;
+	max = len >> q->cluster_bits;
+	if (max > (mask + 1) - (cl & mask))
+		max = (mask + 1) - (cl & mask);
+	if (max < 2 || q->extl2)
+		return 0;
+	vdsk_meta_lock(d);
+	if ((r = l2_for_write(d, cl >> q->l2_bits, 1, &l2o)) < 0)
+		goto out;
+	if ((r = qcow2_cache_get(d, &q->l2c, l2o, 0, &t)) < 0)
+		goto out;
+	l2i = cl & mask;
+	for (m = 0; m < max; m++) {
+		e = be64_get(t + (l2i + m) * 8);
+		if (e != 0 && e != OFLAG_ZERO)
+			break;
+	}
+	if (m < 2)
+		goto out;
+	if ((r = qcow2_alloc_clusters(d, m, &nh)) < 0)
+		goto out;
+	vdsk_meta_unlock(d);
+	if ((eb = malloc(m * 8)) == NULL)
+		return vdsk_error(ENOMEM, "out of memory");
+	for (i = 0; i < m; i++)
+		be64_put(eb + i * 8, (nh + (i << q->cluster_bits)) |
+		    OFLAG_COPIED);
+	if ((r = vdsk_pwrite(d, data, m << q->cluster_bits, nh,
+	    "data clusters")) < 0)
+		goto out_free;
+	vdsk_meta_lock(d);
+	/* allocations may have evicted the table from the cache */
+	if ((r = qcow2_cache_get(d, &q->l2c, l2o, 0, &t)) < 0)
+		goto out;
+	memcpy(t + l2i * 8, eb, m * 8);
+	if ((r = vdsk_pwrite(d, eb, m * 8, l2o + l2i * 8, "L2 entries")) < 0)
+		goto out;
+	*done = m << q->cluster_bits;
+out:
+	vdsk_meta_unlock(d);
+out_free:
+	free(eb);
+	return r;
+}
+
 int
 qcow2_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 {
@@ -568,11 +632,17 @@ qcow2_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 	int r;
 
 	while (len > 0) {
-		n = q->cs - (off & (q->cs - 1));
-		if (n > len)
-			n = len;
-		if ((r = write_cluster(d, off, p, n)) < 0)
+		n = 0;
+		if ((off & (q->cs - 1)) == 0 && len >= 2 * q->cs &&
+		    (r = write_run(d, off, p, len, &n)) < 0)
 			return r;
+		if (n == 0) {
+			n = q->cs - (off & (q->cs - 1));
+			if (n > len)
+				n = len;
+			if ((r = write_cluster(d, off, p, n)) < 0)
+				return r;
+		}
 		p += n;
 		off += n;
 		len -= n;

@@ -236,6 +236,52 @@ qcow2_set_refcount(struct vdsk *d, uint64_t host, uint64_t val)
 	return vdsk_pwrite(d, b + boff, blen, rbo + boff, "refcount");
 }
 
+/*
+ * Refcount 1 for the n clusters at host (newly allocated, all 0 before):
+ * per refcount block, the first through qcow2_set_refcount() (which may
+ * allocate the block), the rest set in the cached block and written with
+ * one pwrite of the byte range they cover.
+ */
+static int
+set_refcount_run(struct vdsk *d, uint64_t host, uint64_t n)
+{
+	struct qcow2 *q = d->priv;
+	uint64_t cl, m, i, rbo, mask = (1ULL << q->rb_bits) - 1;
+	size_t boff, blen, lo, hi;
+	uint8_t *b;
+	int r;
+
+	while (n > 0) {
+		cl = host >> q->cluster_bits;
+		m = (mask + 1) - (cl & mask);
+		if (m > n)
+			m = n;
+		if ((r = qcow2_set_refcount(d, host, 1)) < 0)
+			return r;
+		if (m > 1) {
+			if ((r = rb_lookup(d, cl >> q->rb_bits, &rbo)) < 0)
+				return r;
+			if ((r = qcow2_cache_get(d, &q->rbc, rbo, 0, &b)) < 0)
+				return r;
+			lo = SIZE_MAX;
+			hi = 0;
+			for (i = 1; i < m; i++) {
+				rb_set(q, b, (cl + i) & mask, 1, &boff, &blen);
+				if (boff < lo)
+					lo = boff;
+				if (boff + blen > hi)
+					hi = boff + blen;
+			}
+			if ((r = vdsk_pwrite(d, b + lo, hi - lo, rbo + lo,
+			    "refcounts")) < 0)
+				return r;
+		}
+		host += m << q->cluster_bits;
+		n -= m;
+	}
+	return 0;
+}
+
 int
 qcow2_update_refcount(struct vdsk *d, uint64_t off, uint64_t len, int addend)
 {
@@ -276,7 +322,7 @@ int
 qcow2_alloc_clusters(struct vdsk *d, uint64_t n, uint64_t *off)
 {
 	struct qcow2 *q = d->priv;
-	uint64_t i, cl, end = q->next_free >> q->cluster_bits, run = 0, start;
+	uint64_t cl, end = q->next_free >> q->cluster_bits, run = 0, start;
 	uint64_t rc;
 	int r;
 
@@ -301,11 +347,7 @@ qcow2_alloc_clusters(struct vdsk *d, uint64_t n, uint64_t *off)
 			q->next_free = (start + n) << q->cluster_bits;
 		if (start == q->free_hint)
 			q->free_hint = start + n;
-		for (i = 0; i < n; i++)
-			if ((r = qcow2_set_refcount(d, *off +
-			    (i << q->cluster_bits), 1)) < 0)
-				return r;
-		return 0;
+		return set_refcount_run(d, *off, n);
 	}
 	q->free_hint = end;
 	if (q->next_free >= MAX_HOST_OFFSET ||
@@ -313,10 +355,7 @@ qcow2_alloc_clusters(struct vdsk *d, uint64_t n, uint64_t *off)
 		return vdsk_error(EFBIG, "%s: image file too large", d->path);
 	*off = q->next_free;
 	q->next_free += n << q->cluster_bits;
-	for (i = 0; i < n; i++)
-		if ((r = qcow2_set_refcount(d, *off + (i << q->cluster_bits), 1)) < 0)
-			return r;
-	return 0;
+	return set_refcount_run(d, *off, n);
 }
 
 /*

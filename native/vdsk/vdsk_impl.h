@@ -54,8 +54,12 @@ struct vdsk_ops {
 	    const char *backing_fmt);
 	/*
 	 * Set if read/write may run concurrently on disjoint ranges (the
-	 * driver serialises its metadata with vdsk_meta_lock()).  Drivers
-	 * without it are serialised as a whole by the common layer.
+	 * driver takes vdsk_meta_lock() around its metadata work, also in
+	 * discard, write_compressed, resize, snapshot, check and
+	 * block_status; info is called with it held).  The common layer
+	 * range-locks requests: read/write/discard/write_compressed their
+	 * clusters, resize/snapshot changes/check the whole image.  Drivers
+	 * without the flag are also serialised as a whole under d->meta.
 	 */
 	int threadsafe;
 };
