@@ -51,10 +51,11 @@ def wait_for_tick(test, server, at_least, timeout=nova_harness.BOOT_TIMEOUT):
         time.sleep(0.3)
 
 
-def guest_shell(test, server, command, expect, timeout=120):
+def guest_shell(test, server, command, expect, timeout=120, boots=1):
     """Type ``command`` into the guest's serial shell (QEMU's serial socket,
-    prompt 'nbguest# ') and wait for ``expect`` in the console log."""
-    test.wait_for_console(server, SHELL_READY)
+    prompt 'nbguest# ') and wait for ``expect`` in the console log.
+    ``boots``: the shell of the boots-th boot of this server."""
+    test.wait_for_console(server, SHELL_READY, count=boots)
     before = console_log(test, server).count(expect)
     path = os.path.join(test.vmdir(server), 'serial.sock')
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -85,9 +85,8 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
         lh.wait_for_tick(self, server, before + 2)
         self._assert_layout_unchanged(server)
 
-        snap = self.api.get_image(image_id)
-        self.assertEqual('ACTIVE', snap['status'])
         meta = self.glance.show(None, image_id)
+        self.assertEqual('active', meta['status'])
         self.assertEqual('qcow2', meta['disk_format'])
         self.assertEqual(image['properties']['kernel_id'],
                          meta['properties']['kernel_id'])
@@ -145,5 +144,5 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
         server = self._reboot_server(server, hard=True)
         self.wait_for_console(server, lh.INIT, count=2)
         lh.guest_shell(self, server, 'cat /mnt/root/frozen',
-                       'FROZEN-WRITE-42')
+                       'FROZEN-WRITE-42', boots=2)
         self._delete_server(server)
