@@ -29,8 +29,9 @@ Files it keeps in DIR (``base.VMDir`` names where one exists):
 Signals: SIGUSR1 makes the next exit of the VM process final without
 telling the VM anything (bhyve exits 0 after ``bhyvectl --suspend``, which
 would otherwise be a reboot); SIGUSR2 cancels it. SIGTERM / SIGINT are
-forwarded to the VM process (for bhyve that is the ACPI power button) and mark the run as "stop requested", so a guest that
-reboots instead of powering off is not started again. SIGHUP is ignored.
+forwarded to the VM process (for bhyve that is the ACPI power button) and
+mark the run as "stop requested", so a guest that reboots instead of
+powering off is not started again. SIGHUP is ignored.
 """
 import argparse
 import collections

@@ -38,7 +38,7 @@ CONF = conf.CONF
 UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'
 
 
-# -- a fake QMP server ------------------------------------------------------
+# -- a fake QMP server --
 
 class FakeQMPServer:
     """Accepts connections until closed; each gets the greeting, the reply
@@ -107,7 +107,7 @@ class FakeHyp:
         self.killed = True
 
 
-# -- QEMU save / restore ----------------------------------------------------
+# -- QEMU save / restore --
 
 def test_uris_quote_the_path():
     assert qemu_state.save_uri('/v/a b/s') == "exec:cat > '/v/a b/s'"
@@ -206,7 +206,7 @@ def test_restore_refuses_a_missing_file_without_starting_qemu(vmdir):
     launch.assert_not_called()
 
 
-# -- QEMU live snapshot: freeze / thaw ----------------------------------------
+# -- QEMU live snapshot: freeze / thaw --
 
 def test_freeze_command():
     assert qemu_blockjob.freeze_commands(0, '/v/x/ov.qcow2') == [
@@ -269,7 +269,7 @@ def test_thaw_that_leaves_the_overlay_on_top_is_an_error(vmdir):
     assert os.path.exists(overlay)
 
 
-# -- snapshot export (real libvdsk, qemu-img as the oracle) --------------------
+# -- snapshot export (real libvdsk, qemu-img as the oracle) --
 
 @pytest.mark.parametrize('fmt', ['qcow2', 'raw'])
 def test_export_flattens_the_chain(tmp_path, fmt):
@@ -303,7 +303,7 @@ def test_target_format():
     assert snapshot.target_format(inst) == 'qcow2'
 
 
-# -- diagnostics -----------------------------------------------------------------
+# -- diagnostics --
 
 STATS = {'pid': 1, 'uptime': 42, 'cpus': [(0, 5000), (1, 7000)],
          'memory_max_mb': 256, 'memory_used_mb': 200,
@@ -345,7 +345,7 @@ def test_thread_cpu_time_from_proc(tmp_path):
         500 * 1000000000 // hz)
 
 
-# -- bhyve: bhyvectl --suspend / bhyve -r ---------------------------------------
+# -- bhyve: bhyvectl --suspend / bhyve -r --
 
 def _completed(rc=0, out='', err=''):
     return subprocess.CompletedProcess([], rc, out, err)
