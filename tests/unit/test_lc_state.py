@@ -467,3 +467,25 @@ def test_supervisor_hold_signal_makes_the_next_exit_final():
     sup._on_hold_signal(signal.SIGUSR2, None)
     assert supervisor.decide('bhyve', 0, sup.stop_requested).action == \
         supervisor.RESTART
+
+
+# -- snapshot: the frozen-disk context -------------------------------------
+
+def test_frozen_disk_of_a_stopped_vm_touches_nothing(vmdir):
+    hv = mock.Mock()
+    hv.is_running.return_value = False
+    with snapshot.frozen_disk(hv, vmdir, 0, None):
+        pass
+    hv.freeze_disk.assert_not_called()
+    hv.thaw_disk.assert_not_called()
+
+
+def test_frozen_disk_thaws_when_the_export_fails(vmdir):
+    hv = mock.Mock()
+    hv.is_running.return_value = True
+    overlay = os.path.join(vmdir.path, 'snapshot-overlay-0.qcow2')
+    with pytest.raises(OSError):
+        with snapshot.frozen_disk(hv, vmdir, 0, None):
+            raise OSError(28, 'No space left on device')
+    hv.freeze_disk.assert_called_once_with(vmdir, 0, overlay)
+    hv.thaw_disk.assert_called_once_with(vmdir, 0, overlay)
