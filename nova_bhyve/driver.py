@@ -12,17 +12,20 @@ import os_resource_classes as orc
 from nova.compute import power_state
 from nova import exception
 from nova.objects import fields as obj_fields
+from nova.virt import configdrive
 from nova.virt import driver
 from nova.virt import hardware
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
 from nova_bhyve import conf
+from nova_bhyve import diagnostics
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import hypervisor
 from nova_bhyve.hypervisor import base
+from nova_bhyve import snapshot
 from nova_bhyve import storage
 
 LOG = logging.getLogger(__name__)
@@ -90,6 +93,7 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _start(self, vmdir, spec=None):
         spec = spec or self._load_spec(vmdir)
+        self.hypervisor.discard_saved_state(vmdir)   # a fresh boot
         _rotate_console_log(vmdir.console_log,
                             CONF.bhyve.console_log_keep_bytes)
         try:
@@ -110,7 +114,8 @@ class BhyveDriver(driver.ComputeDriver):
             state = self.hypervisor.power_state(vmdir)
             LOG.info('adopted instance %s (power state %s)', vmdir.uuid,
                      power_state.STATE_MAP.get(state, state))
-            if state not in (power_state.SHUTDOWN, power_state.CRASHED):
+            if state not in (power_state.SHUTDOWN, power_state.CRASHED,
+                             power_state.SUSPENDED):
                 self._watcher.watch(vmdir)
 
     def cleanup_host(self, host):
@@ -312,6 +317,64 @@ class BhyveDriver(driver.ComputeDriver):
                 return f.read(limit)
         except FileNotFoundError:
             return b''
+
+    # -- pause / suspend / snapshot / diagnostics -------------------------
+
+    def pause(self, instance):
+        self.hypervisor.pause(self._vmdir(instance))
+
+    def unpause(self, instance):
+        self.hypervisor.unpause(self._vmdir(instance))
+
+    def suspend(self, context, instance):
+        """Save memory + device state to the instance directory and end the
+        VM process (see Hypervisor.save); SUSPENDED while the file exists."""
+        vmdir = self._vmdir(instance)
+        if not self.hypervisor.can_save():
+            raise NotImplementedError(
+                '%s cannot save VM state on this host' % self.hypervisor.name)
+        try:
+            self.hypervisor.save(vmdir)
+        except base.HypervisorError as e:
+            raise exception.InstanceSuspendFailure(reason=str(e))
+
+    def resume(self, context, instance, network_info, block_device_info=None,
+               share_info=None):
+        vmdir = self._vmdir(instance)
+        if not self.hypervisor.can_save():
+            raise NotImplementedError(
+                '%s cannot restore VM state on this host'
+                % self.hypervisor.name)
+        try:
+            self.hypervisor.restore(self._load_spec(vmdir), vmdir)
+        except base.HypervisorError as e:
+            raise exception.InstanceResumeFailure(reason=str(e))
+        self._watcher.watch(vmdir)
+
+    def snapshot(self, context, instance, image_id, update_task_state):
+        vmdir = self._vmdir(instance)
+        snapshot.snapshot(self.hypervisor, vmdir, self._load_spec(vmdir),
+                          context, instance, image_id, update_task_state)
+
+    def _stats(self, instance):
+        vmdir = self._vmdir(instance)
+        state = self.hypervisor.power_state(vmdir)
+        stats = None
+        if state in (power_state.RUNNING, power_state.PAUSED):
+            try:
+                stats = self.hypervisor.stats(vmdir, self._load_spec(vmdir))
+            except (base.HypervisorError, OSError) as e:
+                LOG.warning('no runtime statistics: %s', e, instance=instance)
+        return state, stats
+
+    def get_instance_diagnostics(self, instance):
+        state, stats = self._stats(instance)
+        return diagnostics.instance_diagnostics(
+            state, stats, self.hypervisor.name,
+            config_drive=configdrive.required_by(instance))
+
+    def get_diagnostics(self, instance):
+        return diagnostics.legacy_diagnostics(self._stats(instance)[1])
 
 
 def _refuse_unsupported(instance, network_info, block_device_info):
