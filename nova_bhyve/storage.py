@@ -12,6 +12,7 @@ import os
 from nova import exception
 from nova.virt import images
 from oslo_concurrency import lockutils
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_utils import fileutils
 from oslo_utils import units
@@ -155,3 +156,42 @@ def _copy_to_raw(src, src_format, path, size):
             if data != zero[:len(data)]:
                 out.write(offset, data)
         out.flush()
+
+
+# -- moved disks (cold migration / resize) ----------------------------------
+
+def rebase_root_disk(path, base, base_format):
+    """Point the qcow2 overlay at ``path`` to ``base`` (this host's cached
+    copy of the same image) when it names another path. The data of the
+    backing file is the same (same Glance image, checksum verified), so
+    only the header changes ("unsafe" rebase). Raw disks: nothing to do.
+    """
+    info = vdsk.info(path)
+    if info['format'] != 'qcow2' or not info['backing_file']:
+        return False
+    if info['backing_file'] == base:
+        return False
+    # TODO(libvdsk): vdsk_rebase() (branch vdsk-ops) does this in-process;
+    # use it once merged instead of qemu-img (QEMU backend only: bhyve
+    # disks are raw and never get here).
+    processutils.execute('qemu-img', 'rebase', '-u', '-f', 'qcow2',
+                         '-b', base, '-F', base_format, path)
+    LOG.info('rebased %s on %s', path, base)
+    return True
+
+
+def grow_disk(path, size):
+    """Grow the disk at ``path`` to ``size`` bytes (never shrinks). Returns
+    the resulting virtual size."""
+    info = vdsk.info(path)
+    if size <= info['virtual_size']:
+        return info['virtual_size']
+    if info['format'] == 'raw':
+        os.truncate(path, size)       # sparse: the new space is a hole
+    else:
+        # TODO(libvdsk): libvdsk has no resize yet (being written on
+        # another branch); qemu-img grows the qcow2 virtual size until then.
+        processutils.execute('qemu-img', 'resize', '-f', info['format'],
+                             path, str(size))
+    LOG.info('grew %s from %d to %d bytes', path, info['virtual_size'], size)
+    return vdsk.info(path)['virtual_size']
