@@ -223,15 +223,16 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def guest_shell(vmdir, command, timeout=30):
+def guest_shell(vmdir, command, timeout=60):
     """Type ``command`` into the guest's root shell on its serial console
-    (the QEMU serial socket in the instance directory). Its output shows
-    on the console log."""
+    (the QEMU serial socket in the instance directory), once the shell
+    answers a newline with its prompt (input typed while the shell is still
+    starting is lost). Its output shows on the console log."""
     import socket
     deadline = time.monotonic() + timeout
     while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(os.path.join(vmdir, 'serial.sock'))
             break
         except OSError:
@@ -240,9 +241,22 @@ def guest_shell(vmdir, command, timeout=30):
                 raise
             time.sleep(0.5)
     try:
-        s.sendall(b'\n')
-        time.sleep(0.5)
+        s.settimeout(1.0)
+        seen = b''
+        while b'nbguest# ' not in seen:
+            if time.monotonic() > deadline:
+                raise AssertionError('no shell prompt on %s: %r' % (
+                    vmdir, seen[-300:]))
+            s.sendall(b'\n')
+            try:
+                while True:
+                    data = s.recv(4096)
+                    if not data:
+                        break
+                    seen += data
+            except socket.timeout:
+                pass
         s.sendall(command.encode() + b'\n')
-        time.sleep(0.5)
+        time.sleep(1.0)
     finally:
         s.close()

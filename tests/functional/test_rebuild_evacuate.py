@@ -71,7 +71,9 @@ class TestEvacuate(nova_harness.MultiComputeMixin,
         # the source host "fails": its nova-compute stops and is forced
         # down (its VM process keeps running, as on a partitioned host)
         self.computes['compute'].stop()
-        self.api.force_down_service('compute', 'nova-compute', True)
+        service_id = self.api.get_services(
+            host='compute', binary='nova-compute')[0]['id']
+        self.api.put_service_force_down(service_id, True)
 
         server = self._evacuate_server(server, expected_host='compute2',
                                        expected_state='ACTIVE')
@@ -83,7 +85,7 @@ class TestEvacuate(nova_harness.MultiComputeMixin,
                                                src_rp, dst_rp)
 
         # the source comes back: Nova destroys the evacuated instance there
-        self.api.force_down_service('compute', 'nova-compute', False)
+        self.api.put_service_force_down(service_id, False)
         self.restart_compute_with_own_path('compute')
         self.assertFalse(os.path.exists(src))
         self.assertIsNone(self.pid_in(src, server))

@@ -16,6 +16,8 @@ import os
 import signal
 from unittest import mock
 
+from nova.tests.functional.api import client
+
 from nova_bhyve import cold_migration
 from nova_bhyve import vdsk
 
@@ -198,8 +200,13 @@ class TestResizeFaults(_TwoComputes):
 
         with mock.patch.object(cold_migration.LocalCopier, 'copy',
                                no_space):
-            self.api.post_server_action(server['id'],
-                                        {'resize': {'flavorRef': self.big_id}})
+            try:
+                self.api.post_server_action(
+                    server['id'], {'resize': {'flavorRef': self.big_id}})
+            except client.OpenStackApiException as e:
+                # in-process RPC casts are calls: the compute's error
+                # reaches the API (a real API has returned 202 already)
+                self.assertIn('ResizeError', str(e))
             server = self._wait_for_failed_migration(server)
         self.assertEqual('compute', server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual('nb.tiny', server['flavor']['original_name'])
@@ -222,14 +229,20 @@ class TestResizeFaults(_TwoComputes):
         self._delete_server(server)
 
     def test_resize_to_smaller_disk_refused(self):
+        # Nova's API refuses it (the instance's image_min_disk is its
+        # flavor's root_gb); the driver would refuse it too before
+        # stopping anything (unit-tested: migrate_disk_and_power_off)
         server = self.boot(flavor_id=self.big_id)
         pid = self.pid_in(self.host_vmdir('compute', server), server)
-        self.api.post_server_action(server['id'],
-                                    {'resize': {'flavorRef': self.flavor_id}})
-        server = self._wait_for_failed_migration(server)
+        ex = self.assertRaises(
+            client.OpenStackApiException, self.api.post_server_action,
+            server['id'], {'resize': {'flavorRef': self.flavor_id}})
+        self.assertEqual(400, ex.response.status_code)
+        self.assertIn("disk is smaller", str(ex))
+        server = self._show_server(server)
+        self.assertEqual('ACTIVE', server['status'])
         self.assertEqual('compute', server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual('nb.big', server['flavor']['original_name'])
-        # refused before anything was stopped or moved
         self.assertEqual(pid, self.pid_in(
             self.host_vmdir('compute', server), server))
         self.assert_nothing_on('compute2', server)
@@ -260,6 +273,8 @@ class TestResizeSameHost(nova_harness.MultiComputeMixin,
 
         self._resize_to_same_host_and_check_allocations(server, tiny, big,
                                                         rp)
+        # a new console log comes with the new directory (only the disks
+        # are copied): the disk's second boot
         self.wait_for_console(server, COUNT % 2)
         self.assertEqual(2 * GiB, vdsk.info(os.path.join(src, 'disk'))[
             'virtual_size'])
@@ -267,18 +282,29 @@ class TestResizeSameHost(nova_harness.MultiComputeMixin,
         self.assertEqual([server['id']],
                          self.compute.manager.driver.list_instance_uuids())
         kept_sha = nova_harness.sha256_file(os.path.join(kept, 'disk'))
-        self.wait_for_console(server, ACPID, count=2)
-        server = self._revert_resize(server)
+        self.wait_for_console(server, ACPID)
+        hv = self.compute.manager.driver.hypervisor
+        real_start = hv.start
+        started_with = []
+
+        def start(spec, vmdir):
+            started_with.append(nova_harness.sha256_file(spec.disks[0].path))
+            return real_start(spec, vmdir)
+
+        with mock.patch.object(hv, 'start', start):
+            server = self._revert_resize(server)
+        self.assertEqual([kept_sha], started_with)
         self.assertEqual(1 * GiB, vdsk.info(os.path.join(src, 'disk'))[
             'virtual_size'])
         self.assertFalse(os.path.exists(kept))
-        out = self.wait_for_console(server, COUNT % 2, count=2)
+        # the original directory and console log are back: the original
+        # disk's second boot, not a third
+        out = self.wait_for_console(server, COUNT % 2)
         self.assertNotIn(COUNT % 3, out)
         self.assertFlavorMatchesUsage(rp, tiny)
-        del kept_sha
 
         # again, and confirm this time
-        self.wait_for_console(server, ACPID, count=3)
+        self.wait_for_console(server, ACPID, count=2)
         self._resize_server(server, big_id)
         self.wait_for_console(server, COUNT % 3)
         server = self._confirm_resize(server)
