@@ -60,11 +60,16 @@ def run_workload(qemu, accel, timeout):
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                                   capture_output=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
         except OSError as e:
             LOG.warning('accelerator calibration could not run %s: %s',
                         qemu, e)
+            return None
+        except Exception as e:
+            # Under eventlet (nova-compute) ``subprocess`` is the green
+            # module, whose TimeoutExpired is not the class that the stdlib
+            # run() raises: match timeouts by name.
+            if type(e).__name__ != 'TimeoutExpired':
+                raise
             return None
         if proc.returncode != _EXIT_OK:
             return None

@@ -13,6 +13,7 @@ guests.
 import json
 import os
 import signal
+import time
 
 import nova_harness
 
@@ -118,7 +119,6 @@ class TestResumeOnHostBoot(nova_harness.MultiComputeMixin,
         for _ in range(100):
             if self.vm_pid(server) is None:
                 break
-            import time
             time.sleep(0.1)
         self.assertIsNone(self.vm_pid(server))
 
