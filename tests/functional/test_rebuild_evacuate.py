@@ -76,9 +76,12 @@ class TestEvacuate(nova_harness.MultiComputeMixin,
             host='compute', binary='nova-compute')[0]['id']
         self.api.put_service_force_down(service_id, True)
 
+        # since microversion 2.95 an evacuated instance is left SHUTOFF
         server = self._evacuate_server(server, expected_host='compute2',
-                                       expected_state='ACTIVE')
+                                       expected_state='SHUTOFF')
         dst = self.host_vmdir('compute2', server)
+        self.assertTrue(os.path.exists(os.path.join(dst, 'disk')))
+        server = self._start_server(server)
         # rebuilt from the image on compute2: a fresh disk, first boot
         self.wait_for_console(server, COUNT % 1)
         self.assertIsNotNone(self.pid_in(dst, server))
