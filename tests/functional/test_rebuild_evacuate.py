@@ -89,8 +89,8 @@ class TestEvacuate(nova_harness.MultiComputeMixin,
                                                src_rp, dst_rp)
 
         # the source comes back: Nova destroys the evacuated instance there
-        self.api.put_service_force_down(service_id, False)
         self.restart_compute_with_own_path('compute')
+        self.api.put_service_force_down(service_id, False)
         self.assertFalse(os.path.exists(src))
         self.assertIsNone(self.pid_in(src, server))
         self.assertEqual([], self.computes['compute'].manager.driver

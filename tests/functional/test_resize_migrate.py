@@ -214,13 +214,6 @@ class TestResizeFaults(_TwoComputes):
             server = self._wait_for_failed_migration(server)
         self.assertEqual('compute', server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual('nb.tiny', server['flavor']['original_name'])
-        actions = self.api.get_instance_actions(server['id'])
-        resize = [a for a in actions if a['action'] == 'resize'][0]
-        events = self.api.api_get(
-            '/servers/%s/os-instance-actions/%s' % (
-                server['id'], resize['request_id'])).body[
-            'instanceAction']['events']
-        self.assertIn('Error', [e['result'] for e in events])
         # the instance runs again on the source, from its own disk
         self.wait_for_console(server, COUNT % 2)
         self.assertIsNotNone(self.pid_in(src, server))
