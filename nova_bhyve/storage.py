@@ -12,6 +12,7 @@ import os
 from nova import exception
 from nova.virt import images
 from oslo_concurrency import lockutils
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 from oslo_utils import fileutils
 from oslo_utils import units
@@ -192,3 +193,40 @@ def _copy_to_raw(src, src_format, path, size):
     with vdsk.open(src, fmt=src_format, readonly=True) as img, \
             vdsk.open(path, fmt='raw') as out:
         _copy_data(img, out)
+
+
+# -- moved disks (cold migration / resize) ----------------------------------
+
+def rebase_root_disk(path, base, base_format):
+    """Point the qcow2 overlay at ``path`` to ``base`` (this host's cached
+    copy of the same image) when it names another path. The data of the
+    backing file is the same (same Glance image, checksum verified), so
+    only the header changes ("unsafe" rebase). Raw disks: nothing to do.
+    """
+    info = vdsk.info(path)
+    if info['format'] != 'qcow2' or not info['backing_file']:
+        return False
+    if info['backing_file'] == base:
+        return False
+    # TODO(libvdsk): vdsk_rebase() (branch vdsk-ops) does this in-process;
+    # use it once merged instead of qemu-img (QEMU backend only: bhyve
+    # disks are raw and never get here).
+    processutils.execute('qemu-img', 'rebase', '-u', '-f', 'qcow2',
+                         '-b', base, '-F', base_format, path)
+    LOG.info('rebased %s on %s', path, base)
+    return True
+
+
+def grow_disk(path, size):
+    """Grow the disk at ``path`` to ``size`` bytes (never shrinks). Returns
+    the resulting virtual size."""
+    info = vdsk.info(path)
+    if size <= info['virtual_size']:
+        return info['virtual_size']
+    if info['format'] == 'raw':
+        os.truncate(path, size)       # sparse: the new space is a hole
+    else:
+        with vdsk.open(path, fmt=info['format']) as img:
+            img.resize(size)
+    LOG.info('grew %s from %d to %d bytes', path, info['virtual_size'], size)
+    return vdsk.info(path)['virtual_size']
