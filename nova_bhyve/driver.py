@@ -11,19 +11,31 @@ import shutil
 import os_resource_classes as orc
 from nova.compute import power_state
 from nova import exception
+from nova import objects
 from nova.objects import fields as obj_fields
+from nova.virt import configdrive
 from nova.virt import driver
 from nova.virt import hardware
+from nova.virt import images
+from nova.virt import node as virt_node
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
+from oslo_utils import excutils
+from oslo_utils import units
+from oslo_utils import uuidutils
 
+from nova_bhyve import cold_migration
 from nova_bhyve import conf
+from nova_bhyve import diagnostics
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import hypervisor
+from nova_bhyve import rescue
 from nova_bhyve.hypervisor import base
+from nova_bhyve import snapshot
 from nova_bhyve import storage
+from nova_bhyve import vdsk
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -39,6 +51,10 @@ def _capabilities():
         'supports_image_type_vmdk': True,
         'supports_image_type_vdi': True,
         'supports_image_type_vhd': True,
+        # instance files are host-local and are rebuilt from the image
+        'supports_evacuate': True,
+        # resize/migrate keep <uuid>_resize next to the new <uuid>
+        'supports_migrate_to_same_host': True,
     })
     return caps
 
@@ -73,7 +89,9 @@ class BhyveDriver(driver.ComputeDriver):
             names = os.listdir(self.instances_path)
         except FileNotFoundError:
             return []
-        vmdirs = [self._vmdir_for_uuid(n) for n in sorted(names)]
+        # only <uuid>: not <uuid>_resize (a resize's kept source copy)
+        vmdirs = [self._vmdir_for_uuid(n) for n in sorted(names)
+                  if uuidutils.is_uuid_like(n)]
         return [d for d in vmdirs if os.path.exists(d.spec)]
 
     @staticmethod
@@ -90,6 +108,7 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _start(self, vmdir, spec=None):
         spec = spec or self._load_spec(vmdir)
+        self.hypervisor.discard_saved_state(vmdir)   # a fresh boot
         _rotate_console_log(vmdir.console_log,
                             CONF.bhyve.console_log_keep_bytes)
         try:
@@ -103,6 +122,7 @@ class BhyveDriver(driver.ComputeDriver):
     def init_host(self, host):
         self._host = host
         os.makedirs(self.instances_path, exist_ok=True)
+        cold_migration.register_compute(host, self.instances_path)
         info = self.hypervisor.host_info()
         LOG.info('nova-bhyve on %s: %s backend, version %s', host,
                  info['hypervisor_type'], info['hypervisor_version'])
@@ -110,7 +130,8 @@ class BhyveDriver(driver.ComputeDriver):
             state = self.hypervisor.power_state(vmdir)
             LOG.info('adopted instance %s (power state %s)', vmdir.uuid,
                      power_state.STATE_MAP.get(state, state))
-            if state not in (power_state.SHUTDOWN, power_state.CRASHED):
+            if state not in (power_state.SHUTDOWN, power_state.CRASHED,
+                             power_state.SUSPENDED):
                 self._watcher.watch(vmdir)
 
     def cleanup_host(self, host):
@@ -118,6 +139,15 @@ class BhyveDriver(driver.ComputeDriver):
 
     def get_available_nodes(self, refresh=False):
         return [self._host or CONF.host]
+
+    def get_nodenames_by_uuid(self, refresh=False):
+        # The node uuid is read once per driver, as the libvirt driver
+        # does: it is process-wide in Nova, and Nova's functional harness
+        # gives each compute of one process its own while it starts.
+        node_uuid = getattr(self, '_node_uuid', None)
+        if node_uuid is None:
+            node_uuid = self._node_uuid = virt_node.get_local_node_uuid()
+        return {node_uuid: self.get_available_nodes()[0]}
 
     def get_host_ip_addr(self):
         return CONF.my_ip
@@ -313,6 +343,214 @@ class BhyveDriver(driver.ComputeDriver):
         except FileNotFoundError:
             return b''
 
+    # -- pause / suspend / snapshot / diagnostics -------------------------
+
+    def pause(self, instance):
+        self.hypervisor.pause(self._vmdir(instance))
+
+    def unpause(self, instance):
+        self.hypervisor.unpause(self._vmdir(instance))
+
+    def suspend(self, context, instance):
+        """Save memory + device state to the instance directory and end the
+        VM process (see Hypervisor.save); SUSPENDED while the file exists."""
+        vmdir = self._vmdir(instance)
+        if not self.hypervisor.can_save():
+            raise NotImplementedError(
+                '%s cannot save VM state on this host' % self.hypervisor.name)
+        try:
+            self.hypervisor.save(vmdir)
+        except base.HypervisorError as e:
+            raise exception.InstanceSuspendFailure(reason=str(e))
+
+    def resume(self, context, instance, network_info, block_device_info=None,
+               share_info=None):
+        vmdir = self._vmdir(instance)
+        if not self.hypervisor.can_save():
+            raise NotImplementedError(
+                '%s cannot restore VM state on this host'
+                % self.hypervisor.name)
+        try:
+            self.hypervisor.restore(self._load_spec(vmdir), vmdir)
+        except base.HypervisorError as e:
+            raise exception.InstanceResumeFailure(reason=str(e))
+        self._watcher.watch(vmdir)
+
+    def snapshot(self, context, instance, image_id, update_task_state):
+        vmdir = self._vmdir(instance)
+        snapshot.snapshot(self.hypervisor, vmdir, self._load_spec(vmdir),
+                          context, instance, image_id, update_task_state)
+
+    def _stats(self, instance):
+        vmdir = self._vmdir(instance)
+        state = self.hypervisor.power_state(vmdir)
+        stats = None
+        if state in (power_state.RUNNING, power_state.PAUSED):
+            try:
+                stats = self.hypervisor.stats(vmdir, self._load_spec(vmdir))
+            except (base.HypervisorError, OSError) as e:
+                LOG.warning('no runtime statistics: %s', e, instance=instance)
+        return state, stats
+
+    def get_instance_diagnostics(self, instance):
+        state, stats = self._stats(instance)
+        return diagnostics.instance_diagnostics(
+            state, stats, self.hypervisor.name,
+            config_drive=configdrive.required_by(instance))
+
+    def get_diagnostics(self, instance):
+        return diagnostics.legacy_diagnostics(self._stats(instance)[1])
+
+
+    # -- cold migration / resize (files moved by cold_migration) ----------
+
+    def migrate_disk_and_power_off(self, context, instance, dest,
+                                   flavor, network_info,
+                                   block_device_info=None,
+                                   timeout=0, retry_interval=0):
+        vmdir = self._vmdir(instance)
+        spec = self._load_spec(vmdir)
+        disks = cold_migration.instance_disks(vmdir.path, spec)
+        root_size = vdsk.info(vmdir.disk(ROOT_DISK))['virtual_size']
+        if flavor.root_gb and flavor.root_gb * units.Gi < root_size:
+            raise exception.InstanceFaultRollback(
+                inner_exception=exception.ResizeError(
+                    reason='the root disk is %d bytes; flavor %s has only '
+                           '%d GiB: disks cannot shrink' % (
+                               root_size, flavor.name, flavor.root_gb)))
+        dest_compute = _migration_dest_compute(context, instance)
+        if dest_compute == self._host:
+            target = vmdir.path
+        else:
+            target = os.path.join(cold_migration.target_instances_path(
+                dest_compute, self.instances_path), instance.uuid)
+        copier = cold_migration.copier_for(dest, dest_compute)
+        was_running = self.hypervisor.is_running(vmdir)
+        self.power_off(instance, timeout, retry_interval)
+        self._watcher.unwatch(instance.uuid)
+        try:
+            return cold_migration.move_out(vmdir.path, target, disks, copier)
+        except cold_migration.MigrationCopyError as e:
+            if was_running:
+                self._start(vmdir)
+            raise exception.InstanceFaultRollback(
+                inner_exception=exception.ResizeError(
+                    reason='moving the disks to %s failed: %s' % (dest, e)))
+
+    def finish_migration(self, context, migration, instance, disk_info,
+                         network_info, image_meta, resize_instance,
+                         allocations, block_device_info=None, power_on=True,
+                         share_info=None):
+        vmdir = self._vmdir(instance, must_exist=False)
+        root = guest.Disk(path=vmdir.disk(ROOT_DISK),
+                          format=self.hypervisor.instance_disk_format)
+        actual = vdsk.info(root.path)
+        if actual['format'] != root.format:
+            raise exception.ResizeError(
+                reason='the moved root disk is %s; the %s hypervisor here '
+                       'needs %s' % (actual['format'], self.hypervisor.name,
+                                     root.format))
+        cache = self.image_cache_dir
+        if actual['backing_file']:
+            base, base_fmt = storage.fetch_image(context, instance.image_ref,
+                                                 cache)
+            storage.rebase_root_disk(root.path, base, base_fmt)
+        kernel, ramdisk = self._fetch_kernel(context, instance.kernel_id,
+                                             instance.ramdisk_id)
+        spec = guest.build(instance, image_meta, root, kernel, ramdisk)
+        if instance.flavor.root_gb:
+            storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
+        self._save_spec(spec, vmdir)
+        if power_on:
+            self._start(vmdir, spec)
+        LOG.info('instance %s moved here (%s)', instance.uuid,
+                 'resized' if resize_instance else 'same flavor',
+                 instance=instance)
+
+    def _fetch_kernel(self, context, kernel_id, ramdisk_id):
+        kernel = ramdisk = None
+        if kernel_id:
+            kernel, _ = storage.fetch_image(context, kernel_id,
+                                            self.image_cache_dir,
+                                            disk_image=False)
+        if ramdisk_id:
+            ramdisk, _ = storage.fetch_image(context, ramdisk_id,
+                                             self.image_cache_dir,
+                                             disk_image=False)
+        return kernel, ramdisk
+
+    def confirm_migration(self, context, migration, instance, network_info):
+        vmdir = self._vmdir_for_uuid(instance.uuid)
+        if cold_migration.discard_kept(vmdir.path):
+            LOG.info('resize confirmed: removed the source copy',
+                     instance=instance)
+
+    def finish_revert_migration(self, context, instance, network_info,
+                                migration, block_device_info=None,
+                                power_on=True, share_info=None):
+        vmdir = self._vmdir_for_uuid(instance.uuid)
+        if os.path.isdir(cold_migration.resize_path(vmdir.path)):
+            if os.path.isdir(vmdir.path):     # same host: the new copy
+                self._remove(vmdir)
+            cold_migration.restore_kept(vmdir.path)
+        vmdir = self._vmdir(instance)
+        if power_on and not self.hypervisor.is_running(vmdir):
+            self._start(vmdir)
+
+    # -- host restarts ----------------------------------------------------
+
+    def resume_state_on_host_boot(self, context, instance, network_info,
+                                  share_info, block_device_info=None):
+        vmdir = self._vmdir(instance)
+        if self.hypervisor.is_running(vmdir):
+            return
+        spec = rescue.load_spec(vmdir) if rescue.is_rescued(vmdir) else None
+        LOG.info('starting the instance again after a host restart',
+                 instance=instance)
+        self._start(vmdir, spec)
+
+    # -- rescue -----------------------------------------------------------
+
+    def rescue(self, context, instance, network_info, image_meta,
+               rescue_password, block_device_info, share_info=None):
+        vmdir = self._vmdir(instance)
+        spec = self._load_spec(vmdir)
+        image_id = (image_meta.id if 'id' in image_meta else None) or \
+            instance.image_ref
+        base, base_fmt = storage.fetch_image(context, image_id,
+                                             self.image_cache_dir)
+        props = images.get_info(context, image_id).get('properties') or {}
+        if image_id == instance.image_ref:
+            kernel_id = props.get('kernel_id') or instance.kernel_id
+            ramdisk_id = props.get('ramdisk_id') or instance.ramdisk_id
+        else:
+            kernel_id, ramdisk_id = (props.get('kernel_id'),
+                                     props.get('ramdisk_id'))
+        kernel, ramdisk = self._fetch_kernel(context, kernel_id, ramdisk_id)
+        disk = guest.Disk(path=rescue.disk_path(vmdir),
+                          format=self.hypervisor.instance_disk_format)
+        rescue_spec = rescue.build_spec(
+            spec, guest.build(instance, image_meta, disk, kernel, ramdisk))
+        self._watcher.unwatch(instance.uuid)
+        self.hypervisor.kill(vmdir)
+        try:
+            storage.create_root_disk(base, base_fmt, disk.path, 0, image_id,
+                                     disk_format=disk.format)
+            rescue.save_spec(vmdir, rescue_spec)
+            self._start(vmdir, rescue_spec)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self.hypervisor.kill(vmdir)
+                rescue.remove(vmdir)
+        LOG.info('instance rescued with image %s', image_id,
+                 instance=instance)
+
+    def unrescue(self, context, instance):
+        vmdir = self._vmdir(instance)
+        self._watcher.unwatch(instance.uuid)
+        self.hypervisor.kill(vmdir)
+        rescue.remove(vmdir)
+        self._start(vmdir)
 
 def _refuse_unsupported(instance, network_info, block_device_info):
     """Clear errors for what this driver cannot attach yet.
@@ -334,6 +572,16 @@ def _refuse_unsupported(instance, network_info, block_device_info):
         raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
+
+
+def _migration_dest_compute(context, instance):
+    """The destination compute of the instance's migration in progress
+    (Nova passes only the destination's address to the driver)."""
+    try:
+        return objects.Migration.get_by_instance_and_status(
+            context, instance.uuid, 'migrating').dest_compute
+    except exception.MigrationNotFoundByStatus:
+        return None
 
 
 def _rotate_console_log(path, keep):

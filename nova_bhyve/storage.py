@@ -183,3 +183,38 @@ def _copy_to_raw(src, src_format, path, size):
             os.truncate(path, size)     # a sparse tail reads as zeroes
     except OSError as e:
         raise vdsk.VdskError(e.errno, e.strerror, path)
+
+
+# -- moved disks (cold migration / resize) ----------------------------------
+
+def rebase_root_disk(path, base, base_format):
+    """Point the qcow2 overlay at ``path`` to ``base`` (this host's cached
+    copy of the same image) when it names another path. The data of the
+    backing file is the same (same Glance image, checksum verified), so
+    only the header changes ("unsafe" rebase). Raw disks: nothing to do.
+    """
+    info = vdsk.info(path)
+    if info['format'] != 'qcow2' or not info['backing_file']:
+        return False
+    if info['backing_file'] == base:
+        return False
+    # in-process header rewrite (libvdsk), like qemu-img rebase -u
+    vdsk.rebase(path, base, backing_fmt=base_format, unsafe=True,
+                fmt='qcow2')
+    LOG.info('rebased %s on %s', path, base)
+    return True
+
+
+def grow_disk(path, size):
+    """Grow the disk at ``path`` to ``size`` bytes (never shrinks). Returns
+    the resulting virtual size."""
+    info = vdsk.info(path)
+    if size <= info['virtual_size']:
+        return info['virtual_size']
+    if info['format'] == 'raw':
+        os.truncate(path, size)       # sparse: the new space is a hole
+    else:
+        with vdsk.open(path, fmt=info['format']) as img:
+            img.resize(size)
+    LOG.info('grew %s from %d to %d bytes', path, info['virtual_size'], size)
+    return vdsk.info(path)['virtual_size']

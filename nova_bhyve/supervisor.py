@@ -26,9 +26,12 @@ Files it keeps in DIR (``base.VMDir`` names where one exists):
                        (bhyve: the B side of the nmdm(4) pair whose A side is
                        the guest's COM1).
 
-Signals: SIGTERM / SIGINT are forwarded to the VM process (for bhyve that is
-the ACPI power button) and mark the run as "stop requested", so a guest that
-reboots instead of powering off is not started again. SIGHUP is ignored.
+Signals: SIGUSR1 makes the next exit of the VM process final without
+telling the VM anything (bhyve exits 0 after ``bhyvectl --suspend``, which
+would otherwise be a reboot); SIGUSR2 cancels it. SIGTERM / SIGINT are
+forwarded to the VM process (for bhyve that is the ACPI power button) and
+mark the run as "stop requested", so a guest that reboots instead of
+powering off is not started again. SIGHUP is ignored.
 """
 import argparse
 import collections
@@ -298,6 +301,12 @@ class Supervisor:
         self.stop_requested = True
         self._forward(signum)
 
+    def _on_hold_signal(self, signum, frame):
+        """SIGUSR1: the VM process' next exit is final (it is about to be
+        suspended to a file and exit); SIGUSR2 cancels that."""
+        self.stop_requested = signum == signal.SIGUSR1
+        _log('hold %s' % ('set' if self.stop_requested else 'released'))
+
     def _forward(self, signum):
         child = self.child
         if child is not None and child.returncode is None:
@@ -312,6 +321,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self._on_hold_signal)
+        signal.signal(signal.SIGUSR2, self._on_hold_signal)
         if self.console is not None:
             self.console.start()
         restarts = 0

@@ -38,6 +38,8 @@ class VMDir:
     serial = property(lambda self: self._p('serial.sock'))
     console_log = property(lambda self: self._p('console.log'))
     exit_status = property(lambda self: self._p('exit.status'))
+    #: memory + device state of a suspended VM (see Hypervisor.save)
+    saved_state = property(lambda self: self._p('suspended.state'))
 
     def disk(self, name='disk'):
         return self._p(name)
@@ -166,3 +168,65 @@ class Hypervisor(abc.ABC):
     def host_info(self):
         """Hypervisor type/version for get_available_resource."""
         return {'hypervisor_type': self.name, 'hypervisor_version': 0}
+
+    # -- save / restore (suspend / resume) -------------------------------
+    #
+    # A suspended VM is told from a shut-off one by its saved-state file:
+    # no VM process and ``vmdir.saved_state`` present -> SUSPENDED. save()
+    # writes that file under a temporary name and renames it only once the
+    # state is complete, so its presence always means "restorable".
+
+    def can_save(self):
+        """True if save()/restore() work on this host."""
+        return False
+
+    def save(self, vmdir):
+        """Write the VM's memory and device state to ``vmdir.saved_state``
+        and end the VM process."""
+        raise NotImplementedError()
+
+    def restore(self, spec, vmdir):
+        """Start the VM from ``vmdir.saved_state``; return when it runs.
+        The state file is removed after a successful restore."""
+        raise NotImplementedError()
+
+    def stopped_state(self, vmdir):
+        """Power state of a VM without a process: SUSPENDED while a saved
+        state exists, SHUTDOWN otherwise."""
+        if os.path.exists(vmdir.saved_state):
+            return power_state.SUSPENDED
+        return power_state.SHUTDOWN
+
+    def discard_saved_state(self, vmdir):
+        for path in (vmdir.saved_state,) + tuple(self.saved_state_extra(
+                vmdir)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def saved_state_extra(self, vmdir):
+        """Companion files of the saved state (bhyve: .kern and .meta)."""
+        return ()
+
+    # -- live disk snapshots ---------------------------------------------
+
+    def freeze_disk(self, vmdir, index, overlay):
+        """Pivot the running disk ``index`` onto a new qcow2 ``overlay`` so
+        that the disk's file stops changing. Raises NotImplementedError when
+        the VM cannot do that while running."""
+        raise NotImplementedError()
+
+    def thaw_disk(self, vmdir, index, overlay):
+        """Merge ``overlay`` back into disk ``index`` live and remove it."""
+        raise NotImplementedError()
+
+    # -- diagnostics -------------------------------------------------------
+
+    def stats(self, vmdir, spec):
+        """Runtime statistics of a running VM, a dict with: pid, uptime
+        (seconds since the VM process started), cpus
+        ([(id, time_ns)]), memory_max_mb, memory_used_mb, disks ([{name,
+        read_bytes, read_requests, write_bytes, write_requests, errors}]),
+        nics ([])."""
+        raise NotImplementedError()

@@ -23,6 +23,8 @@ Decisions:
   SIGKILL (supervisor, then bhyve) and ``bhyvectl --vm=NAME --destroy``.
 * pause/unpause: bhyvectl(8) has no pause (--suspend/--checkpoint write a
   snapshot and need a BHYVE_SNAPSHOT build); they stay NotImplementedError.
+* suspend/resume: ``bhyvectl --suspend`` / ``bhyve -r`` when bhyvectl was
+  built with BHYVE_SNAPSHOT (see bhyve_state), NotImplementedError otherwise.
 """
 import collections
 import json
@@ -37,6 +39,7 @@ from nova.compute import power_state
 from nova_bhyve import conf
 from nova_bhyve import supervisor
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import bhyve_state
 
 CONF = conf.CONF
 
@@ -303,7 +306,7 @@ class BhyveHypervisor(base.Hypervisor):
         status = supervisor.read_exit_status(vmdir.path)
         if status is not None and status.get('error'):
             return power_state.CRASHED
-        return power_state.SHUTDOWN
+        return self.stopped_state(vmdir)
 
     def request_shutdown(self, vmdir):
         """ACPI power button: SIGTERM to the supervisor, which forwards it to
@@ -366,3 +369,52 @@ class BhyveHypervisor(base.Hypervisor):
         release = platform.release() if platform.system() == 'FreeBSD' else ''
         return {'hypervisor_type': self.name,
                 'hypervisor_version': freebsd_version(release)}
+
+    # -- save / restore: see bhyve_state ------------------------------------
+
+    _snapshot_support = None
+
+    def can_save(self):
+        if self._snapshot_support is None:
+            self._snapshot_support = bhyve_state.snapshot_supported(
+                self.bhyvectl)
+        return self._snapshot_support
+
+    def _require_snapshot(self):
+        if not self.can_save():
+            raise NotImplementedError(
+                '%s was built without BHYVE_SNAPSHOT: no suspend/resume'
+                % self.bhyvectl)
+
+    def saved_state_extra(self, vmdir):
+        return [vmdir.saved_state + s for s in bhyve_state.SUFFIXES]
+
+    def save(self, vmdir):
+        self._require_snapshot()
+        bhyve_state.save(self, vmdir)
+        for path in (self.supervisor_pidfile(vmdir), vmdir.pidfile):
+            if os.path.exists(path):
+                os.unlink(path)
+        supervisor.write_exit_status(vmdir.path, 0, 'suspended',
+                                     supervisor.STOP)
+
+    def restore(self, spec, vmdir):
+        self._require_snapshot()
+        state = vmdir.saved_state
+        bhyve_state.check_state_files(state)
+        tree = render_config(spec, vmdir)
+        path = write_config(tree, self.config_path(vmdir))
+        self.destroy_vmm(spec.name)
+        try:
+            supervisor.spawn(
+                vmdir.path, bhyve_state.restore_argv(self, path, state),
+                policy='bhyve', console_device=nmdm_pair(spec.uuid)[1],
+                console_keep_bytes=CONF.bhyve.console_log_keep_bytes)
+        except RuntimeError as e:
+            raise base.HypervisorError(str(e))
+        if not bhyve_state.wait_started(self, vmdir, spec.name):
+            self.kill(vmdir)
+            raise base.HypervisorError(
+                'bhyve -r %s did not come up, see %s' % (
+                    state, os.path.join(vmdir.path, supervisor.LOGFILE)))
+        self.discard_saved_state(vmdir)

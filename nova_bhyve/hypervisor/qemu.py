@@ -14,6 +14,9 @@ from oslo_log import log as logging
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import accel
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu_blockjob
+from nova_bhyve.hypervisor import qemu_state
+from nova_bhyve.hypervisor import qemu_stats
 from nova_bhyve.hypervisor import qmp
 
 LOG = logging.getLogger(__name__)
@@ -166,13 +169,13 @@ class QemuHypervisor(base.Hypervisor):
 
     def power_state(self, vmdir):
         if self.pid(vmdir) is None:
-            return power_state.SHUTDOWN
+            return self.stopped_state(vmdir)
         try:
             status = qmp.execute(vmdir.control, 'query-status')['status']
         except base.HypervisorError:
             # Alive but not answering (exiting, or monitor busy).
             if self.pid(vmdir) is None:
-                return power_state.SHUTDOWN
+                return self.stopped_state(vmdir)
             return power_state.NOSTATE
         return _STATUS.get(status, power_state.NOSTATE)
 
@@ -216,3 +219,33 @@ class QemuHypervisor(base.Hypervisor):
 
     def unpause(self, vmdir):
         qmp.execute(vmdir.control, 'cont')
+
+    # -- save / restore: see qemu_state -----------------------------------
+
+    def can_save(self):
+        return True
+
+    def save(self, vmdir):
+        qemu_state.save(self, vmdir)
+
+    def restore(self, spec, vmdir):
+        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
+                           CONF.bhyve.qemu_cpu_model)
+        qemu_state.restore(self, argv, vmdir, spec.uuid)
+
+    # -- live disk snapshots: see qemu_blockjob ---------------------------
+
+    def freeze_disk(self, vmdir, index, overlay):
+        qemu_blockjob.freeze(vmdir.control, index, overlay)
+
+    def thaw_disk(self, vmdir, index, overlay):
+        qemu_blockjob.thaw(vmdir.control, index, overlay)
+
+    # -- diagnostics: see qemu_stats --------------------------------------
+
+    def stats(self, vmdir, spec):
+        pid = self.pid(vmdir)
+        if pid is None:
+            raise base.HypervisorError('instance %s is not running'
+                                       % vmdir.uuid)
+        return qemu_stats.stats(pid, vmdir.control, spec)

@@ -13,8 +13,10 @@ import signal
 import sys
 import tempfile
 import time
+from unittest import mock
 
 from nova.tests.functional import integrated_helpers
+from oslo_utils.fixture import uuidsentinel as uuids
 
 import conftest
 import nova_bhyve.conf  # noqa: F401  (registers the [bhyve] options)
@@ -143,3 +145,118 @@ class BhyveFunctionalTestBase(integrated_helpers._IntegratedTestBase):
                               text, count, server['id'], timeout,
                               output[-3000:]))
             time.sleep(0.5)
+
+
+class MultiComputeMixin:
+    """Several computes in one process, each with its own instances path
+    (the driver reads instances_path once, when it is constructed)."""
+
+    def setUp(self):
+        # No KVM calibration run per driver: KVM is unusable here (see
+        # DESIGN.md) and on a loaded machine the run may time out.
+        self.flags(qemu_accel='tcg', group='bhyve')
+        # tests count markers over several boots: return the whole log
+        self.flags(console_log_max_bytes=1024 * 1024, group='bhyve')
+        super().setUp()
+
+    def compute_path(self, host):
+        paths = self.__dict__.setdefault('_compute_paths',
+                                         {'compute': self.instances_path})
+        return paths[host]
+
+    def start_compute_with_own_path(self, host):
+        path = tempfile.mkdtemp(prefix='nbf-')
+        self.addCleanup(_kill_leftovers, path)
+        self.compute_path('compute')            # records the first one
+        self._compute_paths[host] = path
+        self.flags(instances_path=path)
+        with self._node_uuid_of(host):
+            return self._start_compute(host)
+
+    @staticmethod
+    def _node_uuid_of(host):
+        # Nova's node uuid is process-wide: each further compute gets its
+        # own (the driver reads it once), like Nova's libvirt tests do.
+        return mock.patch('nova.virt.node.get_local_node_uuid',
+                          return_value=str(getattr(uuids, 'node_' + host)))
+
+    def restart_compute_with_own_path(self, host):
+        """A fresh driver on ``host`` reading its own instances path."""
+        self.flags(instances_path=self.compute_path(host))
+        if host == 'compute':
+            compute = self.restart_compute_service(
+                self.computes[host], keep_hypervisor_state=False)
+        else:
+            with self._node_uuid_of(host):
+                compute = self.restart_compute_service(
+                    self.computes[host], keep_hypervisor_state=False)
+        self.computes[host] = compute
+        if host == 'compute':
+            self.compute = compute
+        return compute
+
+    def host_vmdir(self, host, server, suffix=''):
+        return os.path.join(self.compute_path(host), server['id'] + suffix)
+
+    def pid_in(self, vmdir, server):
+        """pid of the live VM process of ``server`` whose pid file is in
+        ``vmdir``, or None."""
+        try:
+            with open(os.path.join(vmdir, 'vm.pid')) as f:
+                pid = int(f.read().strip())
+            with open('/proc/%d/stat' % pid) as f:
+                if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                    return None
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                if server['id'].encode() not in f.read():
+                    return None
+        except (OSError, ValueError):
+            return None
+        return pid
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def guest_shell(vmdir, command, timeout=60):
+    """Type ``command`` into the guest's root shell on its serial console
+    (the QEMU serial socket in the instance directory), once the shell
+    answers a newline with its prompt (input typed while the shell is still
+    starting is lost). Its output shows on the console log."""
+    import socket
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(os.path.join(vmdir, 'serial.sock'))
+            break
+        except OSError:
+            s.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    try:
+        s.settimeout(1.0)
+        seen = b''
+        while b'nbguest# ' not in seen:
+            if time.monotonic() > deadline:
+                raise AssertionError('no shell prompt on %s: %r' % (
+                    vmdir, seen[-300:]))
+            s.sendall(b'\n')
+            try:
+                while True:
+                    data = s.recv(4096)
+                    if not data:
+                        break
+                    seen += data
+            except socket.timeout:
+                pass
+        s.sendall(command.encode() + b'\n')
+        time.sleep(1.0)
+    finally:
+        s.close()

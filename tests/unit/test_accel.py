@@ -200,3 +200,13 @@ def test_real_qemu_tcg_runs_calibration_workload():
     seconds = accel.run_workload(binary, 'tcg', 60)
     assert seconds is not None
     assert 0 < seconds < 60
+
+
+@needs_kvm_access
+def test_slow_kvm_run_is_cut_off_soon_after_tcg_finished(fake_qemu):
+    # kvm would take 30 s; it cannot win once it is slower than TCG, so the
+    # calibration stops it about 0.5 s after TCG's time, not at the timeout
+    qemu = fake_qemu(tcg=ok(0.2), kvm='exec sleep 30')
+    start = time.monotonic()
+    assert accel.choose(qemu, 'auto', timeout=20) == 'tcg'
+    assert time.monotonic() - start < 5

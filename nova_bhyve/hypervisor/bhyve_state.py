@@ -1,0 +1,117 @@
+"""bhyve save/restore (suspend/resume) - only with a BHYVE_SNAPSHOT build.
+
+NEVER EXERCISED ON A REAL FREEBSD HOST; pinned by unit tests with
+subprocess mocked for bhyve/bhyvectl. Checked against bhyvectl(8) and
+bhyve(8) of FreeBSD 13/14 built with ``WITH_BHYVE_SNAPSHOT``:
+
+* ``bhyvectl --vm=NAME --suspend=FILE`` asks the running bhyve (over its
+  control socket in /var/run/bhyve/) to write the guest memory to FILE,
+  the vCPU/device state to FILE.kern and the VM metadata to FILE.meta, and
+  to exit; it exits with status 0, which the supervisor would take for a
+  reboot, so the supervisor is told first (SIGUSR1) that the next exit is
+  final;
+* ``bhyve -k CONFIG -r FILE`` restores: same device configuration, memory
+  and vCPU count from the snapshot.
+
+Support is detected from bhyvectl's usage text: only BHYVE_SNAPSHOT builds
+list ``--suspend=<filename>``. Without it save/restore raise
+NotImplementedError.
+
+As for QEMU, FILE is written under a temporary name and renamed (the .kern
+and .meta companions first, FILE last): FILE's presence is the commit point.
+"""
+import os
+import signal
+import subprocess
+import time
+
+from nova_bhyve.hypervisor import base
+
+SUFFIXES = ('.kern', '.meta')
+SAVE_TIMEOUT = 600.0
+POLL = 0.1
+
+
+def snapshot_supported(bhyvectl):
+    """True if this bhyvectl was built with BHYVE_SNAPSHOT."""
+    try:
+        proc = subprocess.run([bhyvectl, '--help'], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return '--suspend=' in (proc.stdout or '') + (proc.stderr or '')
+
+
+def files(path):
+    return [path] + [path + s for s in SUFFIXES]
+
+
+def partial_path(path):
+    return path + '.partial'
+
+
+def check_state_files(path):
+    missing = [p for p in files(path) if not os.path.isfile(p)]
+    if missing:
+        raise base.HypervisorError('saved state incomplete: %s missing'
+                                   % ', '.join(missing))
+
+
+def _signal(pid, signum):
+    if pid:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def save(hyp, vmdir, timeout=SAVE_TIMEOUT):
+    path = vmdir.saved_state
+    partial = partial_path(path)
+    name = hyp.vm_name(vmdir)
+    vm = hyp.pid(vmdir)
+    if vm is None:
+        raise base.HypervisorError('instance %s has no bhyve process to save'
+                                   % vmdir.uuid)
+    sup = hyp.supervisor_pid(vmdir)
+    _signal(sup, signal.SIGUSR1)           # bhyve's exit 0 is not a reboot
+    try:
+        hyp._bhyvectl(name, '--suspend=%s' % partial)
+        if not base.wait_for_exit(vm, timeout, vmdir.uuid, poll=POLL):
+            raise base.HypervisorError(
+                'bhyve did not exit within %.0f s after --suspend' % timeout)
+        check_state_files(partial)
+    except Exception:
+        for p in files(partial):
+            if os.path.exists(p):
+                os.unlink(p)
+        if hyp.pid(vmdir) is not None:
+            _signal(sup, signal.SIGUSR2)   # still running: reboots again
+        raise
+    for suffix in SUFFIXES:
+        os.rename(partial + suffix, path + suffix)
+    os.rename(partial, path)
+    if sup:
+        base.wait_for_exit(sup, 30, vmdir.uuid, poll=POLL)
+    hyp.destroy_vmm(name)
+
+
+def restore_argv(hyp, config_path, path):
+    return hyp.bhyve_argv(config_path) + ['-r', path]
+
+
+def wait_started(hyp, vmdir, name, settle=2.0, timeout=60.0):
+    """bhyve reads the state files at start-up: they may go once its vmm
+    instance exists and the process has lived ``settle`` seconds."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        if hyp.pid(vmdir) is None:
+            return False
+        if hyp.vmm_exists(name):
+            seen = seen or time.monotonic()
+            if time.monotonic() - seen >= settle:
+                return True
+        time.sleep(POLL)
+    return False

@@ -1,0 +1,96 @@
+"""Rescue and unrescue through Nova, on real QEMU guests.
+
+The rescue guest boots from a fresh disk made from the rescue image and sees
+the instance's own root disk as its second virtio disk (vdb): the test types
+into the rescue guest's shell on the serial console and reads, from vdb, the
+boot ids the instance's first boot wrote there. Unrescue brings the original
+spec back byte for byte and the instance boots from its own disk again (its
+boot counter goes on from where it was).
+"""
+import os
+import re
+
+from nova_bhyve import vdsk
+
+import nova_harness
+
+INIT = 'NOVA-BHYVE-GUEST-INIT boot_id='
+ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'
+ACPID = 'NOVA-BHYVE-ACPID-STARTED'
+SHELL = 'NOVA-BHYVE-SHELL-READY'
+COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
+
+
+class TestRescue(nova_harness.MultiComputeMixin,
+                 nova_harness.BhyveFunctionalTestBase):
+
+    def _read_vdb(self, server, nth_shell, nth_read):
+        self.wait_for_console(server, SHELL, count=nth_shell)
+        # the split literals keep the echo of the typed line from matching
+        nova_harness.guest_shell(
+            self.vmdir(server),
+            'mkdir -p /tmp/o && mount -o ro /dev/vdb /tmp/o && '
+            'echo "VDB""-IDS $(cat /tmp/o/boot-ids | tr "\\n" " ")E""ND"; '
+            'umount /tmp/o')
+        out = self.wait_for_console(server, 'VDB-IDS', count=nth_read)
+        found = re.findall(r'VDB-IDS ([0-9a-f -]*)END', out)
+        self.assertTrue(found, out[-2000:])
+        return found[-1].split()
+
+    def test_rescue_own_image_then_unrescue(self):
+        image = self.direct_boot_image('qcow2')
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.flavor_id,
+                                     networks='none')
+        out = self.wait_for_console(server, COUNT % 1)
+        first_boot = re.search(INIT + r'(\S+)', out).group(1)
+        self.wait_for_console(server, ACPID)
+        vmdir = self.vmdir(server)
+        spec_sha = nova_harness.sha256_file(os.path.join(vmdir, 'spec.json'))
+        pid = self.vm_pid(server)
+
+        server = self._rescue_server(server)
+        self.assertEqual('RESCUE', server['status'])
+        self.assertNotEqual(pid, self.vm_pid(server))
+        self.assertTrue(os.path.exists(os.path.join(vmdir,
+                                                    'spec.rescue.json')))
+        self.assertTrue(os.path.exists(os.path.join(vmdir, 'disk.rescue')))
+        # a new boot, from the rescue disk (its own counter starts at 1),
+        # mounted as the first disk
+        out = self.wait_for_console(server, ROOT, count=2)
+        rescue_boot = out.split(INIT)[2]
+        self.assertIn('dev=/dev/vda', rescue_boot)
+        self.assertIn(COUNT % 1, rescue_boot)
+        # the instance's disk is the second disk: its boot ids are there
+        self.assertEqual([first_boot], self._read_vdb(server, 2, 1))
+
+        server = self._unrescue_server(server)
+        self.assertFalse(os.path.exists(os.path.join(vmdir,
+                                                     'spec.rescue.json')))
+        self.assertFalse(os.path.exists(os.path.join(vmdir, 'disk.rescue')))
+        self.assertEqual(spec_sha, nova_harness.sha256_file(
+            os.path.join(vmdir, 'spec.json')))
+        # the original guest boots from its own disk: its second boot
+        out = self.wait_for_console(server, ROOT, count=3)
+        self.wait_for_console(server, COUNT % 2)
+        self.assertIn('dev=/dev/vda', out.split(INIT)[3])
+
+        # rescue with another image named in the API (raw, with its own
+        # kernel_id/ramdisk_id): the instance's disk is vdb again
+        self.wait_for_console(server, ACPID, count=3)
+        other = self.direct_boot_image('raw')
+        self.api.post_server_action(
+            server['id'], {'rescue': {'rescue_image_ref': other['id']}})
+        server = self._wait_for_state_change(server, 'RESCUE')
+        out = self.wait_for_console(server, ROOT, count=4)
+        self.assertIn('dev=/dev/vda', out.split(INIT)[4])
+        # the rescue disk is an overlay on the raw rescue image
+        self.assertEqual('raw', vdsk.info(os.path.join(
+            vmdir, 'disk.rescue'))['backing_format'])
+        self.assertEqual(2, len(self._read_vdb(server, 4, 2)))
+        server = self._unrescue_server(server)
+        self.wait_for_console(server, COUNT % 3)
+        self.assertEqual(spec_sha, nova_harness.sha256_file(
+            os.path.join(vmdir, 'spec.json')))
+        self._delete_server(server)
+        self.assertFalse(os.path.exists(vmdir))

@@ -1,0 +1,491 @@
+"""Pure parts of suspend/resume, live snapshots and diagnostics.
+
+QEMU: argv and URIs, the state-file check, and the QMP command sequences of
+save, freeze and thaw against a fake QMP server on a real unix socket (one
+connection per command, as qmp.execute makes them). bhyve: bhyvectl
+--suspend / bhyve -r with subprocess mocked only for bhyve/bhyvectl.
+Snapshot export on real libvdsk images with qemu-img as the oracle.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from unittest import mock
+
+import pytest
+
+from nova.compute import power_state
+
+from nova_bhyve import conf
+from nova_bhyve import diagnostics
+from nova_bhyve import guest
+from nova_bhyve import snapshot
+from nova_bhyve import supervisor
+from nova_bhyve import vdsk
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import bhyve
+from nova_bhyve.hypervisor import bhyve_state
+from nova_bhyve.hypervisor import qemu
+from nova_bhyve.hypervisor import qemu_blockjob
+from nova_bhyve.hypervisor import qemu_state
+from nova_bhyve.hypervisor import qemu_stats
+
+CONF = conf.CONF
+UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'
+
+
+# -- a fake QMP server --
+
+class FakeQMPServer:
+    """Accepts connections until closed; each gets the greeting, the reply
+    to qmp_capabilities, then ``handler(command, args)`` answers. Commands
+    are recorded in ``self.calls``."""
+
+    def __init__(self, path, handler):
+        self.calls = []
+        self.handler = handler
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(8)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            with conn, conn.makefile('rwb') as f:
+                f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+                f.flush()
+                for line in f:
+                    req = json.loads(line)
+                    if req['execute'] == 'qmp_capabilities':
+                        reply = {'return': {}}
+                    else:
+                        self.calls.append((req['execute'],
+                                           req.get('arguments')))
+                        try:
+                            reply = {'return': self.handler(
+                                req['execute'], req.get('arguments'))}
+                        except KeyError as e:
+                            reply = {'error': {'class': 'GenericError',
+                                               'desc': str(e)}}
+                    f.write(json.dumps(reply).encode() + b'\n')
+                    f.flush()
+
+    def close(self):
+        self.srv.close()
+
+
+@pytest.fixture
+def vmdir():
+    path = tempfile.mkdtemp(prefix='nb-lc-')     # short: socket paths
+    d = base.VMDir(os.path.join(path, UUID))
+    os.makedirs(d.path)
+    yield d
+    shutil.rmtree(path)
+
+
+class FakeHyp:
+    """The bits of a backend qemu_state uses; the VM 'runs' until quit."""
+
+    def __init__(self):
+        self.running = True
+        self.killed = False
+
+    def pid(self, vmdir):
+        return 4242 if self.running else None
+
+    def kill(self, vmdir):
+        self.running = False
+        self.killed = True
+
+
+# -- QEMU save / restore --
+
+def test_uris_quote_the_path():
+    assert qemu_state.save_uri('/v/a b/s') == "exec:cat > '/v/a b/s'"
+    assert qemu_state.load_uri('/v/x/s') == 'exec:cat /v/x/s'
+
+
+def test_incoming_argv_appends_paused_incoming():
+    argv = ['qemu-system-x86_64', '-name', 'x']
+    assert qemu_state.incoming_argv(argv, '/v/x/suspended.state') == [
+        'qemu-system-x86_64', '-name', 'x', '-S',
+        '-incoming', 'exec:cat /v/x/suspended.state']
+
+
+def test_restore_argv_is_the_normal_argv_plus_incoming(vmdir):
+    s = guest.VMSpec(uuid=UUID, name='i-1', vcpus=1, memory_mb=256,
+                     disks=[guest.Disk(path=vmdir.disk())])
+    normal = qemu.render_argv(s, vmdir, 'qemu', 'tcg')
+    assert qemu_state.incoming_argv(normal, vmdir.saved_state)[:-3] == normal
+
+
+def test_check_state_file(vmdir):
+    path = vmdir.saved_state
+    with pytest.raises(base.HypervisorError, match='does not exist'):
+        qemu_state.check_state_file(path)
+    with open(path, 'wb') as f:
+        f.write(b'garbage!')
+    with pytest.raises(base.HypervisorError, match='not a QEMU state'):
+        qemu_state.check_state_file(path)
+    with open(path, 'wb') as f:
+        f.write(qemu_state.MAGIC + b'\0' * 100)
+    qemu_state.check_state_file(path)
+
+
+def test_stopped_state_tells_suspended_from_shut_off(vmdir):
+    hv = qemu.QemuHypervisor()
+    assert hv.power_state(vmdir) == power_state.SHUTDOWN
+    with open(vmdir.saved_state, 'wb') as f:
+        f.write(qemu_state.MAGIC)
+    assert hv.power_state(vmdir) == power_state.SUSPENDED
+    hv.discard_saved_state(vmdir)
+    assert hv.power_state(vmdir) == power_state.SHUTDOWN
+
+
+def _save_handler(hyp, vmdir, migrate_status='completed'):
+    def handler(cmd, args):
+        if cmd == 'query-status':
+            return {'status': 'running'}
+        if cmd == 'migrate':
+            # what "exec:cat > FILE" does
+            with open(qemu_state.partial_path(vmdir.saved_state), 'wb') as f:
+                f.write(qemu_state.MAGIC + b'state')
+            return {}
+        if cmd == 'query-migrate':
+            return {'status': migrate_status, 'total-time': 5,
+                    'error-desc': 'boom'}
+        if cmd == 'quit':
+            hyp.running = False
+        return {}
+    return handler
+
+
+def test_save_command_sequence(vmdir):
+    hyp = FakeHyp()
+    srv = FakeQMPServer(vmdir.control, _save_handler(hyp, vmdir))
+    try:
+        qemu_state.save(hyp, vmdir)
+    finally:
+        srv.close()
+    assert [c[0] for c in srv.calls] == [
+        'query-status', 'stop', 'migrate-set-parameters', 'migrate',
+        'query-migrate', 'quit']
+    assert srv.calls[2][1] == {'max-bandwidth': qemu_state.SAVE_BANDWIDTH}
+    assert srv.calls[3][1] == {'uri': qemu_state.save_uri(
+        qemu_state.partial_path(vmdir.saved_state))}
+    assert os.path.exists(vmdir.saved_state)
+    assert not os.path.exists(qemu_state.partial_path(vmdir.saved_state))
+
+
+def test_failed_save_removes_the_partial_file_and_resumes(vmdir):
+    hyp = FakeHyp()
+    srv = FakeQMPServer(vmdir.control,
+                        _save_handler(hyp, vmdir, migrate_status='failed'))
+    try:
+        with pytest.raises(base.HypervisorError, match='boom'):
+            qemu_state.save(hyp, vmdir)
+    finally:
+        srv.close()
+    assert srv.calls[-1][0] == 'cont'
+    assert os.listdir(vmdir.path) == ['control.sock']
+
+
+def test_restore_refuses_a_missing_file_without_starting_qemu(vmdir):
+    with mock.patch.object(qemu_state, 'launch') as launch:
+        with pytest.raises(base.HypervisorError, match='does not exist'):
+            qemu_state.restore(FakeHyp(), ['qemu'], vmdir, UUID)
+    launch.assert_not_called()
+
+
+# -- QEMU live snapshot: freeze / thaw --
+
+def test_freeze_command():
+    assert qemu_blockjob.freeze_commands(0, '/v/x/ov.qcow2') == [
+        ('blockdev-snapshot-sync', {
+            'node-name': 'disk0', 'snapshot-file': '/v/x/ov.qcow2',
+            'snapshot-node-name': 'disk0-snap', 'format': 'qcow2',
+            'mode': 'absolute-paths'})]
+
+
+def test_commit_stops_at_the_instance_disk():
+    # without base-node QEMU would commit into the cached base image
+    cmd, args = qemu_blockjob.commit_command(0)
+    assert cmd == 'block-commit'
+    assert args['base-node'] == 'disk0'
+    assert args['top-node'] == args['device'] == 'disk0-snap'
+
+
+def test_thaw_sequence(vmdir):
+    overlay = os.path.join(vmdir.path, 'ov.qcow2')
+    open(overlay, 'w').close()
+    polls = iter([[{'device': 'nb-commit-disk0', 'ready': False}],
+                  [{'device': 'nb-commit-disk0', 'ready': True}],
+                  [{'device': 'nb-commit-disk0', 'ready': True}], []])
+
+    def handler(cmd, args):
+        if cmd == 'query-block-jobs':
+            return next(polls)
+        if cmd == 'query-block':
+            return [{'inserted': {'node-name': 'disk0'}}]
+        return {}
+    srv = FakeQMPServer(vmdir.control, handler)
+    try:
+        qemu_blockjob.thaw(vmdir.control, 0, overlay)
+    finally:
+        srv.close()
+    assert [c[0] for c in srv.calls] == [
+        'block-commit', 'query-block-jobs', 'query-block-jobs',
+        'block-job-complete', 'query-block-jobs', 'query-block-jobs',
+        'query-block']
+    assert srv.calls[3][1] == {'device': 'nb-commit-disk0'}
+    assert not os.path.exists(overlay)
+
+
+def test_thaw_that_leaves_the_overlay_on_top_is_an_error(vmdir):
+    overlay = os.path.join(vmdir.path, 'ov.qcow2')
+    open(overlay, 'w').close()
+
+    def handler(cmd, args):
+        if cmd == 'query-block-jobs':
+            return []
+        if cmd == 'query-block':
+            return [{'inserted': {'node-name': 'disk0-snap'}}]
+        return {}
+    srv = FakeQMPServer(vmdir.control, handler)
+    try:
+        with pytest.raises(base.HypervisorError, match='disk0-snap'):
+            qemu_blockjob.thaw(vmdir.control, 0, overlay)
+    finally:
+        srv.close()
+    assert os.path.exists(overlay)
+
+
+# -- snapshot export (real libvdsk, qemu-img as the oracle) --
+
+@pytest.mark.parametrize('fmt', ['qcow2', 'raw'])
+def test_export_flattens_the_chain(tmp_path, fmt):
+    base_img = str(tmp_path / 'base.qcow2')
+    top = str(tmp_path / 'disk.qcow2')
+    out = str(tmp_path / ('out.' + fmt))
+    size = 8 * 1024 * 1024
+    vdsk.create(base_img, 'qcow2', size)
+    with vdsk.open(base_img) as img:
+        img.write(0, b'B' * 65536)
+        img.write(3 * 1024 * 1024, b'b' * 4096)
+    vdsk.create(top, 'qcow2', 0, backing=base_img, backing_fmt='qcow2')
+    with vdsk.open(top) as img:
+        img.write(65536, b'T' * 65536)
+        img.write(0, b'X' * 512)
+    written = snapshot.export(top, 'qcow2', out, fmt)
+    assert written == 3 * 65536             # zero clusters not written
+    info = vdsk.info(out)
+    assert info['format'] == fmt and info['backing_file'] is None
+    assert info['virtual_size'] == size
+    subprocess.run(['qemu-img', 'compare', '-f', 'qcow2', '-F', fmt, top,
+                    out], check=True, capture_output=True)
+
+
+def test_target_format():
+    inst = mock.Mock(system_metadata={'image_disk_format': 'raw'})
+    assert snapshot.target_format(inst) == 'raw'
+    inst.system_metadata = {'image_disk_format': 'vmdk'}
+    assert snapshot.target_format(inst) == 'qcow2'
+    inst.system_metadata = {}
+    assert snapshot.target_format(inst) == 'qcow2'
+
+
+# -- diagnostics --
+
+STATS = {'pid': 1, 'uptime': 42, 'cpus': [(0, 5000), (1, 7000)],
+         'memory_max_mb': 256, 'memory_used_mb': 200,
+         'disks': [{'name': 'vda', 'read_bytes': 1, 'read_requests': 2,
+                    'write_bytes': 3, 'write_requests': 4, 'errors': 0}],
+         'nics': []}
+
+
+def test_instance_diagnostics():
+    d = diagnostics.instance_diagnostics(power_state.RUNNING, STATS, 'qemu')
+    assert (d.state, d.hypervisor, d.uptime, d.num_cpus, d.num_disks,
+            d.num_nics) == ('running', 'qemu', 42, 2, 1, 0)
+    assert not d.obj_attr_is_set('driver')
+    assert [(c.id, c.time) for c in d.cpu_details] == [(0, 5000), (1, 7000)]
+    assert (d.memory_details.maximum, d.memory_details.used) == (256, 200)
+    assert d.disk_details[0].write_requests == 4
+
+
+def test_diagnostics_of_a_stopped_vm():
+    d = diagnostics.instance_diagnostics(power_state.SUSPENDED, None, 'qemu')
+    assert d.state == 'suspended' and d.num_cpus == 0
+
+
+def test_legacy_diagnostics():
+    assert diagnostics.legacy_diagnostics(STATS) == {
+        'cpu0_time': 5000, 'cpu1_time': 7000, 'memory': 262144,
+        'memory-rss': 204800, 'vda_read': 1, 'vda_read_req': 2,
+        'vda_write': 3, 'vda_write_req': 4, 'vda_errors': 0, 'uptime': 42}
+
+
+def test_thread_cpu_time_from_proc(tmp_path):
+    task = tmp_path / '7' / 'task' / '9'
+    task.mkdir(parents=True)
+    # pid (comm with ) space) state ppid ... utime=300 stime=200
+    fields = ['S'] + ['0'] * 10 + ['300', '200'] + ['0'] * 30
+    (task / 'stat').write_text('9 (CPU 0/TCG) x) ' + ' '.join(fields))
+    hz = os.sysconf('SC_CLK_TCK')
+    assert qemu_stats.thread_cpu_ns(7, 9, proc=str(tmp_path)) == (
+        500 * 1000000000 // hz)
+
+
+# -- bhyve: bhyvectl --suspend / bhyve -r --
+
+def _completed(rc=0, out='', err=''):
+    return subprocess.CompletedProcess([], rc, out, err)
+
+
+USAGE_SNAPSHOT = ('Usage: bhyvectl --vm=<vmname>\n'
+                  '       [--checkpoint=<filename> | --suspend=<filename>]\n')
+
+
+@pytest.mark.parametrize('usage, expected', [
+    (USAGE_SNAPSHOT, True), ('Usage: bhyvectl --vm=<vmname>\n', False)])
+def test_bhyve_snapshot_support_is_detected_from_usage(usage, expected):
+    with mock.patch.object(bhyve_state.subprocess, 'run',
+                           return_value=_completed(1, '', usage)) as run:
+        assert bhyve_state.snapshot_supported('/usr/sbin/bhyvectl') is \
+            expected
+    assert run.call_args[0][0] == ['/usr/sbin/bhyvectl', '--help']
+
+
+def _bhyve_vmdir(vmdir):
+    s = guest.VMSpec(uuid=UUID, name='instance-0000002b', vcpus=1,
+                     memory_mb=256,
+                     disks=[guest.Disk(path='/d/r', format='raw')])
+    bhyve.write_config(bhyve.render_config(s, vmdir),
+                       bhyve.BhyveHypervisor.config_path(vmdir))
+    return s
+
+
+def test_bhyve_without_snapshot_support_refuses(vmdir):
+    hv = bhyve.BhyveHypervisor()
+    hv._snapshot_support = False
+    with pytest.raises(NotImplementedError):
+        hv.save(vmdir)
+    with pytest.raises(NotImplementedError):
+        hv.restore(None, vmdir)
+
+
+def test_bhyve_save(vmdir):
+    _bhyve_vmdir(vmdir)
+    hv = bhyve.BhyveHypervisor()
+    hv._snapshot_support = True
+    partial = bhyve_state.partial_path(vmdir.saved_state)
+    running = [True]
+
+    def run(argv, **kw):
+        # bhyve writes FILE, FILE.kern, FILE.meta and exits
+        for p in bhyve_state.files(partial):
+            open(p, 'w').close()
+        running[0] = False
+        return _completed()
+    with mock.patch.object(bhyve.subprocess, 'run', side_effect=run) as r, \
+            mock.patch.object(hv, 'pid',
+                              side_effect=lambda v: 77 if running[0]
+                              else None), \
+            mock.patch.object(hv, 'supervisor_pid', return_value=66), \
+            mock.patch.object(hv, 'vmm_exists', return_value=False), \
+            mock.patch.object(bhyve_state.os, 'kill') as kill, \
+            mock.patch.object(bhyve_state.base, 'wait_for_exit',
+                              return_value=True):
+        hv.save(vmdir)
+    assert [c[0][0] for c in r.call_args_list] == [
+        ['/usr/sbin/bhyvectl', '--vm=instance-0000002b',
+         '--suspend=%s' % partial]]
+    kill.assert_called_once_with(66, signal.SIGUSR1)
+    assert all(os.path.exists(p)
+               for p in bhyve_state.files(vmdir.saved_state))
+    assert not os.path.exists(partial)
+    assert supervisor.read_exit_status(vmdir.path)['outcome'] == 'suspended'
+    with mock.patch.object(hv, 'pid', return_value=None), \
+            mock.patch.object(hv, 'supervisor_pid', return_value=None):
+        assert hv.power_state(vmdir) == power_state.SUSPENDED
+
+
+def test_bhyve_failed_suspend_keeps_the_vm_rebooting(vmdir):
+    _bhyve_vmdir(vmdir)
+    hv = bhyve.BhyveHypervisor()
+    hv._snapshot_support = True
+    with mock.patch.object(bhyve.subprocess, 'run',
+                           return_value=_completed(1, '', 'no snapshot')), \
+            mock.patch.object(hv, 'pid', return_value=77), \
+            mock.patch.object(hv, 'supervisor_pid', return_value=66), \
+            mock.patch.object(bhyve_state.os, 'kill') as kill:
+        with pytest.raises(base.HypervisorError, match='no snapshot'):
+            hv.save(vmdir)
+    assert [c[0] for c in kill.call_args_list] == [
+        (66, signal.SIGUSR1), (66, signal.SIGUSR2)]
+    assert not os.path.exists(vmdir.saved_state)
+
+
+def test_bhyve_restore_argv_and_state_check(vmdir):
+    s = _bhyve_vmdir(vmdir)
+    CONF.set_override('bhyve_bootrom', '/dev/null', group='bhyve')
+    try:
+        hv = bhyve.BhyveHypervisor()
+        hv._snapshot_support = True
+        with pytest.raises(base.HypervisorError, match='missing'):
+            hv.restore(s, vmdir)
+        for p in bhyve_state.files(vmdir.saved_state):
+            open(p, 'w').close()
+        with mock.patch.object(bhyve.supervisor, 'spawn') as spawn, \
+                mock.patch.object(hv, 'vmm_exists', return_value=False), \
+                mock.patch.object(bhyve_state, 'wait_started',
+                                  return_value=True):
+            hv.restore(s, vmdir)
+        assert spawn.call_args[0][1] == [
+            '/usr/sbin/bhyve', '-k', hv.config_path(vmdir),
+            '-r', vmdir.saved_state]
+        assert not any(os.path.exists(p)
+                       for p in bhyve_state.files(vmdir.saved_state))
+    finally:
+        CONF.clear_override('bhyve_bootrom', group='bhyve')
+
+
+def test_supervisor_hold_signal_makes_the_next_exit_final():
+    sup = supervisor.Supervisor('/nonexistent', ['true'])
+    sup._on_hold_signal(signal.SIGUSR1, None)
+    assert supervisor.decide('bhyve', 0, sup.stop_requested).action == \
+        supervisor.STOP
+    sup._on_hold_signal(signal.SIGUSR2, None)
+    assert supervisor.decide('bhyve', 0, sup.stop_requested).action == \
+        supervisor.RESTART
+
+
+# -- snapshot: the frozen-disk context -------------------------------------
+
+def test_frozen_disk_of_a_stopped_vm_touches_nothing(vmdir):
+    hv = mock.Mock()
+    hv.is_running.return_value = False
+    with snapshot.frozen_disk(hv, vmdir, 0, None):
+        pass
+    hv.freeze_disk.assert_not_called()
+    hv.thaw_disk.assert_not_called()
+
+
+def test_frozen_disk_thaws_when_the_export_fails(vmdir):
+    hv = mock.Mock()
+    hv.is_running.return_value = True
+    overlay = os.path.join(vmdir.path, 'snapshot-overlay-0.qcow2')
+    with pytest.raises(OSError):
+        with snapshot.frozen_disk(hv, vmdir, 0, None):
+            raise OSError(28, 'No space left on device')
+    hv.freeze_disk.assert_called_once_with(vmdir, 0, overlay)
+    hv.thaw_disk.assert_called_once_with(vmdir, 0, overlay)
