@@ -24,6 +24,11 @@ COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
 class TestRescue(nova_harness.MultiComputeMixin,
                  nova_harness.BhyveFunctionalTestBase):
 
+    def setUp(self):
+        # four boots: keep them all in the console output the test counts in
+        self.flags(console_log_max_bytes=4 * 1024 * 1024, group='bhyve')
+        super().setUp()
+
     def _read_vdb(self, server, nth_shell, nth_read):
         self.wait_for_console(server, SHELL, count=nth_shell)
         # the split literals keep the echo of the typed line from matching
@@ -77,7 +82,8 @@ class TestRescue(nova_harness.MultiComputeMixin,
 
         # rescue with another image named in the API (raw, with its own
         # kernel_id/ramdisk_id): the instance's disk is vdb again
-        self.wait_for_console(server, ACPID, count=3)
+        # after SHELL-READY the boot id of this boot is on the disk (synced)
+        self.wait_for_console(server, SHELL, count=3)
         other = self.direct_boot_image('raw')
         self.api.post_server_action(
             server['id'], {'rescue': {'rescue_image_ref': other['id']}})
@@ -87,7 +93,8 @@ class TestRescue(nova_harness.MultiComputeMixin,
         # the rescue disk is an overlay on the raw rescue image
         self.assertEqual('raw', vdsk.info(os.path.join(
             vmdir, 'disk.rescue'))['backing_format'])
-        self.assertEqual(2, len(self._read_vdb(server, 4, 2)))
+        ids = self._read_vdb(server, 4, 2)
+        self.assertEqual(2, len(ids), '%s\n%s' % (ids, self.console(server)[-6000:]))
         server = self._unrescue_server(server)
         self.wait_for_console(server, COUNT % 3)
         self.assertEqual(spec_sha, nova_harness.sha256_file(
