@@ -5,6 +5,7 @@ Everything made here is named with a random suffix, tracked, and removed
 (daemons stopped by pid) by the test's cleanups, even when the test fails.
 Traffic stays inside bridges and namespaces the tests make.
 """
+import atexit
 import copy
 import os
 import random
@@ -88,16 +89,47 @@ class HostNet:
 
 
 class OVS:
-    """A private Open vSwitch (userspace datapath) in a temp run dir."""
+    """A private Open vSwitch (userspace datapath) in a temp run dir.
 
-    def __init__(self, test):
-        self.dir = tempfile.mkdtemp(prefix='nbovs-')
+    One per test process (``OVS.shared``): ovsdbapp keeps one native OVSDB
+    connection per process (class attribute), so the database must outlive
+    a single test. Its daemons are stopped by pid at process exit; every
+    test deletes the bridges it made."""
+
+    _shared = None
+
+    @classmethod
+    def shared(cls, test):
+        if cls._shared is None or not cls._shared.alive():
+            cls._shared = cls()
+            atexit.register(cls._shared.stop)
+        ovs = cls._shared
+        test.addCleanup(ovs.del_bridges)
+        return ovs
+
+    def alive(self):
+        try:
+            for pid in self.pids:
+                os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+
+    def del_bridges(self):
+        for br in self.bridges:
+            try:
+                self.vsctl('--if-exists', 'del-br', br)
+            except Exception:
+                pass
+        self.bridges = []
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix='nbovs-', dir='/tmp')
         self.db = 'unix:%s/db.sock' % self.dir
         self.env = dict(os.environ, OVS_RUNDIR=self.dir, OVS_LOGDIR=self.dir,
                         OVS_DBDIR=self.dir)
         self.pids = []
         self.bridges = []
-        test.addCleanup(self.stop)
         sh('ovsdb-tool', 'create', self.dir + '/conf.db',
            '/usr/share/openvswitch/vswitch.ovsschema', env=self.env)
         sh('ovsdb-server', self.dir + '/conf.db',
@@ -140,11 +172,7 @@ class OVS:
         return dict(data[0][0][1])
 
     def stop(self):
-        for br in self.bridges:
-            try:
-                self.vsctl('--if-exists', 'del-br', br)
-            except Exception:
-                pass
+        self.del_bridges()
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -192,7 +220,9 @@ class GuestShell:
                 # drop an echoed command line (it holds '@%s@@"')
                 out = out.split('@%s@@"' % tag, 1)[-1]
                 out = out.replace(self.PROMPT.decode(), '')
-                return int(m.group(1)), out.replace('\r', '').strip()
+                lines = [re.sub(r'^(nbguest)?# ', '', ln.strip('\r'))
+                         for ln in out.split('\n')]
+                return int(m.group(1)), '\n'.join(lines).strip()
             if time.monotonic() > deadline:
                 raise TimeoutError('no answer to %r: %r' % (cmd, text[-500:]))
             try:

@@ -123,9 +123,9 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         self.assert_pings(sh1, '10.251.1.12')
         self.assert_pings(sh2, '10.251.1.11')
         self.assert_pings(sh1, '10.251.1.254')
-        out = nethelpers.sh('ip', 'netns', 'exec', ns, 'ping', '-c', '2',
+        out = nethelpers.sh('ip', 'netns', 'exec', ns, 'busybox', 'ping', '-c', '2',
                             '-W', '2', '10.251.1.12')
-        self.assertIn('2 received', out)
+        self.assertIn('2 packets received', out)
 
         # a second network on another bridge: no path between them
         bridge_b, ns_b, net_b, sub_b = self._net('10.251.1', 1500)
@@ -263,11 +263,10 @@ class TestOVSBinding(NetworkingTestBase):
 
     def setUp(self):
         super().setUp()
-        self.ovs = nethelpers.OVS(self)
+        self.ovs = nethelpers.OVS.shared(self)
         network._init_osvif()                  # registers [os_vif_ovs]
         self.flags(ovsdb_connection=self.ovs.db, group='os_vif_ovs')
         os_vif.initialize(reset=True)          # plugin sees that db
-        self.addCleanup(os_vif.initialize, reset=True)
         # os-vif's privsep context runs in-process here (we are root), as
         # nova's own PrivsepFixture does for nova's contexts
         from vif_plug_ovs import privsep as ovs_privsep
