@@ -151,6 +151,8 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         p1 = self._port(net, sub, '10.251.2.11', bridge)
         server, sh = self.boot(p1)
         self.assertEqual('eth0', sh.check('ls /sys/class/net | grep eth'))
+        self.configure(sh, p1)
+        self.assert_pings(sh, '10.251.2.254')
 
         bridge_b, ns_b, net_b, sub_b = self._net('10.251.3', 1450)
         p2 = self._port(net_b, sub_b, '10.251.3.11', bridge_b)
