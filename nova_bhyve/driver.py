@@ -217,6 +217,7 @@ class BhyveDriver(driver.ComputeDriver):
         guest.validate_flavor(instance.flavor)
         _refuse_unsupported(instance, network_info, block_device_info)
         network.validate(network_info)
+        nic_model = _nic_model(image_meta)
         vmdir = self._vmdir(instance, must_exist=False)
         if os.path.exists(vmdir.spec):
             raise exception.InstanceExists(name=instance.name)
@@ -243,6 +244,8 @@ class BhyveDriver(driver.ComputeDriver):
                                      disk_format=root.format)
             plugged = True
             spec.nics = self.vifs.plug_all(instance, network_info)
+            for nic in spec.nics:
+                nic.model = nic_model
             self._save_spec(spec, vmdir)
             if power_on:
                 self._start(vmdir, spec)
@@ -295,7 +298,9 @@ class BhyveDriver(driver.ComputeDriver):
         if not getattr(self.hypervisor, 'attach_nic', None):
             raise exception.InterfaceAttachFailed(instance_uuid=instance.uuid)
         spec = self._load_spec(vmdir)
+        model = _nic_model(image_meta)
         nic = self.vifs.plug(instance, vif)
+        nic.model = model
         try:
             if self.hypervisor.is_running(vmdir):
                 used = self.hypervisor.used_hotplug_ports(vmdir)
@@ -397,6 +402,16 @@ def _refuse_unsupported(instance, network_info, block_device_info):
         raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
+
+
+def _nic_model(image_meta):
+    """The NIC model the image asks for (hw_vif_model), virtio by default."""
+    model = image_meta.properties.get('hw_vif_model', 'virtio')
+    if model not in guest.NIC_MODELS:
+        raise exception.InvalidInput(
+            reason='hw_vif_model=%s is not supported by nova-bhyve '
+                   '(supported: %s)' % (model, ', '.join(guest.NIC_MODELS)))
+    return model
 
 
 def _rotate_console_log(path, keep):

@@ -320,3 +320,20 @@ class TestOVSBinding(NetworkingTestBase):
 
     def test_two_guests_on_ovs_hybrid_plug(self):
         self._two_guests(hybrid=True)
+
+    def test_spawn_delete_cycles_leave_no_ovs_port(self):
+        cycles = int(os.environ.get('NOVA_BHYVE_NET_CYCLES', '10'))
+        bridge, net, sub = self._ovs_net('10.251.8')
+        for i in range(cycles):
+            hybrid = bool(i % 2)
+            port = self._port(net, sub, '10.251.8.%d' % (20 + i), bridge,
+                              hybrid)
+            server = self._create_server(
+                image_uuid=self.image['id'], flavor_id=self.flavor_id,
+                networks=[{'port': port['id']}])
+            name = ('qvo' if hybrid else 'tap') + port['id'][:11]
+            self.assertEqual([name], self.ovs.ports(bridge))
+            self._delete_server(server)
+            self.assertEqual([], self.ovs.ports(bridge))
+            self.assertIsNone(self.ovs.iface_external_ids(name))
+        self.assert_no_leftovers()
