@@ -124,7 +124,7 @@ def spawn_to_ping(runs):
             bridge = host.bridge()
             ns = host.namespace_on(bridge, '10.251.9.254/24')
             net, sub = nethelpers.add_network(self.neutron, '10.251.9', 1450)
-            with_net, without = [], []
+            with_net, without, net_shell, shell_to_ping = [], [], [], []
             for i in range(runs + 1):          # the first warms the cache
                 port = nethelpers.add_port(self.neutron, net, sub,
                                            '10.251.9.%d' % (20 + i), 'tap')
@@ -135,6 +135,7 @@ def spawn_to_ping(runs):
                 nethelpers.sh('ip', 'link', 'set', 'tap' + port['id'][:11],
                               'master', bridge)
                 self.wait_for_console(server, 'NOVA-BHYVE-SHELL-READY')
+                t_net_shell = time.monotonic() - t0
                 sh = nethelpers.GuestShell(
                     os.path.join(self.vmdir(server), 'serial.sock'))
                 sh.check('ip addr add %s/24 dev eth0 && ip link set eth0 up'
@@ -161,10 +162,14 @@ def spawn_to_ping(runs):
                 if i:
                     with_net.append(t_ping)
                     without.append(t_shell)
-                say('run %d: POST->ping %.2f s, no network POST->shell '
-                    '%.2f s', i, t_ping, t_shell)
+                    net_shell.append(t_net_shell)
+                    shell_to_ping.append(t_ping - t_net_shell)
+                say('run %d: POST->shell %.2f s ->ping %.2f s; no network '
+                    'POST->shell %.2f s', i, t_net_shell, t_ping, t_shell)
             results['post_to_ping_with_port'] = summary(with_net)
             results['post_to_shell_ready_without_network'] = summary(without)
+            results['post_to_shell_ready_with_port'] = summary(net_shell)
+            results['shell_ready_to_ping_with_port'] = summary(shell_to_ping)
 
     run_case(Case)
     return results
