@@ -271,4 +271,19 @@ def add_port(neutron, net, sub, ip, vif_type, details=None):
         'binding:vif_details': dict(details or {}),
     })
     neutron._ports[port['id']] = port
+    made = getattr(neutron, 'nbt_port_ids', None)
+    if made is not None:
+        made.append(port['id'])
     return port
+
+
+def remove_port_devices(port_ids):
+    """Test cleanup: the host devices the driver would have made for these
+    ports (a failed test may never delete its servers). Only names derived
+    from the test's own port ids are touched."""
+    present = links()
+    for pid in port_ids:
+        for prefix in ('tap', 'qvb', 'qbr'):
+            name = prefix + pid[:11]
+            if name in present:
+                sh('ip', 'link', 'del', name, check=False)

@@ -25,6 +25,10 @@ class NetworkingTestBase(nova_harness.BhyveFunctionalTestBase):
         self.image = self.direct_boot_image('qcow2')
         self.host = nethelpers.HostNet(self)
         self.links_before = nethelpers.links()
+        self.neutron.nbt_port_ids = []
+        # after the harness has killed leftover VMs (cleanups run LIFO)
+        self.addCleanup(nethelpers.remove_port_devices,
+                        self.neutron.nbt_port_ids)
 
     def boot(self, *ports):
         server = self._create_server(
