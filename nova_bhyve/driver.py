@@ -32,6 +32,7 @@ from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import hypervisor
 from nova_bhyve import rescue
+from nova_bhyve import network
 from nova_bhyve.hypervisor import base
 from nova_bhyve import snapshot
 from nova_bhyve import storage
@@ -72,6 +73,11 @@ class BhyveDriver(driver.ComputeDriver):
         self._host = None
         self._watcher = events.LifecycleWatcher(self.hypervisor,
                                                 self.emit_event)
+        self.vifs = network.VifPlugger()
+        # NIC hot-plug only where the backend has it (QEMU; not bhyve).
+        self.capabilities = dict(
+            self.capabilities,
+            supports_attach_interface=hasattr(self.hypervisor, 'attach_nic'))
 
     # -- helpers ----------------------------------------------------------
 
@@ -240,10 +246,13 @@ class BhyveDriver(driver.ComputeDriver):
               block_device_info=None, power_on=True, accel_info=None):
         guest.validate_flavor(instance.flavor)
         _refuse_unsupported(instance, network_info, block_device_info)
+        network.validate(network_info)
+        nic_model = _nic_model(image_meta)
         vmdir = self._vmdir(instance, must_exist=False)
         if os.path.exists(vmdir.spec):
             raise exception.InstanceExists(name=instance.name)
         os.makedirs(vmdir.path, exist_ok=True)
+        plugged = False
         try:
             cache = self.image_cache_dir
             base_path, base_fmt = storage.fetch_image(context, image_meta.id,
@@ -258,9 +267,15 @@ class BhyveDriver(driver.ComputeDriver):
             root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                               format=self.hypervisor.instance_disk_format)
             spec = guest.build(instance, image_meta, root, kernel, ramdisk)
+            if getattr(self.hypervisor, 'attach_nic', None):
+                spec.hotplug_ports = network.HOTPLUG_PORTS
             storage.create_root_disk(base_path, base_fmt, root.path,
                                      instance.flavor.root_gb, image_meta.id,
                                      disk_format=root.format)
+            plugged = True
+            spec.nics = self.vifs.plug_all(instance, network_info)
+            for nic in spec.nics:
+                nic.model = nic_model
             self._save_spec(spec, vmdir)
             if power_on:
                 self._start(vmdir, spec)
@@ -268,6 +283,8 @@ class BhyveDriver(driver.ComputeDriver):
             LOG.exception('spawn of %s failed; removing what it made',
                           instance.uuid, instance=instance)
             self._remove(vmdir)
+            if plugged:
+                self.vifs.unplug_all(instance, network_info)
             raise
         LOG.info('instance %s spawned', instance.uuid, instance=instance)
 
@@ -291,8 +308,63 @@ class BhyveDriver(driver.ComputeDriver):
                 destroy_disks=True, migrate_data=None, destroy_vifs=True,
                 destroy_secrets=True):
         vmdir = self._vmdir_for_uuid(instance.uuid)
+        if destroy_vifs:
+            self.unplug_vifs(instance, network_info)
         if destroy_disks and os.path.isdir(vmdir.path):
             self._remove(vmdir)
+
+    # -- networking -------------------------------------------------------
+
+    def plug_vifs(self, instance, network_info):
+        """Plug (again) the VIFs of an existing instance: idempotent, an
+        existing tap - one a running VM holds open - is kept."""
+        self.vifs.plug_all(instance, network_info)
+
+    def unplug_vifs(self, instance, network_info):
+        self.vifs.unplug_all(instance, network_info)
+
+    def attach_interface(self, context, instance, image_meta, vif):
+        vmdir = self._vmdir(instance)
+        if not getattr(self.hypervisor, 'attach_nic', None):
+            raise exception.InterfaceAttachFailed(instance_uuid=instance.uuid)
+        spec = self._load_spec(vmdir)
+        model = _nic_model(image_meta)
+        nic = self.vifs.plug(instance, vif)
+        nic.model = model
+        try:
+            if self.hypervisor.is_running(vmdir):
+                used = self.hypervisor.used_hotplug_ports(vmdir)
+                free = [p for p in ('hp%d' % i for i in
+                                    range(spec.hotplug_ports))
+                        if p not in used]
+                if not free:
+                    raise exception.InvalidInput(
+                        reason='no free PCIe slot for another NIC (%d '
+                               'hot-plug slots)' % spec.hotplug_ports)
+                self.hypervisor.attach_nic(vmdir, nic, free[0])
+            spec.nics = [n for n in spec.nics if n.mac != nic.mac] + [nic]
+            self._save_spec(spec, vmdir)
+        except Exception as e:
+            LOG.error('attaching port %s failed: %s', vif['id'], e,
+                      instance=instance)
+            self.vifs.unplug(instance, vif)
+            raise exception.InterfaceAttachFailed(instance_uuid=instance.uuid)
+
+    def detach_interface(self, context, instance, vif):
+        vmdir = self._vmdir(instance)
+        spec = self._load_spec(vmdir)
+        nic = network.nic_for(vif)
+        if self.hypervisor.is_running(vmdir):
+            try:
+                self.hypervisor.detach_nic(vmdir, nic)
+            except base.HypervisorError as e:
+                LOG.error('detaching port %s failed: %s', vif['id'], e,
+                          instance=instance)
+                raise exception.InterfaceDetachFailed(
+                    instance_uuid=instance.uuid)
+        spec.nics = [n for n in spec.nics if n.mac != nic.mac]
+        self._save_spec(spec, vmdir)
+        self.vifs.unplug(instance, vif)
 
     def delete_instance_files(self, instance):
         vmdir = self._vmdir_for_uuid(instance.uuid)
@@ -429,13 +501,18 @@ class BhyveDriver(driver.ComputeDriver):
         self.power_off(instance, timeout, retry_interval)
         self._watcher.unwatch(instance.uuid)
         try:
-            return cold_migration.move_out(vmdir.path, target, disks, copier)
+            disk_info = cold_migration.move_out(vmdir.path, target, disks,
+                                                copier)
         except cold_migration.MigrationCopyError as e:
             if was_running:
                 self._start(vmdir)
             raise exception.InstanceFaultRollback(
                 inner_exception=exception.ResizeError(
                     reason='moving the disks to %s failed: %s' % (dest, e)))
+        if dest_compute != self._host:
+            # the destination plugs the ports again (finish_migration)
+            self.vifs.unplug_all(instance, network_info)
+        return disk_info
 
     def finish_migration(self, context, migration, instance, disk_info,
                          network_info, image_meta, resize_instance,
@@ -458,8 +535,15 @@ class BhyveDriver(driver.ComputeDriver):
         kernel, ramdisk = self._fetch_kernel(context, instance.kernel_id,
                                              instance.ramdisk_id)
         spec = guest.build(instance, image_meta, root, kernel, ramdisk)
+        if getattr(self.hypervisor, 'attach_nic', None):
+            spec.hotplug_ports = network.HOTPLUG_PORTS
         if instance.flavor.root_gb:
             storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
+        network.validate(network_info)
+        spec.nics = self.vifs.plug_all(instance, network_info)
+        nic_model = _nic_model(image_meta)
+        for nic in spec.nics:
+            nic.model = nic_model
         self._save_spec(spec, vmdir)
         if power_on:
             self._start(vmdir, spec)
@@ -494,6 +578,7 @@ class BhyveDriver(driver.ComputeDriver):
                 self._remove(vmdir)
             cold_migration.restore_kept(vmdir.path)
         vmdir = self._vmdir(instance)
+        self.vifs.plug_all(instance, network_info)   # idempotent
         if power_on and not self.hypervisor.is_running(vmdir):
             self._start(vmdir)
 
@@ -558,10 +643,6 @@ def _refuse_unsupported(instance, network_info, block_device_info):
     InvalidInput makes Nova abort the build with this message as the fault
     instead of rescheduling to another host of the same kind.
     """
-    if network_info:
-        raise exception.InvalidInput(
-            reason='network interfaces are not supported by nova-bhyve yet; '
-                   'boot with networks=none')
     bdms = driver.block_device_info_get_mapping(block_device_info)
     if bdms:
         raise exception.InvalidInput(
@@ -582,6 +663,14 @@ def _migration_dest_compute(context, instance):
             context, instance.uuid, 'migrating').dest_compute
     except exception.MigrationNotFoundByStatus:
         return None
+def _nic_model(image_meta):
+    """The NIC model the image asks for (hw_vif_model), virtio by default."""
+    model = image_meta.properties.get('hw_vif_model', 'virtio')
+    if model not in guest.NIC_MODELS:
+        raise exception.InvalidInput(
+            reason='hw_vif_model=%s is not supported by nova-bhyve '
+                   '(supported: %s)' % (model, ', '.join(guest.NIC_MODELS)))
+    return model
 
 
 def _rotate_console_log(path, keep):

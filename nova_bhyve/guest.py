@@ -52,6 +52,8 @@ class VMSpec:
     disks: typing.List[Disk] = dataclasses.field(default_factory=list)
     nics: typing.List[Nic] = dataclasses.field(default_factory=list)
     boot: Boot = dataclasses.field(default_factory=Boot)
+    # empty PCIe slots for NIC hot-plug (QEMU pcie-root-port)
+    hotplug_ports: int = 0
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -7,6 +7,7 @@ instance directory are all a later nova-compute needs to adopt it.
 """
 import os
 import subprocess
+import time
 
 from nova.compute import power_state
 from oslo_log import log as logging
@@ -105,6 +106,10 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
         if i == 0 and not spec.boot.kernel:
             dev += ',bootindex=1'
         argv += ['-device', dev]
+    # Empty PCIe root ports: q35's root bus takes no hot-plugged devices.
+    for i in range(getattr(spec, 'hotplug_ports', 0)):
+        argv += ['-device', _opts('pcie-root-port', id='hp%d' % i,
+                                  chassis=100 + i)]
     for i, nic in enumerate(spec.nics):
         netdev = 'net%d' % i
         argv += ['-netdev', _opts('tap', id=netdev, ifname=nic.ifname,
@@ -249,3 +254,75 @@ class QemuHypervisor(base.Hypervisor):
             raise base.HypervisorError('instance %s is not running'
                                        % vmdir.uuid)
         return qemu_stats.stats(pid, vmdir.control, spec)
+
+    # -- NIC hot-plug (attach_interface / detach_interface) --------------
+
+    def _nic_device(self, vmdir, mac):
+        """QOM path of the NIC device with ``mac`` (ids or anonymous)."""
+        for parent in ('/machine/peripheral', '/machine/peripheral-anon'):
+            try:
+                children = qmp.execute(vmdir.control, 'qom-list',
+                                       {'path': parent})
+            except qmp.QMPError:
+                continue
+            for child in children:
+                if not child['type'].startswith('child<'):
+                    continue
+                path = '%s/%s' % (parent, child['name'])
+                try:
+                    got = qmp.execute(vmdir.control, 'qom-get',
+                                      {'path': path, 'property': 'mac'})
+                except qmp.QMPError:
+                    continue
+                if str(got).lower() == mac.lower():
+                    return path
+        return None
+
+    def attach_nic(self, vmdir, nic, port):
+        """Hot-plug ``nic`` (its tap exists) into the free root port
+        ``port`` (an id like 'hp0')."""
+        netdev = 'hostnet-' + nic.ifname
+        qmp.execute(vmdir.control, 'netdev_add', {
+            'type': 'tap', 'id': netdev, 'ifname': nic.ifname,
+            'script': 'no', 'downscript': 'no'})
+        args = {'driver': _NIC_DEVICE[nic.model], 'id': 'nic-' + nic.ifname,
+                'netdev': netdev, 'mac': nic.mac, 'bus': port}
+        if nic.mtu and nic.model == 'virtio':
+            args['host_mtu'] = nic.mtu
+        try:
+            qmp.execute(vmdir.control, 'device_add', args)
+        except base.HypervisorError:
+            qmp.execute(vmdir.control, 'netdev_del', {'id': netdev})
+            raise
+
+    def used_hotplug_ports(self, vmdir):
+        """Root port ids ('hpN') that hold a device now."""
+        used = set()
+        for dev in qmp.execute(vmdir.control, 'query-pci')[0]['devices']:
+            bridge = dev.get('pci_bridge')
+            if bridge and bridge.get('devices') and dev.get('qdev_id'):
+                used.add(dev['qdev_id'])
+        return used
+
+    def detach_nic(self, vmdir, nic, timeout=60):
+        """Unplug the NIC with ``nic.mac``: device_del, wait until QEMU has
+        deleted it (the guest acknowledged, DEVICE_DELETED), netdev_del."""
+        path = self._nic_device(vmdir, nic.mac)
+        if path is None:
+            raise base.HypervisorError('no NIC with MAC %s in %s' % (
+                nic.mac, vmdir.uuid))
+        netdev = qmp.execute(vmdir.control, 'qom-get',
+                             {'path': path, 'property': 'netdev'})
+        qmp.execute(vmdir.control, 'device_del', {'id': path})
+        deadline = time.monotonic() + timeout
+        while self._nic_device(vmdir, nic.mac) is not None:
+            if time.monotonic() > deadline:
+                raise base.HypervisorError(
+                    'guest did not release NIC %s within %ds' % (
+                        nic.mac, timeout))
+            time.sleep(0.5)
+        if netdev:
+            try:
+                qmp.execute(vmdir.control, 'netdev_del', {'id': netdev})
+            except qmp.QMPError as e:
+                LOG.debug('netdev_del %s: %s', netdev, e)
