@@ -14,16 +14,20 @@ from nova import exception
 from nova.objects import fields as obj_fields
 from nova.virt import driver
 from nova.virt import hardware
+from oslo_concurrency import lockutils
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
 from nova_bhyve import conf
+from nova_bhyve import configdrive
+from nova_bhyve import consoles
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import hypervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve import storage
+from nova_bhyve import volumes
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -53,6 +57,10 @@ class BhyveDriver(driver.ComputeDriver):
         self._host = None
         self._watcher = events.LifecycleWatcher(self.hypervisor,
                                                 self.emit_event)
+        # volume extend is tested only where volumes hot-plug (QEMU)
+        self.capabilities = dict(
+            self.capabilities,
+            supports_extend_volume=self.hypervisor.hotplug_ports > 0)
 
     # -- helpers ----------------------------------------------------------
 
@@ -87,6 +95,8 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _start(self, vmdir, spec=None):
         spec = spec or self._load_spec(vmdir)
+        if consoles.prepare(spec, self.hypervisor):
+            self._save_spec(spec, vmdir)
         _rotate_console_log(vmdir.console_log,
                             CONF.bhyve.console_log_keep_bytes)
         try:
@@ -109,6 +119,10 @@ class BhyveDriver(driver.ComputeDriver):
                      power_state.STATE_MAP.get(state, state))
             if state not in (power_state.SHUTDOWN, power_state.CRASHED):
                 self._watcher.watch(vmdir)
+                try:
+                    consoles.adopt(self._load_spec(vmdir))
+                except (OSError, ValueError, TypeError):
+                    pass
 
     def cleanup_host(self, host):
         self._watcher.stop_all()
@@ -225,6 +239,11 @@ class BhyveDriver(driver.ComputeDriver):
             root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                               format=self.hypervisor.instance_disk_format)
             spec = guest.build(instance, image_meta, root, kernel, ramdisk)
+            spec.hotplug_ports = self.hypervisor.hotplug_ports
+            if configdrive.required(instance):
+                spec.disks.append(configdrive.build(
+                    context, instance, vmdir.path, injected_files,
+                    admin_password, network_info))
             storage.create_root_disk(base_path, base_fmt, root.path,
                                      instance.flavor.root_gb, image_meta.id,
                                      disk_format=root.format)
@@ -240,6 +259,10 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _remove(self, vmdir):
         self._watcher.unwatch(vmdir.uuid)
+        try:
+            consoles.release_serial(self._load_spec(vmdir))
+        except (OSError, ValueError, TypeError):
+            pass
         try:
             self.hypervisor.kill(vmdir)
         finally:
@@ -347,3 +370,78 @@ def _rotate_console_log(path, keep):
         tail = f.read()
     with open(path, 'wb') as f:
         f.write(tail)
+
+    # -- consoles (nova_bhyve.consoles) -------------------------------------
+
+    def get_serial_console(self, context, instance):
+        return consoles.serial_console(self._load_spec(self._vmdir(instance)))
+
+    def get_vnc_console(self, context, instance):
+        vmdir = self._vmdir(instance)
+        return consoles.vnc_console(
+            self.hypervisor.vnc_port(vmdir, self._load_spec(vmdir)))
+
+    # -- volumes (nova_bhyve.volumes) ---------------------------------------
+
+    def get_volume_connector(self, instance):
+        return volumes.connector_properties()
+
+    def attach_volume(self, context, connection_info, instance, mountpoint,
+                      disk_bus=None, device_type=None, encryption=None):
+        if encryption:
+            raise NotImplementedError('encrypted volumes')
+        vmdir = self._vmdir(instance)
+        with lockutils.lock('nova-bhyve-spec-' + instance.uuid):
+            spec = self._load_spec(vmdir)
+            disk = volumes.connect(connection_info)
+            if volumes.find(spec, disk.serial):
+                raise exception.InvalidVolume(
+                    reason='volume %s is already attached' % disk.serial)
+            if self.hypervisor.is_running(vmdir):
+                try:
+                    self.hypervisor.attach_disk(vmdir, disk)
+                except base.HypervisorError as e:
+                    volumes.disconnect(connection_info)
+                    raise exception.VolumeAttachFailed(
+                        volume_id=disk.serial, reason=str(e))
+            spec.disks.append(disk)
+            self._save_spec(spec, vmdir)
+
+    def detach_volume(self, context, connection_info, instance, mountpoint,
+                      encryption=None):
+        vmdir = self._vmdir(instance)
+        vol_id = volumes.volume_id(connection_info)
+        with lockutils.lock('nova-bhyve-spec-' + instance.uuid):
+            spec = self._load_spec(vmdir)
+            disk = volumes.find(spec, vol_id)
+            if disk is None:
+                raise exception.DiskNotFound(location=vol_id)
+            if self.hypervisor.is_running(vmdir):
+                try:
+                    self.hypervisor.detach_disk(vmdir, disk)
+                except base.HypervisorError as e:
+                    raise exception.DeviceDetachFailed(device=vol_id,
+                                                       reason=str(e))
+            spec.disks.remove(disk)
+            self._save_spec(spec, vmdir)
+        volumes.disconnect(connection_info)
+
+    def extend_volume(self, context, connection_info, instance,
+                      requested_size):
+        vmdir = self._vmdir(instance)
+        spec = self._load_spec(vmdir)
+        disk = volumes.find(spec, volumes.volume_id(connection_info))
+        if disk is None:
+            raise exception.DiskNotFound(
+                location=volumes.volume_id(connection_info))
+        # what Cinder really made it (never grow Cinder's storage here)
+        size = volumes.size(disk.path)
+        if size < requested_size:
+            LOG.warning('volume %s is %d bytes, %d were requested',
+                        disk.serial, size, requested_size, instance=instance)
+        if self.hypervisor.is_running(vmdir):
+            try:
+                self.hypervisor.resize_disk(vmdir, disk, size)
+            except base.HypervisorError as e:
+                raise exception.VolumeExtendFailed(
+                    volume_id=disk.serial, reason=str(e))
