@@ -334,43 +334,6 @@ class BhyveDriver(driver.ComputeDriver):
             return b''
 
 
-def _refuse_unsupported(instance, network_info, block_device_info):
-    """Clear errors for what this driver cannot attach yet.
-
-    InvalidInput makes Nova abort the build with this message as the fault
-    instead of rescheduling to another host of the same kind.
-    """
-    if network_info:
-        raise exception.InvalidInput(
-            reason='network interfaces are not supported by nova-bhyve yet; '
-                   'boot with networks=none')
-    bdms = driver.block_device_info_get_mapping(block_device_info)
-    if bdms:
-        raise exception.InvalidInput(
-            reason='volumes are not supported by nova-bhyve yet')
-    if driver.block_device_info_get_ephemerals(block_device_info) or \
-            driver.block_device_info_get_swap(block_device_info).get(
-                'swap_size'):
-        raise exception.InvalidInput(
-            reason='ephemeral and swap disks are not supported by '
-                   'nova-bhyve yet; use a flavor without them')
-
-
-def _rotate_console_log(path, keep):
-    """Keep the console log bounded: when it exceeds ``keep`` bytes, keep
-    its last ``keep`` bytes. Called only while the VM is not running."""
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return
-    if size <= keep:
-        return
-    with open(path, 'rb') as f:
-        f.seek(size - keep)
-        tail = f.read()
-    with open(path, 'wb') as f:
-        f.write(tail)
-
     # -- consoles (nova_bhyve.consoles) -------------------------------------
 
     def get_serial_console(self, context, instance):
@@ -445,3 +408,41 @@ def _rotate_console_log(path, keep):
             except base.HypervisorError as e:
                 raise exception.VolumeExtendFailed(
                     volume_id=disk.serial, reason=str(e))
+
+
+def _refuse_unsupported(instance, network_info, block_device_info):
+    """Clear errors for what this driver cannot attach yet.
+
+    InvalidInput makes Nova abort the build with this message as the fault
+    instead of rescheduling to another host of the same kind.
+    """
+    if network_info:
+        raise exception.InvalidInput(
+            reason='network interfaces are not supported by nova-bhyve yet; '
+                   'boot with networks=none')
+    bdms = driver.block_device_info_get_mapping(block_device_info)
+    if bdms:
+        raise exception.InvalidInput(
+            reason='volumes are not supported by nova-bhyve yet')
+    if driver.block_device_info_get_ephemerals(block_device_info) or \
+            driver.block_device_info_get_swap(block_device_info).get(
+                'swap_size'):
+        raise exception.InvalidInput(
+            reason='ephemeral and swap disks are not supported by '
+                   'nova-bhyve yet; use a flavor without them')
+
+
+def _rotate_console_log(path, keep):
+    """Keep the console log bounded: when it exceeds ``keep`` bytes, keep
+    its last ``keep`` bytes. Called only while the VM is not running."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return
+    if size <= keep:
+        return
+    with open(path, 'rb') as f:
+        f.seek(size - keep)
+        tail = f.read()
+    with open(path, 'wb') as f:
+        f.write(tail)
