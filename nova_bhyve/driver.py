@@ -361,6 +361,10 @@ class BhyveDriver(driver.ComputeDriver):
                 raise exception.InvalidVolume(
                     reason='volume %s is already attached' % disk.serial)
             if self.hypervisor.is_running(vmdir):
+                if len([d for d in spec.disks if d.serial]) >= \
+                        spec.hotplug_ports:
+                    raise exception.TooManyDiskDevices(
+                        maximum=spec.hotplug_ports)
                 try:
                     self.hypervisor.attach_disk(vmdir, disk)
                 except base.HypervisorError as e:

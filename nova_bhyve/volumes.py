@@ -6,13 +6,15 @@ LocalConnector like the libvirt driver does. The volume is a raw disk on
 the VM's virtio bus with the volume id as serial, hot-plugged into a running
 QEMU VM (see hypervisor.qemu) and kept in the VM spec so reboots keep it.
 
-Not supported (refused with VolumeDriverNotFound): iSCSI, RBD, NFS, FC,
+Not supported (refused with InvalidVolume): iSCSI, RBD, NFS, FC,
 NVMe-oF... Their os-brick connectors need root helpers and initiator tools
 (iscsiadm, rbd-nbd...) that this driver does not set up yet; on FreeBSD
 os-brick has no connectors at all.
 """
 import os
+import platform
 import socket
+import sys
 
 from nova import exception
 from oslo_log import log as logging
@@ -36,7 +38,10 @@ def _connector():
 def _check_type(connection_info):
     vtype = connection_info.get('driver_volume_type')
     if vtype not in SUPPORTED_TYPES:
-        raise exception.VolumeDriverNotFound(driver_type=vtype)
+        # InvalidVolume: the API answers 400 with this reason
+        raise exception.InvalidVolume(
+            reason='driver_volume_type %s is not supported by nova-bhyve '
+                   '(supported: %s)' % (vtype, ', '.join(SUPPORTED_TYPES)))
 
 
 def volume_id(connection_info):
@@ -85,8 +90,8 @@ def connector_properties():
     initiator name when the host has one configured.
     """
     props = {
-        'platform': os.uname().machine,
-        'os_type': 'freebsd' if os.uname().sysname == 'FreeBSD' else 'linux',
+        'platform': platform.machine(),
+        'os_type': sys.platform,           # as os-brick reports it
         'ip': CONF.my_block_storage_ip,
         'host': CONF.host or socket.gethostname(),
         'multipath': False,
