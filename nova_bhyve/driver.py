@@ -93,10 +93,23 @@ class BhyveDriver(driver.ComputeDriver):
             f.write(spec.to_json())
         os.rename(tmp, vmdir.spec)
 
+    def _prepare_consoles(self, spec, vmdir):
+        """Settle console ports before a start; persist them only if
+        ``spec`` is the one in spec.json (not e.g. a transient rescue
+        spec)."""
+        before = spec.to_json()
+        if consoles.prepare(spec, self.hypervisor):
+            try:
+                with open(vmdir.spec) as f:
+                    saved = f.read() == before
+            except OSError:
+                saved = False
+            if saved:
+                self._save_spec(spec, vmdir)
+
     def _start(self, vmdir, spec=None):
         spec = spec or self._load_spec(vmdir)
-        if consoles.prepare(spec, self.hypervisor):
-            self._save_spec(spec, vmdir)
+        self._prepare_consoles(spec, vmdir)
         _rotate_console_log(vmdir.console_log,
                             CONF.bhyve.console_log_keep_bytes)
         try:

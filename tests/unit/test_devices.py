@@ -513,3 +513,28 @@ def test_vfat_drive_without_root(tmp_path):
                           '::/openstack/latest/meta_data.json'], env=env,
                          capture_output=True, check=True, text=True).stdout
     assert json.loads(out) == {'uuid': UUID}
+
+
+# -- driver: console ports are persisted only into the instance's own spec ----
+
+def test_console_ports_are_saved_only_into_spec_json(tmp_path):
+    from nova_bhyve import driver as nb_driver
+    CONF.set_override('enabled', False, group='serial_console')
+    CONF.set_override('enabled', True, group='vnc')
+    CONF.set_override('server_listen', '127.0.0.1', group='vnc')
+    vmdir = base.VMDir(str(tmp_path / UUID))
+    os.makedirs(vmdir.path)
+    drv = nb_driver.BhyveDriver.__new__(nb_driver.BhyveDriver)
+    drv.hypervisor = FakeHV()
+    own = spec([root()])
+    nb_driver.BhyveDriver._save_spec(own, vmdir)
+    drv._prepare_consoles(own, vmdir)
+    with open(vmdir.spec) as f:
+        saved = guest.VMSpec.from_json(f.read())
+    assert saved.consoles.vnc_port == own.consoles.vnc_port is not None
+    # a transient spec (rescue) gets ports but does not replace spec.json
+    other = spec([guest.Disk(path=vmdir.path + '/disk.rescue')])
+    drv._prepare_consoles(other, vmdir)
+    assert other.consoles.vnc_port
+    with open(vmdir.spec) as f:
+        assert guest.VMSpec.from_json(f.read()) == saved
