@@ -18,6 +18,7 @@ from nova.virt import driver
 from nova.virt import hardware
 from nova.virt import images
 from nova.virt import node as virt_node
+from oslo_concurrency import lockutils
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 from oslo_utils import excutils
@@ -27,6 +28,8 @@ from oslo_utils import uuidutils
 from nova_bhyve import cold_migration
 from nova_bhyve import conf
 from nova_bhyve import diagnostics
+from nova_bhyve import configdrive
+from nova_bhyve import consoles
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
@@ -37,6 +40,7 @@ from nova_bhyve.hypervisor import base
 from nova_bhyve import snapshot
 from nova_bhyve import storage
 from nova_bhyve import vdsk
+from nova_bhyve import volumes
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -74,10 +78,12 @@ class BhyveDriver(driver.ComputeDriver):
         self._watcher = events.LifecycleWatcher(self.hypervisor,
                                                 self.emit_event)
         self.vifs = network.VifPlugger()
-        # NIC hot-plug only where the backend has it (QEMU; not bhyve).
+        # hot-plug (NICs, volume extend) only where the backend has it
+        # (QEMU; not bhyve)
         self.capabilities = dict(
             self.capabilities,
-            supports_attach_interface=hasattr(self.hypervisor, 'attach_nic'))
+            supports_attach_interface=hasattr(self.hypervisor, 'attach_nic'),
+            supports_extend_volume=self.hypervisor.hotplug_ports > 0)
 
     # -- helpers ----------------------------------------------------------
 
@@ -112,9 +118,24 @@ class BhyveDriver(driver.ComputeDriver):
             f.write(spec.to_json())
         os.rename(tmp, vmdir.spec)
 
+    def _prepare_consoles(self, spec, vmdir):
+        """Settle console ports before a start; persist them only if
+        ``spec`` is the one in spec.json (not e.g. a transient rescue
+        spec)."""
+        before = spec.to_json()
+        if consoles.prepare(spec, self.hypervisor):
+            try:
+                with open(vmdir.spec) as f:
+                    saved = f.read() == before
+            except OSError:
+                saved = False
+            if saved:
+                self._save_spec(spec, vmdir)
+
     def _start(self, vmdir, spec=None):
         spec = spec or self._load_spec(vmdir)
         self.hypervisor.discard_saved_state(vmdir)   # a fresh boot
+        self._prepare_consoles(spec, vmdir)
         _rotate_console_log(vmdir.console_log,
                             CONF.bhyve.console_log_keep_bytes)
         try:
@@ -139,6 +160,10 @@ class BhyveDriver(driver.ComputeDriver):
             if state not in (power_state.SHUTDOWN, power_state.CRASHED,
                              power_state.SUSPENDED):
                 self._watcher.watch(vmdir)
+                try:
+                    consoles.adopt(self._load_spec(vmdir))
+                except (OSError, ValueError, TypeError):
+                    pass
 
     def cleanup_host(self, host):
         self._watcher.stop_all()
@@ -267,8 +292,11 @@ class BhyveDriver(driver.ComputeDriver):
             root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                               format=self.hypervisor.instance_disk_format)
             spec = guest.build(instance, image_meta, root, kernel, ramdisk)
-            if getattr(self.hypervisor, 'attach_nic', None):
-                spec.hotplug_ports = network.HOTPLUG_PORTS
+            spec.hotplug_ports = self.hypervisor.hotplug_ports
+            if configdrive.required(instance):
+                spec.disks.append(configdrive.build(
+                    context, instance, vmdir.path, injected_files,
+                    admin_password, network_info))
             storage.create_root_disk(base_path, base_fmt, root.path,
                                      instance.flavor.root_gb, image_meta.id,
                                      disk_format=root.format)
@@ -290,6 +318,10 @@ class BhyveDriver(driver.ComputeDriver):
 
     def _remove(self, vmdir):
         self._watcher.unwatch(vmdir.uuid)
+        try:
+            consoles.release_serial(self._load_spec(vmdir))
+        except (OSError, ValueError, TypeError):
+            pass
         try:
             self.hypervisor.kill(vmdir)
         finally:
@@ -535,8 +567,7 @@ class BhyveDriver(driver.ComputeDriver):
         kernel, ramdisk = self._fetch_kernel(context, instance.kernel_id,
                                              instance.ramdisk_id)
         spec = guest.build(instance, image_meta, root, kernel, ramdisk)
-        if getattr(self.hypervisor, 'attach_nic', None):
-            spec.hotplug_ports = network.HOTPLUG_PORTS
+        spec.hotplug_ports = self.hypervisor.hotplug_ports
         if instance.flavor.root_gb:
             storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
         network.validate(network_info)
@@ -636,6 +667,86 @@ class BhyveDriver(driver.ComputeDriver):
         self.hypervisor.kill(vmdir)
         rescue.remove(vmdir)
         self._start(vmdir)
+
+    # -- consoles (nova_bhyve.consoles) -------------------------------------
+
+    def get_serial_console(self, context, instance):
+        return consoles.serial_console(self._load_spec(self._vmdir(instance)))
+
+    def get_vnc_console(self, context, instance):
+        vmdir = self._vmdir(instance)
+        return consoles.vnc_console(
+            self.hypervisor.vnc_port(vmdir, self._load_spec(vmdir)))
+
+    # -- volumes (nova_bhyve.volumes) ---------------------------------------
+
+    def get_volume_connector(self, instance):
+        return volumes.connector_properties()
+
+    def attach_volume(self, context, connection_info, instance, mountpoint,
+                      disk_bus=None, device_type=None, encryption=None):
+        if encryption:
+            raise NotImplementedError('encrypted volumes')
+        vmdir = self._vmdir(instance)
+        with lockutils.lock('nova-bhyve-spec-' + instance.uuid):
+            spec = self._load_spec(vmdir)
+            disk = volumes.connect(connection_info)
+            if volumes.find(spec, disk.serial):
+                raise exception.InvalidVolume(
+                    reason='volume %s is already attached' % disk.serial)
+            if self.hypervisor.is_running(vmdir):
+                if len([d for d in spec.disks if d.serial]) >= \
+                        spec.hotplug_ports:
+                    raise exception.TooManyDiskDevices(
+                        maximum=spec.hotplug_ports)
+                try:
+                    self.hypervisor.attach_disk(vmdir, disk)
+                except base.HypervisorError as e:
+                    volumes.disconnect(connection_info)
+                    raise exception.VolumeAttachFailed(
+                        volume_id=disk.serial, reason=str(e))
+            spec.disks.append(disk)
+            self._save_spec(spec, vmdir)
+
+    def detach_volume(self, context, connection_info, instance, mountpoint,
+                      encryption=None):
+        vmdir = self._vmdir(instance)
+        vol_id = volumes.volume_id(connection_info)
+        with lockutils.lock('nova-bhyve-spec-' + instance.uuid):
+            spec = self._load_spec(vmdir)
+            disk = volumes.find(spec, vol_id)
+            if disk is None:
+                raise exception.DiskNotFound(location=vol_id)
+            if self.hypervisor.is_running(vmdir):
+                try:
+                    self.hypervisor.detach_disk(vmdir, disk)
+                except base.HypervisorError as e:
+                    raise exception.DeviceDetachFailed(device=vol_id,
+                                                       reason=str(e))
+            spec.disks.remove(disk)
+            self._save_spec(spec, vmdir)
+        volumes.disconnect(connection_info)
+
+    def extend_volume(self, context, connection_info, instance,
+                      requested_size):
+        vmdir = self._vmdir(instance)
+        spec = self._load_spec(vmdir)
+        disk = volumes.find(spec, volumes.volume_id(connection_info))
+        if disk is None:
+            raise exception.DiskNotFound(
+                location=volumes.volume_id(connection_info))
+        # what Cinder really made it (never grow Cinder's storage here)
+        size = volumes.size(disk.path)
+        if size < requested_size:
+            LOG.warning('volume %s is %d bytes, %d were requested',
+                        disk.serial, size, requested_size, instance=instance)
+        if self.hypervisor.is_running(vmdir):
+            try:
+                self.hypervisor.resize_disk(vmdir, disk, size)
+            except base.HypervisorError as e:
+                raise exception.VolumeExtendFailed(
+                    volume_id=disk.serial, reason=str(e))
+
 
 def _refuse_unsupported(instance, network_info, block_device_info):
     """Clear errors for what this driver cannot attach yet.

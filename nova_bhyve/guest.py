@@ -25,6 +25,9 @@ class Disk:
     bus: str = 'virtio'
     device: str = 'disk'           # disk | cdrom
     readonly: bool = False
+    # Cinder volume id for an attached volume (the guest sees it as the
+    # disk's serial; hot-pluggable); None for disks the driver made.
+    serial: typing.Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -44,6 +47,16 @@ class Boot:
 
 
 @dataclasses.dataclass
+class Consoles:
+    """Remote consoles. None means off: the serial console then stays on a
+    unix socket in the instance directory, and there is no framebuffer."""
+    serial_host: typing.Optional[str] = None     # serial on TCP host:port
+    serial_port: typing.Optional[int] = None
+    vnc_host: typing.Optional[str] = None        # VNC/RFB listen address
+    vnc_port: typing.Optional[int] = None        # first port tried
+
+
+@dataclasses.dataclass
 class VMSpec:
     uuid: str
     name: str
@@ -52,7 +65,9 @@ class VMSpec:
     disks: typing.List[Disk] = dataclasses.field(default_factory=list)
     nics: typing.List[Nic] = dataclasses.field(default_factory=list)
     boot: Boot = dataclasses.field(default_factory=Boot)
-    # empty PCIe slots for NIC hot-plug (QEMU pcie-root-port)
+    consoles: Consoles = dataclasses.field(default_factory=Consoles)
+    # empty PCIe root ports ('hpN') kept free at boot for hot-plugging
+    # NICs and volumes (QEMU pcie-root-port)
     hotplug_ports: int = 0
 
     def to_json(self):
@@ -64,6 +79,7 @@ class VMSpec:
         data['disks'] = [Disk(**d) for d in data.get('disks', [])]
         data['nics'] = [Nic(**n) for n in data.get('nics', [])]
         data['boot'] = Boot(**data.get('boot') or {})
+        data['consoles'] = Consoles(**data.get('consoles') or {})
         return cls(**data)
 
 

@@ -106,6 +106,12 @@ class Hypervisor(abc.ABC):
     #: format of the instance disks the hypervisor opens: 'qcow2' means a
     #: copy-on-write overlay on the cached image, 'raw' a full sparse copy
     instance_disk_format = 'qcow2'
+    #: the serial console can be a TCP server (Nova's serial console)
+    supports_serial_tcp = False
+    #: a framebuffer with a VNC/RFB server can be added
+    supports_vnc = False
+    #: ports a new VM gets for hot-plugging volumes (0: no hot-plug)
+    hotplug_ports = 0
 
     @abc.abstractmethod
     def start(self, spec, vmdir):
@@ -229,4 +235,19 @@ class Hypervisor(abc.ABC):
         ([(id, time_ns)]), memory_max_mb, memory_used_mb, disks ([{name,
         read_bytes, read_requests, write_bytes, write_requests, errors}]),
         nics ([])."""
+    def vnc_port(self, vmdir, spec):
+        """TCP port of the running VM's VNC server, None if it has none."""
+        if not spec.consoles.vnc_port or not self.is_running(vmdir):
+            return None
+        return spec.consoles.vnc_port
+
+    def attach_disk(self, vmdir, disk):
+        """Hot-plug ``disk`` (a guest.Disk with a serial) into the VM."""
+        raise NotImplementedError()
+
+    def detach_disk(self, vmdir, disk):
+        raise NotImplementedError()
+
+    def resize_disk(self, vmdir, disk, size):
+        """Tell the running VM that ``disk`` is now ``size`` bytes."""
         raise NotImplementedError()

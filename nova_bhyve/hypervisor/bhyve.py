@@ -25,6 +25,12 @@ Decisions:
   snapshot and need a BHYVE_SNAPSHOT build); they stay NotImplementedError.
 * suspend/resume: ``bhyvectl --suspend`` / ``bhyve -r`` when bhyvectl was
   built with BHYVE_SNAPSHOT (see bhyve_state), NotImplementedError otherwise.
+* Consoles: VNC is the fbuf device (``tcp=host:port``, ``w``/``h``) plus an
+  xHCI tablet; there is no TCP serial console (COM1 is nmdm(4); Nova's
+  serial console is refused with ConsoleTypeUnavailable).
+* Volumes: bhyve has no PCI hot-plug, so volumes are attached only while
+  the VM is stopped (virtio-blk, ``ser`` = volume id); attach/detach on a
+  running VM raise NotImplementedError.
 """
 import collections
 import json
@@ -50,6 +56,7 @@ LPC_SLOT = 31
 FIRST_DEVICE_SLOT = 2          # 1 is left free, as in bhyve(8)'s examples
 LAST_DEVICE_SLOT = 30
 MAX_AHCI_PORTS = 32
+FBUF_WIDTH, FBUF_HEIGHT = 1024, 768
 
 NIC_DEVICES = {'virtio': 'virtio-net', 'e1000': 'e1000'}
 # net_backends.c matches the backend name by prefix: tap(4) and vmnet(4).
@@ -129,6 +136,8 @@ def render_config(spec, vmdir):
             tree[_pci(slot, 'path')] = disk.path
             if ro:
                 tree[_pci(slot, 'ro')] = 'true'
+            if disk.serial:       # a Cinder volume: its id as the serial
+                tree[_pci(slot, 'ser')] = disk.serial
             continue
         # sata, ide (bhyve has no IDE: AHCI stands in) and every cdrom:
         # ports of one AHCI controller, in spec order.
@@ -165,6 +174,23 @@ def render_config(spec, vmdir):
         tree[_pci(slot, 'mac')] = nic.mac.lower()
         if nic.mtu and nic.model == 'virtio':   # only virtio-net has mtu
             tree[_pci(slot, 'mtu')] = str(nic.mtu)
+
+    consoles = getattr(spec, 'consoles', None)
+    if consoles is not None and consoles.vnc_host and consoles.vnc_port:
+        # VNC: the fbuf device's RFB server (pci_fbuf.c: "tcp" or "rfb" is
+        # host:port, an IPv6 host in brackets; "w"/"h" the resolution), and
+        # an xHCI tablet so that the pointer follows the VNC client.
+        host = consoles.vnc_host
+        if ':' in host:
+            host = '[%s]' % host
+        slot = next_slot('the framebuffer')
+        tree[_pci(slot, 'device')] = 'fbuf'
+        tree[_pci(slot, 'tcp')] = '%s:%d' % (host, consoles.vnc_port)
+        tree[_pci(slot, 'w')] = str(FBUF_WIDTH)
+        tree[_pci(slot, 'h')] = str(FBUF_HEIGHT)
+        slot = next_slot('the xHCI tablet')
+        tree[_pci(slot, 'device')] = 'xhci'
+        tree[_pci(slot, 'slot.1.device')] = 'tablet'
     return tree
 
 
@@ -215,6 +241,9 @@ class BhyveHypervisor(base.Hypervisor):
 
     name = 'bhyve'
     instance_disk_format = 'raw'     # bhyve has no qcow2 reader
+    # COM1 is an nmdm(4) device: bhyve has no TCP serial port
+    supports_serial_tcp = False
+    supports_vnc = True              # the fbuf device's RFB server
 
     def __init__(self):
         self.bhyve = CONF.bhyve.bhyve_path
@@ -418,3 +447,12 @@ class BhyveHypervisor(base.Hypervisor):
                 'bhyve -r %s did not come up, see %s' % (
                     state, os.path.join(vmdir.path, supervisor.LOGFILE)))
         self.discard_saved_state(vmdir)
+    def attach_disk(self, vmdir, disk):
+        raise NotImplementedError(
+            'bhyve has no PCI hot-plug: attach volumes while the instance '
+            'is stopped')
+
+    def detach_disk(self, vmdir, disk):
+        raise NotImplementedError(
+            'bhyve has no PCI hot-plug: detach volumes while the instance '
+            'is stopped')

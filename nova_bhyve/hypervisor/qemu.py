@@ -25,6 +25,10 @@ CONF = conf.CONF
 
 _DISK_DEVICE = {'virtio': 'virtio-blk-pci', 'sata': 'ide-hd', 'ide': 'ide-hd'}
 _NIC_DEVICE = {'virtio': 'virtio-net-pci', 'e1000': 'e1000'}
+# with -vnc ...,to=: displays QEMU may move to if the spec's port is taken
+VNC_DISPLAY_SPAN = 100
+# PCIe root ports a new VM gets for hot-plugged volumes
+HOTPLUG_PORTS = 4
 _STATUS = {
     'running': power_state.RUNNING,
     'paused': power_state.PAUSED,
@@ -62,9 +66,7 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             '-m', '%dM' % spec.memory_mb,
             '-nodefaults', '-no-user-config',
             '-display', 'none',
-            '-chardev', _opts('socket', id='serial0', path=vmdir.serial,
-                              server='on', wait='off',
-                              logfile=vmdir.console_log, logappend='on'),
+            '-chardev', _serial_chardev(spec, vmdir),
             '-serial', 'chardev:serial0',
             '-chardev', _opts('socket', id='qmp', path=vmdir.control,
                               server='on', wait='off'),
@@ -87,8 +89,26 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
     if any(d.bus in ('sata', 'ide') or d.device == 'cdrom'
            for d in spec.disks):
         argv += ['-device', 'ich9-ahci,id=ahci0']
+    # Empty PCIe root ports: q35's root bus takes no hot-plugged devices.
+    hotplug = ['hp%d' % n for n in range(spec.hotplug_ports)]
+    for n, port in enumerate(hotplug):
+        argv += ['-device', _opts('pcie-root-port', id=port,
+                                  chassis=n + 1)]
+    volumes = [d for d in spec.disks if d.serial]
+    if len(volumes) > len(hotplug):
+        raise base.HypervisorError(
+            'instance %s has %d volumes but %d hot-plug ports' % (
+                spec.uuid, len(volumes), len(hotplug)))
     ahci_port = 0
     for i, disk in enumerate(spec.disks):
+        if disk.serial:
+            node, devid = volume_names(disk.serial)
+            argv += ['-blockdev', _opts(**_volume_blockdev(disk, node,
+                                                           flat=True)),
+                     '-device', _opts('virtio-blk-pci', id=devid,
+                                      drive=node, serial=disk.serial,
+                                      bus=hotplug[volumes.index(disk)])]
+            continue
         node = 'disk%d' % i
         argv += ['-blockdev', _opts(**{
             'driver': disk.format, 'node-name': node,
@@ -106,10 +126,6 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
         if i == 0 and not spec.boot.kernel:
             dev += ',bootindex=1'
         argv += ['-device', dev]
-    # Empty PCIe root ports: q35's root bus takes no hot-plugged devices.
-    for i in range(getattr(spec, 'hotplug_ports', 0)):
-        argv += ['-device', _opts('pcie-root-port', id='hp%d' % i,
-                                  chassis=100 + i)]
     for i, nic in enumerate(spec.nics):
         netdev = 'net%d' % i
         argv += ['-netdev', _opts('tap', id=netdev, ifname=nic.ifname,
@@ -119,11 +135,51 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
                                   **({'host_mtu': nic.mtu}
                                      if nic.mtu and nic.model == 'virtio'
                                      else {}))]
+    if spec.consoles.vnc_host and spec.consoles.vnc_port:
+        display = spec.consoles.vnc_port - 5900
+        host = spec.consoles.vnc_host
+        if ':' in host:
+            host = '[%s]' % host
+        argv += ['-device', 'VGA,id=video0',
+                 '-vnc', '%s:%d,to=%d' % (host, display,
+                                          display + VNC_DISPLAY_SPAN)]
     return argv
+
+
+def _serial_chardev(spec, vmdir):
+    """COM1: a raw TCP server when the spec has a serial port (Nova's
+    serial console), else a unix socket in the instance directory; both
+    keep the console log."""
+    c = spec.consoles
+    where = ({'host': c.serial_host, 'port': c.serial_port, 'telnet': 'off'}
+             if c.serial_port else {'path': vmdir.serial})
+    return _opts('socket', id='serial0', **where, server='on', wait='off',
+                 logfile=vmdir.console_log, logappend='on')
+
+
+def volume_names(volume_id):
+    """(block node name, device id) of an attached volume. Node names
+    are at most 31 characters."""
+    return 'vol' + volume_id.replace('-', '')[:24], 'vol-' + volume_id
+
+
+def _volume_blockdev(disk, node, flat=False):
+    proto = 'host_device' if disk.path.startswith('/dev/') else 'file'
+    args = {'driver': disk.format, 'node-name': node,
+            'read-only': disk.readonly,
+            'file': {'driver': proto, 'filename': disk.path}}
+    if flat:
+        args = {'driver': disk.format, 'node-name': node,
+                'read-only': 'on' if disk.readonly else 'off',
+                'file.driver': proto, 'file.filename': disk.path}
+    return args
 
 
 class QemuHypervisor(base.Hypervisor):
     name = 'qemu'
+    supports_serial_tcp = True
+    supports_vnc = True
+    hotplug_ports = HOTPLUG_PORTS
 
     def __init__(self):
         self.binary = CONF.bhyve.qemu_binary
@@ -326,3 +382,63 @@ class QemuHypervisor(base.Hypervisor):
                 qmp.execute(vmdir.control, 'netdev_del', {'id': netdev})
             except qmp.QMPError as e:
                 LOG.debug('netdev_del %s: %s', netdev, e)
+
+    # -- consoles and volumes (see nova_bhyve.consoles / volumes) ---------
+
+    def vnc_port(self, vmdir, spec):
+        """The port the VM's VNC server really listens on (QMP query-vnc:
+        QEMU may have moved past a taken port)."""
+        if self.pid(vmdir) is None or not spec.consoles.vnc_host:
+            return None
+        info = qmp.execute(vmdir.control, 'query-vnc')
+        if not info.get('enabled') or not info.get('service'):
+            return None
+        return int(info['service'])
+
+    def _free_hotplug_port(self, vmdir):
+        for bus in qmp.execute(vmdir.control, 'query-pci'):
+            for dev in bus.get('devices', []):
+                qid = dev.get('qdev_id') or ''
+                bridge = dev.get('pci_bridge')
+                if qid.startswith('hp') and bridge is not None and \
+                        not bridge.get('devices'):
+                    return qid
+        raise base.HypervisorError('no free PCIe hot-plug port left in %s'
+                                   % vmdir.uuid)
+
+    def attach_disk(self, vmdir, disk):
+        """Hot-plug a volume: blockdev-add, then a virtio-blk-pci on a free
+        root port, serial = volume id."""
+        node, devid = volume_names(disk.serial)
+        port = self._free_hotplug_port(vmdir)
+        qmp.execute(vmdir.control, 'blockdev-add',
+                    _volume_blockdev(disk, node))
+        try:
+            qmp.execute(vmdir.control, 'device_add', {
+                'driver': 'virtio-blk-pci', 'id': devid, 'drive': node,
+                'serial': disk.serial, 'bus': port})
+        except base.HypervisorError:
+            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
+            raise
+
+    def detach_disk(self, vmdir, disk, timeout=120.0):
+        """device_del, wait for the guest to release the device
+        (DEVICE_DELETED), then blockdev-del."""
+        node, devid = volume_names(disk.serial)
+        try:
+            qmp.execute_until_event(
+                vmdir.control, 'device_del', {'id': devid}, 'DEVICE_DELETED',
+                match=lambda data: data.get('device') == devid,
+                timeout=timeout, retry_interval=10.0)
+        except qmp.QMPError as e:
+            if e.error_class != 'DeviceNotFound':
+                raise
+        try:
+            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
+        except qmp.QMPError as e:
+            LOG.debug('blockdev-del %s: %s', node, e)
+
+    def resize_disk(self, vmdir, disk, size):
+        node, _ = volume_names(disk.serial)
+        qmp.execute(vmdir.control, 'block_resize',
+                    {'node-name': node, 'size': size})

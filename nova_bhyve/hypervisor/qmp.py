@@ -116,3 +116,84 @@ class EventListener:
             self._sock.close()
         except OSError:
             pass
+
+
+def execute_until_event(path, command, arguments, event, match=None,
+                        timeout=60.0, retry_interval=None):
+    """Run ``command`` and wait on the same connection for ``event`` (whose
+    data satisfies ``match``), re-sending the command every
+    ``retry_interval`` seconds (e.g. device_del, which a guest may miss
+    while it is still booting). Returns the event; raises HypervisorError
+    on timeout. A QMP error reply to a retry is ignored; to the first
+    command it is raised.
+    """
+    import time
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10.0)
+        sock.connect(path)
+    except OSError as e:
+        raise HypervisorError('cannot reach QMP socket %s: %s' % (path, e))
+    buf = b''
+
+    def send(name, args=None):
+        req = {'execute': name}
+        if args:
+            req['arguments'] = args
+        sock.sendall(json.dumps(req).encode() + b'\n')
+
+    def read(until):
+        nonlocal buf
+        while b'\n' not in buf:
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                return None
+            if not chunk:
+                raise HypervisorError('QMP connection closed while waiting '
+                                      'for %s' % event)
+            buf += chunk
+        line, buf = buf.split(b'\n', 1)
+        return json.loads(line)
+
+    with sock:
+        try:
+            greeting = read(time.monotonic() + 10)
+            if not greeting or 'QMP' not in greeting:
+                raise HypervisorError('no QMP greeting on %s' % path)
+            send('qmp_capabilities')
+            while True:
+                msg = read(time.monotonic() + 10)
+                if msg is None:
+                    raise HypervisorError('no reply to qmp_capabilities')
+                if 'return' in msg or 'error' in msg:
+                    break
+            send(command, arguments)
+            first = True
+            next_try = (time.monotonic() + retry_interval
+                        if retry_interval else deadline)
+            while True:
+                msg = read(min(deadline, next_try))
+                now = time.monotonic()
+                if msg is None:
+                    if now >= deadline:
+                        raise HypervisorError(
+                            'QMP %s: no %s event within %.0f s' % (
+                                command, event, timeout))
+                    send(command, arguments)
+                    next_try = now + retry_interval
+                    continue
+                if msg.get('event') == event and (
+                        match is None or match(msg.get('data') or {})):
+                    return msg
+                if 'error' in msg and first:
+                    raise QMPError(command, msg['error'])
+                if 'return' in msg or 'error' in msg:
+                    first = False
+        except (OSError, ValueError) as e:
+            raise HypervisorError('QMP %s on %s: %s' % (command, path, e))

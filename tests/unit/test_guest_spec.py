@@ -169,9 +169,26 @@ def test_json_is_plain_data():
     data = json.loads(full_spec().to_json())
     assert data['disks'][1] == {'path': '/i/config,drive', 'format': 'raw',
                                 'bus': 'sata', 'device': 'cdrom',
-                                'readonly': True}
+                                'readonly': True, 'serial': None}
     assert data['boot']['kernel'] == '/k/vmlinuz'
     assert data['nics'][0]['mtu'] == 9000
+    assert data['consoles'] == {'serial_host': None, 'serial_port': None,
+                                'vnc_host': None, 'vnc_port': None}
+    assert data['hotplug_ports'] == 0
+
+
+def test_from_json_of_a_spec_written_before_consoles_and_volumes():
+    # specs saved by an older nova-bhyve (adopted VMs) still load
+    text = json.dumps({'uuid': UUID, 'name': 'n', 'vcpus': 1,
+                       'memory_mb': 64,
+                       'disks': [{'path': '/d', 'format': 'raw',
+                                  'bus': 'virtio', 'device': 'disk',
+                                  'readonly': False}]})
+    spec = guest.VMSpec.from_json(text)
+    assert spec.disks[0].serial is None
+    assert spec.consoles == guest.Consoles()
+    assert spec.hotplug_ports == 0
+    assert guest.VMSpec.from_json(spec.to_json()) == spec
 
 
 def test_from_json_tolerates_missing_lists_and_null_boot():

@@ -191,7 +191,11 @@ def bhyve_env(tmp_path):
     bootrom.write_bytes(b'firmware')
     CONF.set_override('hypervisor', 'bhyve', group='bhyve')
     CONF.set_override('bhyve_bootrom', str(bootrom), group='bhyve')
+    # no VNC: a started VM records its console ports in spec.json, and
+    # these tests compare spec.json before and after
+    CONF.set_override('enabled', False, group='vnc')
     yield tmp_path
+    CONF.clear_override('enabled', group='vnc')
     CONF.clear_override('hypervisor', group='bhyve')
     CONF.clear_override('bhyve_bootrom', group='bhyve')
     CONF.clear_override('instances_path')

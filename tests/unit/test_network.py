@@ -152,8 +152,8 @@ def test_qemu_renders_hotplug_root_ports():
                         hotplug_ports=2)
     argv = qemu.render_argv(spec, base.VMDir('/i/u'), 'qemu', 'tcg')
     assert argv.count('-device') == 2
-    assert 'pcie-root-port,id=hp0,chassis=100' in argv
-    assert 'pcie-root-port,id=hp1,chassis=101' in argv
+    assert 'pcie-root-port,id=hp0,chassis=1' in argv
+    assert 'pcie-root-port,id=hp1,chassis=2' in argv
     # old specs (no field) render as before
     old = guest.VMSpec.from_json(spec.to_json().replace(
         '"hotplug_ports": 2,', ''))

@@ -1,0 +1,540 @@
+"""Config drive, consoles and volumes at their boundaries: the QEMU argv
+and bhyve config keys they add, the QMP command sequences for volume
+hot-plug (against a fake QMP server on a real unix socket), port choice,
+and Nova's config drive builder writing real ISO 9660 / vfat images."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+
+import pytest
+
+from nova import exception
+from nova.console import serial as serial_ports
+
+from nova_bhyve import conf
+from nova_bhyve import configdrive
+from nova_bhyve import consoles
+from nova_bhyve import guest
+from nova_bhyve import volumes
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import bhyve
+from nova_bhyve.hypervisor import qemu
+from nova_bhyve.hypervisor import qmp
+
+CONF = conf.CONF
+UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
+VOL = '3c1e2a4b-5d6f-4a1b-9c8d-7e6f5a4b3c2d'
+VM = '/var/lib/nova/instances/' + UUID
+
+
+@pytest.fixture(autouse=True)
+def _clear_overrides():
+    yield
+    for opt, group in (('enabled', 'serial_console'),
+                       ('proxyclient_address', 'serial_console'),
+                       ('port_range', 'serial_console'),
+                       ('enabled', 'vnc'), ('server_listen', 'vnc'),
+                       ('server_proxyclient_address', 'vnc'),
+                       ('config_drive_format', None),
+                       ('bhyve_bootrom', 'bhyve')):
+        CONF.clear_override(opt, group=group)
+    serial_ports.ALLOCATED_PORTS.clear()
+
+
+def spec(disks=(), **kw):
+    s = guest.VMSpec(uuid=UUID, name='instance-0000002a', vcpus=1,
+                     memory_mb=256, disks=list(disks))
+    for k, v in kw.items():
+        setattr(s, k, v)
+    return s
+
+
+def root():
+    return guest.Disk(path=VM + '/disk', format='qcow2')
+
+
+def volume(path='/srv/vol', serial=VOL, readonly=False):
+    return guest.Disk(path=path, format='raw', serial=serial,
+                      readonly=readonly)
+
+
+def argv_of(s):
+    return qemu.render_argv(s, base.VMDir(VM), 'qemu', 'tcg')
+
+
+def after(argv, flag):
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+# -- QEMU argv -------------------------------------------------------------
+
+def test_serial_stays_on_the_unix_socket_without_a_port():
+    chardevs = after(argv_of(spec([root()])), '-chardev')
+    assert chardevs[0] == ('socket,id=serial0,path=%s/serial.sock,server=on,'
+                           'wait=off,logfile=%s/console.log,logappend=on'
+                           % (VM, VM))
+
+
+def test_serial_on_tcp_keeps_the_console_log():
+    s = spec([root()])
+    s.consoles.serial_host, s.consoles.serial_port = '192.0.2.5', 10007
+    chardevs = after(argv_of(s), '-chardev')
+    assert chardevs[0] == ('socket,id=serial0,host=192.0.2.5,port=10007,'
+                           'telnet=off,server=on,wait=off,'
+                           'logfile=%s/console.log,logappend=on' % VM)
+    assert 'chardev:serial0' in after(argv_of(s), '-serial')
+
+
+def test_vnc_renders_vga_and_a_display_range():
+    s = spec([root()])
+    assert '-vnc' not in argv_of(s)
+    s.consoles.vnc_host, s.consoles.vnc_port = '127.0.0.1', 5907
+    argv = argv_of(s)
+    assert argv[-4:] == ['-device', 'VGA,id=video0',
+                         '-vnc', '127.0.0.1:7,to=107']
+    s.consoles.vnc_host = '::1'
+    assert argv_of(s)[-1] == '[::1]:7,to=107'
+
+
+def test_config_drive_is_a_read_only_cdrom_on_ahci():
+    cd = configdrive.disk(VM + '/disk.config', fmt='iso9660')
+    argv = argv_of(spec([root(), cd]))
+    devices = after(argv, '-device')
+    assert 'ich9-ahci,id=ahci0' in devices
+    assert 'ide-cd,drive=disk1,bus=ahci0.0' in devices
+    assert ('driver=raw,node-name=disk1,read-only=on,discard=unmap,'
+            'file.driver=file,file.filename=%s/disk.config' % VM
+            in after(argv, '-blockdev'))
+    vfat = configdrive.disk(VM + '/disk.config', fmt='vfat')
+    assert (vfat.bus, vfat.device, vfat.readonly) == ('virtio', 'disk', True)
+
+
+def test_volumes_sit_on_hotplug_root_ports_with_their_serial():
+    s = spec([root(), volume('/dev/sdx'), volume('/srv/v2', serial=UUID,
+                                                 readonly=True)],
+             hotplug_ports=3)
+    argv = argv_of(s)
+    devices = after(argv, '-device')
+    assert devices[:3] == ['pcie-root-port,id=hp0,chassis=1',
+                           'pcie-root-port,id=hp1,chassis=2',
+                           'pcie-root-port,id=hp2,chassis=3']
+    node, devid = qemu.volume_names(VOL)
+    assert node == 'vol3c1e2a4b5d6f4a1b9c8d7e6f' and len(node) <= 31
+    assert devid == 'vol-' + VOL
+    assert ('virtio-blk-pci,id=vol-%s,drive=%s,serial=%s,bus=hp0'
+            % (VOL, node, VOL)) in devices
+    assert ('driver=raw,node-name=%s,read-only=off,file.driver=host_device,'
+            'file.filename=/dev/sdx' % node) in after(argv, '-blockdev')
+    node2, _ = qemu.volume_names(UUID)
+    assert ('driver=raw,node-name=%s,read-only=on,file.driver=file,'
+            'file.filename=/srv/v2' % node2) in after(argv, '-blockdev')
+    assert devices[-1].endswith(',bus=hp1')
+
+
+def test_more_volumes_than_ports_is_an_error():
+    with pytest.raises(base.HypervisorError, match='hot-plug ports'):
+        argv_of(spec([root(), volume()], hotplug_ports=0))
+
+
+# -- bhyve config tree -------------------------------------------------------
+
+def _tree(s):
+    CONF.set_override('bhyve_bootrom', '/fw/BHYVE_UEFI.fd', group='bhyve')
+    return bhyve.render_config(s, base.VMDir(VM))
+
+
+def _raw_root():
+    return guest.Disk(path=VM + '/disk', format='raw')
+
+
+def test_bhyve_vnc_is_fbuf_with_a_tablet():
+    s = spec([_raw_root()])
+    assert 'fbuf' not in _tree(s).values()
+    s.consoles.vnc_host, s.consoles.vnc_port = '127.0.0.1', 5901
+    tree = _tree(s)
+    assert tree['pci.0.3.0.device'] == 'fbuf'
+    assert tree['pci.0.3.0.tcp'] == '127.0.0.1:5901'
+    assert tree['pci.0.3.0.w'] == '1024'
+    assert tree['pci.0.3.0.h'] == '768'
+    assert tree['pci.0.4.0.device'] == 'xhci'
+    assert tree['pci.0.4.0.slot.1.device'] == 'tablet'
+    s.consoles.vnc_host = '::1'
+    assert _tree(s)['pci.0.3.0.tcp'] == '[::1]:5901'
+
+
+def test_bhyve_config_drive_and_volume_keys():
+    cd = configdrive.disk(VM + '/disk.config', fmt='iso9660')
+    tree = _tree(spec([_raw_root(), cd, volume()]))
+    assert tree['pci.0.3.0.device'] == 'ahci'
+    assert tree['pci.0.3.0.port.0.type'] == 'cd'
+    assert tree['pci.0.3.0.port.0.path'] == VM + '/disk.config'
+    assert tree['pci.0.3.0.port.0.ro'] == 'true'
+    assert tree['pci.0.4.0.device'] == 'virtio-blk'
+    assert tree['pci.0.4.0.path'] == '/srv/vol'
+    assert tree['pci.0.4.0.ser'] == VOL
+
+
+def test_bhyve_has_no_tcp_serial_and_no_hotplug():
+    hv = bhyve.BhyveHypervisor()
+    assert not hv.supports_serial_tcp and hv.supports_vnc
+    assert hv.hotplug_ports == 0
+    with pytest.raises(NotImplementedError, match='hot-plug'):
+        hv.attach_disk(base.VMDir(VM), volume())
+    with pytest.raises(NotImplementedError, match='hot-plug'):
+        hv.detach_disk(base.VMDir(VM), volume())
+
+
+# -- consoles.prepare ----------------------------------------------------------
+
+class FakeHV:
+    def __init__(self, serial=True, vnc=True):
+        self.supports_serial_tcp = serial
+        self.supports_vnc = vnc
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_prepare_turns_everything_off_by_config():
+    CONF.set_override('enabled', False, group='serial_console')
+    CONF.set_override('enabled', False, group='vnc')
+    s = spec()
+    assert not consoles.prepare(s, FakeHV())
+    assert s.consoles == guest.Consoles()
+    with pytest.raises(exception.ConsoleTypeUnavailable):
+        consoles.serial_console(s)
+    with pytest.raises(exception.ConsoleTypeUnavailable):
+        consoles.vnc_console(None)
+
+
+def test_prepare_allocates_and_keeps_ports():
+    port = _free_port()
+    CONF.set_override('enabled', True, group='serial_console')
+    CONF.set_override('proxyclient_address', '127.0.0.1',
+                      group='serial_console')
+    CONF.set_override('port_range', '%d:%d' % (port, port + 50),
+                      group='serial_console')
+    CONF.set_override('enabled', True, group='vnc')
+    CONF.set_override('server_listen', '127.0.0.1', group='vnc')
+    CONF.set_override('server_proxyclient_address', '192.0.2.9', group='vnc')
+    s = spec()
+    assert consoles.prepare(s, FakeHV())
+    c = s.consoles
+    assert c.serial_host == '127.0.0.1'
+    assert port <= c.serial_port < port + 50
+    assert ('127.0.0.1', c.serial_port) in serial_ports.ALLOCATED_PORTS
+    assert c.vnc_host == '127.0.0.1' and 5900 <= c.vnc_port < 6900
+    # a second start with the ports still free keeps them
+    assert not consoles.prepare(s, FakeHV())
+    con = consoles.serial_console(s)
+    assert (con.host, con.port) == ('127.0.0.1', c.serial_port)
+    vnc = consoles.vnc_console(c.vnc_port)
+    assert (vnc.host, vnc.port) == ('192.0.2.9', c.vnc_port)
+    # a taken VNC port moves the VM to another one
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(('127.0.0.1', c.vnc_port))
+    taken.listen(1)
+    try:
+        old = c.vnc_port
+        assert consoles.prepare(s, FakeHV())
+        assert c.vnc_port != old
+    finally:
+        taken.close()
+    # releasing gives the serial port back to Nova's allocator
+    serial = c.serial_port
+    consoles.release_serial(s)
+    assert ('127.0.0.1', serial) not in serial_ports.ALLOCATED_PORTS
+    assert c.serial_port is None
+
+
+def test_prepare_without_tcp_serial_support_leaves_serial_off():
+    CONF.set_override('enabled', True, group='serial_console')
+    CONF.set_override('enabled', False, group='vnc')
+    s = spec()
+    consoles.prepare(s, FakeHV(serial=False))
+    assert s.consoles.serial_port is None
+
+
+# -- QMP sequences for volumes -------------------------------------------------
+
+class FakeQEMU:
+    """A QMP server on a real unix socket, any number of connections;
+    ``handler(command, arguments)`` returns the messages to send back."""
+
+    def __init__(self, path, handler):
+        self.path, self.handler = path, handler
+        self.commands = []
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(conn,),
+                             daemon=True).start()
+
+    def _conn(self, conn):
+        with conn, conn.makefile('rwb') as f:
+            f.write(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+            f.flush()
+            for line in f:
+                req = json.loads(line)
+                cmd, args = req['execute'], req.get('arguments')
+                if cmd == 'qmp_capabilities':
+                    replies = [{'return': {}}]
+                else:
+                    self.commands.append((cmd, args))
+                    replies = self.handler(cmd, args)
+                for r in replies:
+                    f.write(json.dumps(r).encode() + b'\n')
+                f.flush()
+
+    def close(self):
+        self.srv.close()
+
+
+@pytest.fixture
+def vmdir():
+    path = tempfile.mkdtemp(prefix='nbdev-')
+    yield base.VMDir(path)
+    shutil.rmtree(path)
+
+
+PCI = [{'bus': 0, 'devices': [
+    {'qdev_id': '', 'slot': 0},
+    {'qdev_id': 'hp0', 'slot': 1,
+     'pci_bridge': {'bus': {'number': 1}, 'devices': [{'qdev_id': 'x'}]}},
+    {'qdev_id': 'hp1', 'slot': 2,
+     'pci_bridge': {'bus': {'number': 2}, 'devices': []}}]}]
+
+
+def test_attach_is_blockdev_add_then_device_add_on_a_free_port(vmdir):
+    fake = FakeQEMU(vmdir.control, lambda c, a: [
+        {'return': PCI if c == 'query-pci' else {}}])
+    try:
+        qemu.QemuHypervisor().attach_disk(vmdir, volume('/srv/vol'))
+    finally:
+        fake.close()
+    node, devid = qemu.volume_names(VOL)
+    assert fake.commands == [
+        ('query-pci', None),
+        ('blockdev-add', {'driver': 'raw', 'node-name': node,
+                          'read-only': False,
+                          'file': {'driver': 'file',
+                                   'filename': '/srv/vol'}}),
+        ('device_add', {'driver': 'virtio-blk-pci', 'id': devid,
+                        'drive': node, 'serial': VOL, 'bus': 'hp1'})]
+
+
+def test_attach_removes_the_node_when_device_add_fails(vmdir):
+    def handler(cmd, args):
+        if cmd == 'query-pci':
+            return [{'return': PCI}]
+        if cmd == 'device_add':
+            return [{'error': {'class': 'GenericError', 'desc': 'no'}}]
+        return [{'return': {}}]
+    fake = FakeQEMU(vmdir.control, handler)
+    try:
+        with pytest.raises(qmp.QMPError):
+            qemu.QemuHypervisor().attach_disk(vmdir, volume())
+    finally:
+        fake.close()
+    node, _ = qemu.volume_names(VOL)
+    assert [c for c, _ in fake.commands] == ['query-pci', 'blockdev-add',
+                                             'device_add', 'blockdev-del']
+    assert fake.commands[-1][1] == {'node-name': node}
+
+
+def test_attach_without_a_free_port(vmdir):
+    full = [{'bus': 0, 'devices': [PCI[0]['devices'][1]]}]
+    fake = FakeQEMU(vmdir.control, lambda c, a: [{'return': full}])
+    try:
+        with pytest.raises(base.HypervisorError, match='hot-plug port'):
+            qemu.QemuHypervisor().attach_disk(vmdir, volume())
+    finally:
+        fake.close()
+    assert [c for c, _ in fake.commands] == ['query-pci']
+
+
+def test_detach_waits_for_device_deleted_then_deletes_the_node(vmdir):
+    node, devid = qemu.volume_names(VOL)
+
+    def handler(cmd, args):
+        if cmd == 'device_del':
+            # the guest acknowledges later: an unrelated event first
+            return [{'return': {}},
+                    {'event': 'DEVICE_DELETED', 'data': {'device': 'other'}},
+                    {'event': 'DEVICE_DELETED',
+                     'data': {'device': devid, 'path': '/x'}}]
+        return [{'return': {}}]
+    fake = FakeQEMU(vmdir.control, handler)
+    try:
+        qemu.QemuHypervisor().detach_disk(vmdir, volume(), timeout=10)
+    finally:
+        fake.close()
+    assert fake.commands == [('device_del', {'id': devid}),
+                             ('blockdev-del', {'node-name': node})]
+
+
+def test_detach_times_out_when_the_guest_never_lets_go(vmdir):
+    fake = FakeQEMU(vmdir.control, lambda c, a: [{'return': {}}])
+    try:
+        with pytest.raises(base.HypervisorError, match='DEVICE_DELETED'):
+            qmp.execute_until_event(vmdir.control, 'device_del',
+                                    {'id': 'd'}, 'DEVICE_DELETED',
+                                    timeout=1.5, retry_interval=0.5)
+    finally:
+        fake.close()
+    # device_del was sent again while waiting
+    assert len(fake.commands) >= 2
+    assert set(c for c, _ in fake.commands) == {'device_del'}
+
+
+def test_detach_of_a_device_qemu_no_longer_has(vmdir):
+    def handler(cmd, args):
+        if cmd == 'device_del':
+            return [{'error': {'class': 'DeviceNotFound', 'desc': 'gone'}}]
+        return [{'return': {}}]
+    fake = FakeQEMU(vmdir.control, handler)
+    try:
+        qemu.QemuHypervisor().detach_disk(vmdir, volume(), timeout=5)
+    finally:
+        fake.close()
+    assert [c for c, _ in fake.commands] == ['device_del', 'blockdev-del']
+
+
+def test_resize_is_block_resize_of_the_volume_node(vmdir):
+    fake = FakeQEMU(vmdir.control, lambda c, a: [{'return': {}}])
+    try:
+        qemu.QemuHypervisor().resize_disk(vmdir, volume(), 2 << 30)
+    finally:
+        fake.close()
+    node, _ = qemu.volume_names(VOL)
+    assert fake.commands == [('block_resize',
+                              {'node-name': node, 'size': 2 << 30})]
+
+
+# -- volumes (os-brick LocalConnector) -----------------------------------------
+
+def test_local_volume_connects_to_its_path(tmp_path):
+    path = tmp_path / 'vol'
+    path.write_bytes(b'\0' * 4096)
+    ci = {'driver_volume_type': 'local', 'serial': VOL,
+          'data': {'device_path': str(path), 'access_mode': 'ro'}}
+    disk = volumes.connect(ci)
+    assert disk == guest.Disk(path=str(path), format='raw', bus='virtio',
+                              device='disk', readonly=True, serial=VOL)
+    assert volumes.size(str(path)) == 4096
+    volumes.disconnect(ci)
+    s = spec([root(), disk])
+    assert volumes.find(s, VOL) is disk and volumes.find(s, UUID) is None
+
+
+def test_other_volume_types_are_refused():
+    for vtype in ('iscsi', 'rbd', 'fake'):
+        with pytest.raises(exception.InvalidVolume, match=vtype):
+            volumes.connect({'driver_volume_type': vtype, 'data': {}})
+
+
+def test_missing_local_path_is_volume_not_found(tmp_path):
+    with pytest.raises(exception.VolumeNotFound):
+        volumes.connect({'driver_volume_type': 'local', 'serial': VOL,
+                         'data': {'device_path': str(tmp_path / 'no')}})
+
+
+def test_connector_properties():
+    props = volumes.connector_properties()
+    assert {'ip', 'host', 'platform', 'os_type', 'multipath'} <= set(props)
+    assert props['ip'] == CONF.my_block_storage_ip
+    assert ('initiator' in props) == os.path.exists(
+        volumes.ISCSI_INITIATOR_FILE)
+
+
+# -- config drive images (Nova's builder, real tools) --------------------------
+
+MD = [('openstack/latest/meta_data.json', '{"uuid": "%s"}' % UUID),
+      ('openstack/latest/user_data', b'line one\n')]
+
+
+def _build(fmt, path):
+    CONF.set_override('config_drive_format', fmt)
+    with configdrive.Builder() as cdb:
+        cdb.mdfiles = list(MD)
+        cdb.make_drive(path)
+
+
+@pytest.mark.skipif(not shutil.which('genisoimage'),
+                    reason='genisoimage is not installed')
+def test_iso9660_drive(tmp_path, monkeypatch):
+    # the ISO publisher string reads Nova's release file through the
+    # (here uninitialised) global config; it is only a label
+    from nova import version
+    monkeypatch.setattr(version, 'product_string', lambda: 'nova')
+    monkeypatch.setattr(version, 'version_string_with_package',
+                        lambda: 'test')
+    path = str(tmp_path / 'disk.config')
+    _build('iso9660', path)
+    with open(path, 'rb') as f:
+        f.seek(0x8000)
+        pvd = f.read(72)
+    assert pvd[1:6] == b'CD001' and pvd[40:72].strip() == b'config-2'
+    if shutil.which('isoinfo'):
+        out = subprocess.run(['isoinfo', '-R', '-i', path, '-x',
+                              '/openstack/latest/user_data'],
+                             capture_output=True, check=True).stdout
+        assert out == b'line one\n'
+
+
+@pytest.mark.skipif(not (shutil.which('mkfs.fat') and shutil.which('mcopy')),
+                    reason='dosfstools/mtools are not installed')
+def test_vfat_drive_without_root(tmp_path):
+    path = str(tmp_path / 'disk.config')
+    _build('vfat', path)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK='1')
+    label = subprocess.run(['mlabel', '-s', '-i', path, '::'], env=env,
+                           capture_output=True, text=True).stdout
+    assert 'CONFIG-2' in label.upper()
+    out = subprocess.run(['mtype', '-i', path,
+                          '::/openstack/latest/meta_data.json'], env=env,
+                         capture_output=True, check=True, text=True).stdout
+    assert json.loads(out) == {'uuid': UUID}
+
+
+# -- driver: console ports are persisted only into the instance's own spec ----
+
+def test_console_ports_are_saved_only_into_spec_json(tmp_path):
+    from nova_bhyve import driver as nb_driver
+    CONF.set_override('enabled', False, group='serial_console')
+    CONF.set_override('enabled', True, group='vnc')
+    CONF.set_override('server_listen', '127.0.0.1', group='vnc')
+    vmdir = base.VMDir(str(tmp_path / UUID))
+    os.makedirs(vmdir.path)
+    drv = nb_driver.BhyveDriver.__new__(nb_driver.BhyveDriver)
+    drv.hypervisor = FakeHV()
+    own = spec([root()])
+    nb_driver.BhyveDriver._save_spec(own, vmdir)
+    drv._prepare_consoles(own, vmdir)
+    with open(vmdir.spec) as f:
+        saved = guest.VMSpec.from_json(f.read())
+    assert saved.consoles.vnc_port == own.consoles.vnc_port is not None
+    # a transient spec (rescue) gets ports but does not replace spec.json
+    other = spec([guest.Disk(path=vmdir.path + '/disk.rescue')])
+    drv._prepare_consoles(other, vmdir)
+    assert other.consoles.vnc_port
+    with open(vmdir.spec) as f:
+        assert guest.VMSpec.from_json(f.read()) == saved
