@@ -13,7 +13,6 @@ from nova.compute import power_state
 from nova import exception
 from nova import objects
 from nova.objects import fields as obj_fields
-from nova.virt import configdrive
 from nova.virt import driver
 from nova.virt import hardware
 from nova.virt import images
@@ -500,7 +499,7 @@ class BhyveDriver(driver.ComputeDriver):
         state, stats = self._stats(instance)
         return diagnostics.instance_diagnostics(
             state, stats, self.hypervisor.name,
-            config_drive=configdrive.required_by(instance))
+            config_drive=configdrive.required(instance))
 
     def get_diagnostics(self, instance):
         return diagnostics.legacy_diagnostics(self._stats(instance)[1])
