@@ -56,6 +56,59 @@ OPTS = [
                default=1024 * 1024, min=4096,
                help='Size at which the console log of an instance is '
                     'rotated when the VM (re)starts.'),
+
+    # -- migration (docs/migration.md) -------------------------------------
+    cfg.StrOpt('live_migration_inbound_addr',
+               help='Address the destination of a live migration listens '
+                    'on for the memory stream and, for block migration, the '
+                    'disk (NBD) stream. Default: Nova\'s my_ip.'),
+    cfg.IntOpt('live_migration_bandwidth',
+               default=0, min=0,
+               help='Most bandwidth, in MiB/s, a live migration may use for '
+                    'the memory and disk streams together. 0 = no cap. A '
+                    'bandwidth Nova passes for one migration overrides '
+                    'it.'),
+    cfg.IntOpt('live_migration_downtime',
+               default=50, min=10,
+               help='Downtime, in milliseconds, allowed when a live '
+                    'migration starts (the first step of the policy).'),
+    cfg.IntOpt('live_migration_downtime_max',
+               default=500, min=10,
+               help='Most downtime, in milliseconds, the convergence policy '
+                    'may ever allow. The guest is never stopped for longer '
+                    'than this plus the time to send the device state.'),
+    cfg.IntOpt('live_migration_downtime_steps',
+               default=5, min=1,
+               help='Number of steps in which the allowed downtime is raised '
+                    'from live_migration_downtime to '
+                    'live_migration_downtime_max when a pre-copy round '
+                    'shows the migration cannot converge.'),
+    cfg.StrOpt('live_migration_fallback',
+               default='auto-converge',
+               choices=[('auto-converge', 'throttle the guest\'s vCPUs in '
+                                          'steps until it converges'),
+                        ('post-copy', 'switch to post-copy: the guest runs '
+                                      'on the destination and fetches the '
+                                      'remaining pages on demand'),
+                        ('abort', 'cancel the migration; the guest keeps '
+                                  'running on the source')],
+               help='What the convergence policy does once the allowed '
+                    'downtime is at its maximum and the migration still '
+                    'cannot converge.'),
+    cfg.IntOpt('live_migration_completion_timeout',
+               default=800, min=0,
+               help='Seconds per GiB of data to move (guest memory, plus '
+                    'disks for a block migration) after which a live '
+                    'migration that has not finished is aborted; the guest '
+                    'keeps running on the source. 0 = no timeout.'),
+    cfg.BoolOpt('warm_migration',
+                default=False,
+                help='Cold migrate and resize as a warm migration: the guest '
+                     'is suspended (memory and device state saved) on the '
+                     'source and resumed on the destination, so it does not '
+                     'reboot. Off: a normal cold migration (guest powered '
+                     'off and booted again). A resize that changes vCPUs or '
+                     'memory is always cold.'),
 ]
 
 
