@@ -57,6 +57,24 @@ OPTS = [
                help='Size at which the console log of an instance is '
                     'rotated when the VM (re)starts.'),
 
+    cfg.StrOpt('privileged_transport',
+               default='auto',
+               choices=[('auto', 'privsep on Linux, helper on FreeBSD'),
+                        ('privsep', 'an oslo.privsep daemon with only '
+                                    'CAP_NET_ADMIN and CAP_DAC_OVERRIDE '
+                                    '([nova_bhyve_privileged] section)'),
+                        ('helper', 'privileged_helper_command, once per '
+                                   'operation (FreeBSD has no Linux '
+                                   'capabilities for oslo.privsep)')],
+               help='How the driver\'s few root operations (taps, bridges, '
+                    'OVS ports) are run. See docs/networking.md.'),
+    cfg.StrOpt('privileged_helper_command',
+               default='sudo nova-bhyve-privhelper',
+               help='Command run for each root operation with the helper '
+                    'transport; the function name and its JSON arguments '
+                    'are appended. Grant exactly this command in sudoers '
+                    'or doas.conf (etc/nova-bhyve/sudoers.d/nova-bhyve).'),
+
     # -- migration (docs/migration.md) -------------------------------------
     cfg.StrOpt('live_migration_inbound_addr',
                help='Address the destination of a live migration listens '
@@ -118,8 +136,10 @@ def register_opts(conf):
 
 
 def list_opts():
-    """Entry point for oslo-config-generator (oslo.config.opts)."""
-    return [(GROUP, OPTS)]
+    """Entry point for oslo-config-generator (oslo.config.opts): [bhyve]
+    and the oslo.privsep section of the driver's privileged daemon."""
+    from oslo_privsep import priv_context
+    return [(GROUP, OPTS), ('nova_bhyve_privileged', priv_context.OPTS)]
 
 
 CONF = cfg.CONF
