@@ -59,7 +59,7 @@ MARGIN = 0.2
 #: the downtime chosen covers HEADROOM x the estimated final remainder
 HEADROOM = 1.25
 #: a converging migration needing more passes than this gets more downtime
-MAX_TAIL_ROUNDS = 8
+MAX_TAIL_ROUNDS = 10
 #: vCPU throttle: first step, step size, most (QEMU's own maximum is 99)
 THROTTLE_INITIAL = 20
 THROTTLE_STEP = 10
