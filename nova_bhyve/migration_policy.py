@@ -72,13 +72,17 @@ FALLBACKS = ('auto-converge', 'post-copy', 'abort')
 
 @dataclasses.dataclass
 class Progress:
+    """One poll of a running migration. QEMU: ``rounds`` is ram
+    'dirty-sync-count', ``dirty_rate`` ram 'dirty-pages-rate' * 'page-size'
+    (pages found dirty at each sync, summed over windows of >= 1 s),
+    ``bandwidth`` ram 'mbps' * 1e6 / 8."""
     elapsed: float          # s since the migration started
-    rounds: int             # pre-copy passes completed (QEMU: 'dirty-sync-count')
+    rounds: int             # pre-copy passes completed
     memory_total: int       # bytes
     memory_processed: int   # bytes sent
     memory_remaining: int   # bytes left
-    dirty_rate: float       # bytes/s dirtied (QEMU: 'dirty-pages-rate' * 'page-size')
-    bandwidth: float        # bytes/s achieved (QEMU: ram 'mbps' * 1e6 / 8)
+    dirty_rate: float       # bytes/s dirtied
+    bandwidth: float        # bytes/s achieved
     disk_remaining: int = 0  # bytes the block mirror still has to copy
     #: vCPU throttle in effect, if the hypervisor reports it (QEMU:
     #: query-migrate 'cpu-throttle-percentage'); None: the policy assumes its
@@ -300,7 +304,8 @@ class ConvergencePolicy:
             return self._record(p, text=numbers + (
                 '; converging: holding at %d ms' % self.downtime_ms))
         passes = math.log(fixpoint / limit) / math.log(1 / rho)
-        if passes <= MAX_TAIL_ROUNDS or self.downtime_ms >= self.downtime_max_ms:
+        if (passes <= MAX_TAIL_ROUNDS
+                or self.downtime_ms >= self.downtime_max_ms):
             return self._record(p, text=numbers + (
                 '; converging: about %.0f more passes at %d ms: holding'
                 % (passes, self.downtime_ms)))
