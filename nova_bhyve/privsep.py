@@ -10,10 +10,15 @@ carry the same calls:
     An oslo.privsep context of this project's own, ``[nova_bhyve_privileged]``
     in nova.conf. Its daemon keeps CAP_NET_ADMIN (links, taps, bridges) and
     CAP_DAC_OVERRIDE (the OVSDB socket, /proc/sys) and drops every other
-    capability. A root nova-compute (tests, the demo) forks it directly;
-    otherwise oslo.privsep starts ``privsep-helper`` through the root helper
-    (``[nova_bhyve_privileged] helper_command``, or nova's rootwrap with
-    etc/nova-bhyve/rootwrap.d/nova-bhyve.filters).
+    capability. oslo.privsep starts it as ``privsep-helper`` through the
+    root helper (``[nova_bhyve_privileged] helper_command``, or nova's
+    rootwrap with etc/nova-bhyve/rootwrap.d/nova-bhyve.filters).
+
+A nova-compute that runs as root (the tests, the demo) has nothing to
+cross: the functions run in-process, as Nova's PrivsepFixture arranges for
+Nova's own contexts in its tests. (Forking the daemon from an
+eventlet-patched nova-compute hung its hub; unprivileged deployments use
+the privsep-helper path Nova itself uses.)
 
 ``helper`` (FreeBSD, the default there)
     oslo.privsep is built on Linux capabilities (capset(2), prctl(2)), which
@@ -77,22 +82,14 @@ def entrypoint(func):
     def call(*args):
         if transport() == 'helper':
             return _through_helper(func.__name__, args)
-        _start_daemon_if_root()
+        if os.geteuid() == 0:
+            return func(*args)      # already privileged: nothing to cross
         return through_daemon(*args)
     # the daemon runs what the module attribute is, if it is an entrypoint
     # of this context
     setattr(call, priv_context._ENTRYPOINT_ATTR,
             getattr(through_daemon, priv_context._ENTRYPOINT_ATTR))
     return call
-
-
-def _start_daemon_if_root():
-    # A root nova-compute forks the daemon itself (no sudo, no rootwrap);
-    # it drops to the same capabilities. An unprivileged one leaves the
-    # start to oslo.privsep (privsep-helper through the root helper).
-    if (net_admin.client_mode and net_admin.channel is None and
-            os.geteuid() == 0):
-        net_admin.start(priv_context.Method.FORK)
 
 
 def _through_helper(name, args):

@@ -2,7 +2,9 @@
 
 The argument checks run with the platform's device commands mocked (nothing
 must reach them). The transports run for real: the oslo.privsep daemon is
-forked from this (root) process and keeps only its two capabilities, and
+forked from this (root) process - an unprivileged nova-compute starts the
+same daemon through privsep-helper and rootwrap, which needs a non-root
+user and is not run here - and keeps only its two capabilities, and
 the FreeBSD-style one-shot helper runs as a real subprocess (with Linux's
 device commands: the helper itself is platform-neutral). Both create and
 delete a real tap with a name unique to the test, and remove it at the end.
@@ -15,6 +17,7 @@ from unittest import mock
 
 import pytest
 from oslo_privsep import capabilities as caps
+from oslo_privsep import priv_context
 
 from nova_bhyve import conf
 from nova_bhyve import privileged
@@ -88,10 +91,18 @@ def tap_name():
 def transport():
     def use(name, helper_command=None):
         CONF.set_override('privileged_transport', name, 'bhyve')
+        if name == 'privsep':
+            # what a non-root nova-compute gets, forked instead of started
+            # through privsep-helper; calls go through it although we are
+            # root
+            privsep.net_admin.start(priv_context.Method.FORK)
+            euid.start()
         if helper_command:
             CONF.set_override('privileged_helper_command', helper_command,
                               'bhyve')
+    euid = mock.patch.object(privsep.os, 'geteuid', return_value=1000)
     yield use
+    mock.patch.stopall()
     CONF.clear_override('privileged_transport', 'bhyve')
     CONF.clear_override('privileged_helper_command', 'bhyve')
     privsep.net_admin.stop()
