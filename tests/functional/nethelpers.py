@@ -251,6 +251,8 @@ def add_network(neutron, cidr_prefix, mtu=1450):
     sub = copy.deepcopy(neutron.subnet_1)
     sub.update(id=str(uuid.uuid4()), network_id=net['id'],
                cidr=cidr_prefix + '.0/24', gateway_ip=None,
+               # static addresses in network_data.json (no DHCP agent)
+               enable_dhcp=False,
                allocation_pools=[{'start': cidr_prefix + '.10',
                                   'end': cidr_prefix + '.200'}])
     net['subnets'] = [sub['id']]
