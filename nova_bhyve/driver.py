@@ -269,6 +269,7 @@ class BhyveDriver(driver.ComputeDriver):
               admin_password, allocations, network_info=None,
               block_device_info=None, power_on=True, accel_info=None):
         guest.validate_flavor(instance.flavor)
+        self._refuse_larger_than_host(instance.flavor)
         _refuse_unsupported(instance, network_info, block_device_info)
         network.validate(network_info)
         nic_model = _nic_model(image_meta)
@@ -314,6 +315,13 @@ class BhyveDriver(driver.ComputeDriver):
                 self.vifs.unplug_all(instance, network_info)
             raise
         LOG.info('instance %s spawned', instance.uuid, instance=instance)
+
+    @staticmethod
+    def _refuse_larger_than_host(flavor):
+        """InvalidInput (Nova aborts the build or the move with it as the
+        instance's fault, no reschedule) before anything is made."""
+        guest.validate_flavor_fits_host(flavor, host.vcpus(),
+                                        host.memory_mb()[0])
 
     def _remove(self, vmdir):
         self._watcher.unwatch(vmdir.uuid)
@@ -549,6 +557,7 @@ class BhyveDriver(driver.ComputeDriver):
                          network_info, image_meta, resize_instance,
                          allocations, block_device_info=None, power_on=True,
                          share_info=None):
+        self._refuse_larger_than_host(instance.flavor)
         vmdir = self._vmdir(instance, must_exist=False)
         root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                           format=self.hypervisor.instance_disk_format)

@@ -43,6 +43,28 @@ def link_mtu(dev):
     return out.split(' mtu ')[1].split()[0]
 
 
+def ifindex(dev):
+    """The kernel's index of ``dev``: a new one means the device was
+    deleted and made again."""
+    return int(sh('ip', '-o', 'link', 'show', 'dev', dev).split(':')[0])
+
+
+def taps_held_by(pid):
+    """Names of the tap devices process ``pid`` has open (the tun driver
+    shows each attached device as ``iff:`` in the fd's fdinfo)."""
+    names = []
+    fd_dir = '/proc/%d/fdinfo' % pid
+    for fd in os.listdir(fd_dir):
+        try:
+            with open(os.path.join(fd_dir, fd)) as f:
+                for line in f:
+                    if line.startswith('iff:'):
+                        names.append(line.split()[1])
+        except OSError:
+            continue
+    return sorted(names)
+
+
 def suffix():
     return '%06x' % random.getrandbits(24)
 
@@ -76,6 +98,24 @@ class HostNet:
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
         return ns
+
+    def namespace_on_ovs(self, ovs, bridge, cidr):
+        """A network namespace with ``cidr`` on a veth whose peer is a port
+        of the OVS ``bridge`` (a system port: the userspace datapath reads
+        it with a packet socket)."""
+        s = suffix()
+        ns, outer, inner = 'nbtn' + s, 'nbtv' + s, 'nbtp' + s
+        sh('ip', 'netns', 'add', ns)
+        self.netns.append(ns)
+        sh('ip', 'link', 'add', outer, 'type', 'veth', 'peer', 'name', inner)
+        self.links.append(outer)
+        sh('ip', 'link', 'set', inner, 'netns', ns)
+        sh('ip', 'link', 'set', outer, 'up')
+        ovs.vsctl('add-port', bridge, outer)
+        sh('ip', 'netns', 'exec', ns, 'ip', 'addr', 'add', cidr, 'dev', inner)
+        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
+        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
+        return ns, outer
 
     def bridge_ports(self, bridge):
         return sorted(_names(sh('ip', '-br', 'link', 'show', 'master',
