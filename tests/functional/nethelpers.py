@@ -242,14 +242,15 @@ class GuestShell:
         self.sock.settimeout(timeout)
         self.sock.connect(sock_path)
         self.timeout = timeout
-        self.run('stty -echo 2>/dev/null; true')
+        # no echo; and no kernel messages on the console: they are written
+        # straight to the serial port and garble a command's output
+        self.run('stty -echo 2>/dev/null; dmesg -n 1; true')
 
     def run(self, cmd, timeout=None):
         """Run ``cmd``; return (exit status, output)."""
         tag = uuid.uuid4().hex[:8]
         self.sock.sendall(('%s; echo "@@$?@%s@@"\n' % (cmd, tag)).encode())
         buf = b''
-        end = '@%s@@' % tag
         deadline = time.monotonic() + (timeout or self.timeout)
         pattern = re.compile(r'@@(\d+)@%s@@' % tag)
         while True:
@@ -282,6 +283,23 @@ class GuestShell:
 
     def close(self):
         self.sock.close()
+
+
+def filter_subnets_by_id(test, neutron):
+    """Make the NeutronFixture's list_subnets honour ``id=[...]`` as
+    Neutron does (the fixture returns every subnet, so Nova would describe
+    another subnet, without the port's address, in network_data.json)."""
+    real = neutron.list_subnets
+
+    def list_subnets(retrieve_all=True, **params):
+        subnets = real(retrieve_all)['subnets']
+        wanted = params.get('id')
+        if wanted is not None:
+            wanted = [wanted] if isinstance(wanted, str) else wanted
+            subnets = [s for s in subnets if s['id'] in wanted]
+        return {'subnets': subnets}
+    neutron.list_subnets = list_subnets
+    test.addCleanup(setattr, neutron, 'list_subnets', real)
 
 
 def add_network(neutron, cidr_prefix, mtu=1450):

@@ -29,6 +29,7 @@ class NetworkingTestBase(nova_harness.BhyveFunctionalTestBase):
         self.host = nethelpers.HostNet(self)
         # network_data.json for the guest's static addressing
         self.flags(force_config_drive=True)
+        nethelpers.filter_subnets_by_id(self, self.neutron)
         self.links_before = nethelpers.links()
         self.neutron.nbt_port_ids = []
         # after the harness has killed leftover VMs (cleanups run LIFO)
