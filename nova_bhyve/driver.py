@@ -301,7 +301,7 @@ class BhyveDriver(driver.ComputeDriver):
                                      instance.flavor.root_gb, image_meta.id,
                                      disk_format=root.format)
             plugged = True
-            spec.nics = self.vifs.plug_all(instance, network_info)
+            spec.nics = self._plug_vifs_and_wait(instance, network_info)
             for nic in spec.nics:
                 nic.model = nic_model
             self._save_spec(spec, vmdir)
@@ -315,6 +315,31 @@ class BhyveDriver(driver.ComputeDriver):
                 self.vifs.unplug_all(instance, network_info)
             raise
         LOG.info('instance %s spawned', instance.uuid, instance=instance)
+
+    def _plug_vifs_and_wait(self, instance, network_info):
+        """Plug the VIFs; then wait until Neutron reports each port that
+        was not active yet as wired (network-vif-plugged), before the guest
+        runs - as the libvirt driver does: a guest that boots first misses
+        its DHCP. Nova's [DEFAULT] vif_plugging_timeout (0: do not wait) and
+        vif_plugging_is_fatal apply. Returns the NICs."""
+        events = network.plug_events(network_info)
+        timeout = CONF.vif_plugging_timeout
+        if not events or not timeout:
+            return self.vifs.plug_all(instance, network_info)
+        nics = []
+        try:
+            with self.virtapi.wait_for_instance_event(
+                    instance, events, timeout=timeout,
+                    error_callback=_vif_plug_failed):
+                nics = self.vifs.plug_all(instance, network_info)
+        except exception.InstanceEventTimeout:
+            LOG.warning('no %s from Neutron within %d s (vm_state %s, '
+                        'task_state %s)', ', '.join(n for n, _ in events),
+                        timeout, instance.vm_state, instance.task_state,
+                        instance=instance)
+            if CONF.vif_plugging_is_fatal:
+                raise exception.VirtualInterfaceCreateException()
+        return nics
 
     @staticmethod
     def _refuse_larger_than_host(flavor):
@@ -579,7 +604,7 @@ class BhyveDriver(driver.ComputeDriver):
         if instance.flavor.root_gb:
             storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
         network.validate(network_info)
-        spec.nics = self.vifs.plug_all(instance, network_info)
+        spec.nics = self._plug_vifs_and_wait(instance, network_info)
         nic_model = _nic_model(image_meta)
         for nic in spec.nics:
             nic.model = nic_model
@@ -617,7 +642,7 @@ class BhyveDriver(driver.ComputeDriver):
                 self._remove(vmdir)
             cold_migration.restore_kept(vmdir.path)
         vmdir = self._vmdir(instance)
-        self.vifs.plug_all(instance, network_info)   # idempotent
+        self._plug_vifs_and_wait(instance, network_info)   # idempotent
         if power_on and not self.hypervisor.is_running(vmdir):
             self._start(vmdir)
 
@@ -772,6 +797,13 @@ def _refuse_unsupported(instance, network_info, block_device_info):
         raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
+
+
+def _vif_plug_failed(event_name, instance):
+    LOG.error('Neutron reported failure on event %s', event_name,
+              instance=instance)
+    if CONF.vif_plugging_is_fatal:
+        raise exception.VirtualInterfaceCreateException()
 
 
 def _migration_dest_compute(context, instance):

@@ -124,6 +124,14 @@ def _reason(vif):
     return None
 
 
+def plug_events(network_info):
+    """The network-vif-plugged events to wait for: one per port Neutron
+    has not reported active yet (as the libvirt driver)."""
+    return [('network-vif-plugged', vif['id'])
+            for vif in network_info or []
+            if vif.get('active', True) is False]
+
+
 def validate(network_info):
     """Refuse bindings this driver cannot plug, before anything is made."""
     for vif in network_info or []:
