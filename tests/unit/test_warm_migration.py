@@ -199,8 +199,8 @@ def test_bhyve_warm_resize_then_revert(bhyve_env, warm_on):
     # resumed with bhyve -r on the destination's own config, not booted
     assert spawn.call_count == 1
     assert spawn.call_args[0][1] == [
-        CONF.bhyve.bhyve_path, '-k', os.path.join(new.path, 'bhyve.conf'),
-        '-r', new.saved_state]
+        CONF.bhyve.bhyve_path, '-k', os.path.join(new.path, 'bhyve.conf')]
+    assert spawn.call_args[1]['first_run_args'] == ['-r', new.saved_state]
     assert not any(os.path.exists(p)
                    for p in bhyve_state.files(new.saved_state))
     # the disk grew under the state; bhyve cannot tell the running guest
@@ -220,7 +220,7 @@ def test_bhyve_warm_resize_then_revert(bhyve_env, warm_on):
             mock.patch.object(bhyve_state, 'wait_started',
                               return_value=True):
         src.finish_revert_migration(None, inst, None, None, power_on=True)
-    assert spawn.call_args[0][1][-2:] == ['-r', vmdir.saved_state]
+    assert spawn.call_args[1]['first_run_args'] == ['-r', vmdir.saved_state]
     assert vdsk.info(vmdir.disk('disk'))['virtual_size'] == 1 * units.Gi
     assert not os.path.exists(kept)
 
