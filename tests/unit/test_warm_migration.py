@@ -8,6 +8,7 @@ writes the state files bhyve would), ``supervisor.spawn`` for bhyve itself,
 the pids of the processes that would run. Directories, disks and the
 driver code are real.
 """
+import errno
 import json
 import os
 import signal
@@ -16,9 +17,11 @@ from unittest import mock
 import pytest
 
 from nova.compute import power_state
+from nova import exception
 from nova import objects
 from oslo_utils import units
 
+from nova_bhyve import cold_migration
 from nova_bhyve import conf
 from nova_bhyve import driver
 from nova_bhyve import guest
@@ -243,3 +246,38 @@ def test_bhyve_without_snapshot_support_migrates_cold(bhyve_env, warm_on):
     assert 'warm' not in json.loads(info)
     assert [c.args[0][-1] for c in run.call_args_list
             if c.args[0][0] == CONF.bhyve.bhyvectl_path] == ['--destroy']
+
+
+def test_bhyve_failed_copy_resumes_the_guest_on_the_source(bhyve_env,
+                                                           warm_on):
+    src = _driver(bhyve_env / 'a', 'a')
+    _driver(bhyve_env / 'b', 'b')
+    src.hypervisor._snapshot_support = True
+    inst = _instance()
+    vmdir = _spawned(src, inst)
+    patches = _suspending_bhyve(src.hypervisor, vmdir)
+    for p in patches:
+        p.start()
+
+    def no_space(self_, src_path, dst_path):      # fault: destination full
+        raise OSError(errno.ENOSPC, 'No space left on device', dst_path)
+
+    try:
+        with mock.patch.object(driver, '_migration_dest_compute',
+                               return_value='b'), \
+                mock.patch.object(cold_migration.LocalCopier, 'copy',
+                                  no_space), \
+                mock.patch.object(bhyve.supervisor, 'spawn') as spawn, \
+                mock.patch.object(bhyve_state, 'wait_started',
+                                  return_value=True), \
+                pytest.raises(exception.InstanceFaultRollback):
+            src.migrate_disk_and_power_off(
+                None, inst, CONF.my_ip, _instance(2).flavor, None)
+    finally:
+        for p in patches:
+            p.stop()
+    # resumed from the state just saved, not booted; nothing left behind
+    assert spawn.call_args[1]['first_run_args'] == ['-r', vmdir.saved_state]
+    assert not os.path.exists(vmdir.path + '_resize')
+    assert not os.path.exists(str(bhyve_env / 'b' / UUID))
+    assert not os.path.exists(vmdir.saved_state)
