@@ -40,6 +40,7 @@ from nova_bhyve import snapshot
 from nova_bhyve import storage
 from nova_bhyve import vdsk
 from nova_bhyve import volumes
+from nova_bhyve import warm_migration
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -562,13 +563,28 @@ class BhyveDriver(driver.ComputeDriver):
                 dest_compute, self.instances_path), instance.uuid)
         copier = cold_migration.copier_for(dest, dest_compute)
         was_running = self.hypervisor.is_running(vmdir)
-        self.power_off(instance, timeout, retry_interval)
+        mode = warm_migration.choose(self.hypervisor, vmdir, spec, flavor,
+                                     disks)
+        warm = None
+        if mode.warm:
+            self._watcher.unwatch(instance.uuid)
+            warm = warm_migration.save(self.hypervisor, vmdir, spec, context,
+                                       self._host, instance)
+            if warm is None:
+                mode = warm_migration.Mode(warm_migration.COLD,
+                                           'saving the VM state failed')
+        LOG.info('migrating to %s: %s migration, %s', dest_compute or dest,
+                 mode.mode, mode.reason, instance=instance)
+        if warm is None:
+            self.power_off(instance, timeout, retry_interval)
         self._watcher.unwatch(instance.uuid)
         try:
             disk_info = cold_migration.move_out(vmdir.path, target, disks,
-                                                copier)
+                                                copier, warm=warm)
         except cold_migration.MigrationCopyError as e:
-            if was_running:
+            if warm:
+                self._resume_saved(context, instance, vmdir)
+            elif was_running:
                 self._start(vmdir)
             raise exception.InstanceFaultRollback(
                 inner_exception=exception.ResizeError(
@@ -584,6 +600,7 @@ class BhyveDriver(driver.ComputeDriver):
                          share_info=None):
         self._refuse_larger_than_host(instance.flavor)
         vmdir = self._vmdir(instance, must_exist=False)
+        warm = warm_migration.parse(disk_info)
         root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                           format=self.hypervisor.instance_disk_format)
         actual = vdsk.info(root.path)
@@ -609,11 +626,36 @@ class BhyveDriver(driver.ComputeDriver):
         for nic in spec.nics:
             nic.model = nic_model
         self._save_spec(spec, vmdir)
-        if power_on:
+        resumed = False
+        if power_on and warm:
+            size = vdsk.info(root.path)['virtual_size']
+            grown = [(0, size)] if size > actual['virtual_size'] else []
+            resumed = self._resume_saved(context, instance, vmdir, spec,
+                                         warm.get('signature'), grown)
+        elif power_on:
             self._start(vmdir, spec)
-        LOG.info('instance %s moved here (%s)', instance.uuid,
+        else:
+            self.hypervisor.discard_saved_state(vmdir)
+        LOG.info('instance %s moved here (%s, %s)', instance.uuid,
                  'resized' if resize_instance else 'same flavor',
+                 'warm: resumed from its saved state' if resumed else
+                 'cold: booted' if power_on else 'cold: not started',
                  instance=instance)
+
+    def _resume_saved(self, context, instance, vmdir, spec=None,
+                      signature=None, grown_disks=()):
+        """Warm migration: run the VM again from the state saved in
+        ``vmdir``; boot it when that fails (warm_migration.restore).
+        True if the guest was resumed."""
+        spec = spec or self._load_spec(vmdir)
+        self._prepare_consoles(spec, vmdir)
+        if warm_migration.restore(self.hypervisor, spec, vmdir, context,
+                                  self._host, instance, signature,
+                                  grown_disks):
+            self._watcher.watch(vmdir)
+            return True
+        self._start(vmdir, spec)
+        return False
 
     def _fetch_kernel(self, context, kernel_id, ramdisk_id):
         kernel = ramdisk = None
@@ -643,7 +685,13 @@ class BhyveDriver(driver.ComputeDriver):
             cold_migration.restore_kept(vmdir.path)
         vmdir = self._vmdir(instance)
         self._plug_vifs_and_wait(instance, network_info)   # idempotent
-        if power_on and not self.hypervisor.is_running(vmdir):
+        if not power_on:
+            self.hypervisor.discard_saved_state(vmdir)
+        elif self.hypervisor.is_running(vmdir):
+            pass
+        elif os.path.exists(vmdir.saved_state):     # a warm migration's
+            self._resume_saved(context, instance, vmdir)
+        else:
             self._start(vmdir)
 
     # -- host restarts ----------------------------------------------------

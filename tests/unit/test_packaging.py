@@ -150,7 +150,7 @@ SDIST_MUST_CARRY = (
     'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
     'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
     'native/vdsk/tools/vdsk.c',
-    'tools/setup-host', 'tools/build-test-guest',
+    'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
     'etc/nova-bhyve/nova-bhyve-config-generator.conf',
     'etc/nova-bhyve/nova-bhyve.conf.sample',
     'devstack/plugin.sh', 'devstack/settings', 'devstack/README.md',
