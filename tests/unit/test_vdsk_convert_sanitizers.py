@@ -4,6 +4,7 @@ granules, partial clusters through a buffer) with 1-4 workers and several
 cluster sizes, the buffered path for compressed output and backing
 chains, and bad input; fails on any sanitizer report.  qemu-img is the
 oracle for the results."""
+import os
 import shutil
 import subprocess
 
@@ -91,3 +92,34 @@ def test_convert_buffered_paths_and_errors(cli, tmp_path):  # noqa: F811
     assert b'end of' in p.stderr, p.stderr
     run('convert', '-O', 'qcow2', str(tmp_path / 'missing'),
         str(tmp_path / 'o2'), ok=False)
+
+
+@pytest.mark.parametrize('dst_fmt,cluster', [('qcow2', '4096'),
+                                             ('qcow2', '65536'),
+                                             ('raw', '0')])
+def test_convert_workers_under_tsan(tmp_path, dst_fmt, cluster):
+    """8 workers on 64 KiB jobs race for the same L2 tables, refcount
+    blocks and partial clusters: ThreadSanitizer must stay silent."""
+    native = cli_native()
+    p = subprocess.run(['make', '-C', native, 'tsan'], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run = Runner(os.path.join(native, '_build', 'vdsk'))
+    subprocess.run(['make', '-s', '-C', native, '_build/vdsk'], check=True)
+    src = str(tmp_path / 'src.raw')
+    make_source(run, src)
+    dst = str(tmp_path / ('dst.' + dst_fmt))
+    env = dict(os.environ, TSAN_OPTIONS='halt_on_error=1')
+    p = subprocess.run([os.path.join(native, '_build', 'tsan', 'stress'),
+                        '--convert', src, dst, dst_fmt, '8', cluster],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert 'ThreadSanitizer' not in p.stderr, p.stderr[-6000:]
+    assert p.returncode == 0 and 'stress: ok' in p.stdout, p.stderr
+    same(src, dst, 'raw', dst_fmt)
+    if dst_fmt == 'qcow2':
+        qcheck(dst)
+
+
+def cli_native():
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), 'native')
