@@ -282,3 +282,17 @@ def test_cross_file_system_copy_falls_back(tmp_path):
     cfr = results(lines, 'copy_file_range')
     assert cfr and all(r == (-1, 'EXDEV') for r in cfr), cfr
     assert sum(n for n, _ in results(lines, 'pwrite64')) >= 20 * MiB
+
+
+def test_write_back_starts_during_the_copy(tmp_path):
+    """Past 64 MiB of output, convert starts the write-back
+    (sync_file_range) before its final fsync."""
+    src = str(tmp_path / 'big.raw')
+    qemu_img('create', '-f', 'raw', src, 160 * MiB)
+    qemu_io(src, 'raw', 'write -P 0x5a 0 70M', 'write -P 0x5b 100M 30M')
+    dst = str(tmp_path / 'big.qcow2')
+    lines = strace_convert(tmp_path, src, dst, '-f', 'raw', '-O', 'qcow2')
+    compare(src, dst, 'raw', 'qcow2')
+    qemu_check(dst)
+    assert results(lines, 'sync_file_range'), lines[-20:]
+    assert results(lines, 'fsync')[-1] == (0, None)
