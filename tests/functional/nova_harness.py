@@ -7,6 +7,7 @@ guest, served from memory. The hypervisor is real: QEMU runs each instance.
 """
 import hashlib
 import io
+import json
 import os
 import shutil
 import signal
@@ -298,6 +299,15 @@ def _held_inodes():
                 major, minor, ino = dev_ino[0].split(':')
                 inodes.add((int(major, 16), int(minor, 16), int(ino)))
     return inodes
+
+
+def spec_digest(vmdir):
+    """The instance's spec.json without its console ports, which every
+    start settles again (a VNC port taken meanwhile moves)."""
+    with open(os.path.join(vmdir, 'spec.json')) as f:
+        spec = json.load(f)
+    spec.pop('consoles', None)
+    return json.dumps(spec, sort_keys=True)
 
 
 def leftovers(instance_uuid, instances_paths, port_ids=(), processes=True):

@@ -7,7 +7,6 @@ boot ids the instance's first boot wrote there. Unrescue brings the original
 spec back byte for byte and the instance boots from its own disk again (its
 boot counter goes on from where it was).
 """
-import json
 import os
 import re
 
@@ -21,15 +20,6 @@ ACPID = 'NOVA-BHYVE-ACPID-STARTED'
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
 UUID_RE = r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-
-
-def _spec_digest(vmdir):
-    """The instance's spec without its console ports, which every start
-    picks again (a VNC port may move)."""
-    with open(os.path.join(vmdir, 'spec.json')) as f:
-        spec = json.load(f)
-    spec.pop('consoles', None)
-    return json.dumps(spec, sort_keys=True)
 
 
 class TestRescue(nova_harness.MultiComputeMixin,
@@ -77,7 +67,7 @@ class TestRescue(nova_harness.MultiComputeMixin,
         # the boot is complete (the test counts SHELL-READY lines later)
         self.wait_for_console(server, SHELL)
         vmdir = self.vmdir(server)
-        spec_sha = _spec_digest(vmdir)
+        spec_sha = nova_harness.spec_digest(vmdir)
         pid = self.vm_pid(server)
 
         server = self._rescue_server(server)
@@ -99,7 +89,7 @@ class TestRescue(nova_harness.MultiComputeMixin,
         self.assertFalse(os.path.exists(os.path.join(vmdir,
                                                      'spec.rescue.json')))
         self.assertFalse(os.path.exists(os.path.join(vmdir, 'disk.rescue')))
-        self.assertEqual(spec_sha, _spec_digest(vmdir))
+        self.assertEqual(spec_sha, nova_harness.spec_digest(vmdir))
         # the original guest boots from its own disk: its second boot
         out = self.wait_for_console(server, ROOT, count=3)
         self.wait_for_console(server, COUNT % 2)
@@ -127,6 +117,6 @@ class TestRescue(nova_harness.MultiComputeMixin,
                          self._read_vdb(server, 4, 'second'))
         server = self._unrescue_server(server)
         self.wait_for_console(server, COUNT % 3)
-        self.assertEqual(spec_sha, _spec_digest(vmdir))
+        self.assertEqual(spec_sha, nova_harness.spec_digest(vmdir))
         self._delete_server(server)
         self.assertFalse(os.path.exists(vmdir))

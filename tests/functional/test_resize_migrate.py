@@ -127,7 +127,7 @@ class TestResizeMigrate(_TwoComputes):
     def test_resize_revert_restores_the_original_disk(self):
         server = self.boot()
         src = self.host_vmdir('compute', server)
-        spec_sha = nova_harness.sha256_file(os.path.join(src, 'spec.json'))
+        spec = nova_harness.spec_digest(src)
 
         # the disk the source VM is started with, read at the moment of
         # the start (the guest writes to it as soon as it boots)
@@ -155,8 +155,7 @@ class TestResizeMigrate(_TwoComputes):
         self.assertEqual('compute', server['OS-EXT-SRV-ATTR:host'])
         self.assertEqual('nb.tiny', server['flavor']['original_name'])
         self.assertEqual([kept_sha], started_with)
-        self.assertEqual(spec_sha, nova_harness.sha256_file(
-            os.path.join(src, 'spec.json')))
+        self.assertEqual(spec, nova_harness.spec_digest(src))
         self.assertEqual(1 * GiB,
                          vdsk.info(os.path.join(src, 'disk'))['virtual_size'])
         # the source disk's second boot: compute2's boot is not on it
