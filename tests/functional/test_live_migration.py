@@ -1,0 +1,318 @@
+"""Live migration between two computes, through Nova's API, on real QEMU
+guests.
+
+Two nova-compute services run in this process ('compute' and 'compute2'),
+each with its own instances path and image cache, on this one machine: the
+migration streams (memory over TCP, disks over NBD) go over loopback.
+
+The guest prints ``tick N`` every second on its console and keeps a shell
+on its serial socket. A live migration must keep it running: the tick
+counter continues on the destination (it does not start again from 1) and
+the kernel's boot id stays the same.
+
+Faults are injected only where they cannot happen on their own here: a
+TCP proxy the test controls sits between the source and the destination
+(cut to simulate a network failure), the destination's VM process is
+killed by the test, the completion timeout is made short.
+"""
+import os
+import re
+import select
+import signal
+import socket
+import threading
+import time
+
+from nova import context as nova_context
+from nova import objects
+
+import lifecycle_helpers
+import nova_harness
+
+BOOT_ID_RE = re.compile(r'BOOTID=([0-9a-f-]{36})')
+MIGRATION_TIMEOUT = 600
+
+
+def _console(vmdir):
+    try:
+        with open(os.path.join(vmdir, 'console.log'), errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
+def _shell(vmdir, command, expect, timeout=120):
+    """Type ``command`` into the guest shell on ``vmdir``'s serial socket;
+    wait for ``expect`` (a regex) to show on that console; return the
+    match."""
+    before = len(re.findall(expect, _console(vmdir)))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(os.path.join(vmdir, 'serial.sock'))
+        s.sendall(b'\n' + command.encode() + b'\n')
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(expect, _console(vmdir))
+            if len(found) > before:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError('%r printed no %r within %ds' % (
+                    command, expect, timeout))
+            time.sleep(0.3)
+
+
+def _last_tick(vmdir):
+    t = lifecycle_helpers.ticks(_console(vmdir))
+    return t[-1] if t else None
+
+
+def _wait_ticks(vmdir, above, timeout=120):
+    """Wait for a tick greater than ``above`` on ``vmdir``'s console; return
+    the ticks seen there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        t = lifecycle_helpers.ticks(_console(vmdir))
+        if t and t[-1] > above:
+            return t
+        if time.monotonic() > deadline:
+            raise AssertionError('no tick above %d on %s within %ds (%s)' % (
+                above, vmdir, timeout, t[-5:]))
+        time.sleep(0.3)
+
+
+class TCPProxy:
+    """Forwards connections from a local port to ``target``; ``cut()``
+    closes every connection and refuses new ones (a network failure)."""
+
+    def __init__(self, target_host, target_port):
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.conns = []
+        self.bytes = 0
+        self.is_cut = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.is_cut:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_cut:
+                client.close()
+                return
+            server = socket.create_connection(self.target)
+            with self._lock:
+                self.conns += [client, server]
+            threading.Thread(target=self._pump, args=(client, server),
+                             daemon=True).start()
+
+    def _pump(self, a, b):
+        peers = {a: b, b: a}
+        try:
+            while not self.is_cut:
+                ready, _, _ = select.select([a, b], [], [], 0.2)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    peers[s].sendall(data)
+                    self.bytes += len(data)
+        except OSError:
+            return
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self):
+        self.is_cut = True
+        self.listener.close()
+        with self._lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+
+
+class _LiveMigrationBase(nova_harness.MultiComputeMixin,
+                         nova_harness.BhyveFunctionalTestBase):
+
+    def setUp(self):
+        super().setUp()
+        self.compute2 = self.start_compute_with_own_path('compute2')
+        self.small_id = self._create_flavor(memory_mb=128, vcpu=1, disk=1,
+                                            ephemeral=0, name='nb.lm')
+        self.ctxt = nova_context.get_admin_context()
+        if os.environ.get('NOVA_BHYVE_LM_SHOW_LOG'):
+            # a failing cleanup makes the harness print the captured log
+            self.addCleanup(self.fail, 'NOVA_BHYVE_LM_SHOW_LOG is set')
+
+    def driver(self, host):
+        return self.computes[host].manager.driver
+
+    def boot(self):
+        image = lifecycle_helpers.ticking_image(self)
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.small_id,
+                                     networks='none', host='compute')
+        src = self.host_vmdir('compute', server)
+        self.wait_for_console(server, lifecycle_helpers.SHELL_READY)
+        _wait_ticks(src, 2)
+        return server
+
+    def boot_id(self, vmdir):
+        return _shell(vmdir, 'echo BOOTID=$(cat '
+                      '/proc/sys/kernel/random/boot_id)', BOOT_ID_RE)
+
+    def migrate(self, server, dest='compute2'):
+        self.api.post_server_action(server['id'], {'os-migrateLive': {
+            'host': dest, 'block_migration': 'auto'}})
+
+    def migration(self, server, statuses, timeout=MIGRATION_TIMEOUT):
+        """The server's live migration record once in one of
+        ``statuses``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            migs = objects.MigrationList.get_by_filters(
+                self.ctxt, {'instance_uuid': server['id'],
+                            'migration_type': 'live-migration'})
+            for m in migs:
+                if m.status in statuses:
+                    return m
+            if time.monotonic() > deadline:
+                self.fail('no live migration of %s in %s within %ds (%s)' % (
+                    server['id'], statuses, timeout,
+                    [m.status for m in migs]))
+            time.sleep(0.5)
+
+    def wait_memory_phase(self, server, timeout=MIGRATION_TIMEOUT):
+        """The running migration record once memory is being sent (the
+        disks are in sync)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            mig = self.migration(server, ('running',))
+            if mig.memory_processed:
+                return mig
+            if time.monotonic() > deadline:
+                self.fail('the migration sent no memory within %ds' % timeout)
+            time.sleep(0.5)
+
+    def wait_server(self, server, status, host, timeout=MIGRATION_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self._show_server(server)
+            if s['status'] == status and not s['OS-EXT-STS:task_state'] \
+                    and s['OS-EXT-SRV-ATTR:host'] == host:
+                return s
+            if time.monotonic() > deadline:
+                self.fail('server %s is %s/%s on %s, not %s on %s' % (
+                    server['id'], s['status'], s['OS-EXT-STS:task_state'],
+                    s['OS-EXT-SRV-ATTR:host'], status, host))
+            time.sleep(0.5)
+
+    def assert_clean(self, host, server):
+        """No VM process, directory or incoming leftovers on ``host``."""
+        vmdir = self.host_vmdir(host, server)
+        deadline = time.monotonic() + 60
+        while os.path.exists(vmdir) and time.monotonic() < deadline:
+            time.sleep(0.5)       # a rollback cast may still be running
+        self.assertFalse(os.path.exists(vmdir), '%s left %s' % (host, vmdir))
+        self.assertNotIn(server['id'],
+                         self.driver(host).list_instance_uuids())
+        for pid in _qemu_pids(server['id']):
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                self.assertNotIn(vmdir.encode(), f.read())
+
+    def assert_still_on_source(self, server, boot_id, tick_before):
+        server = self.wait_server(server, 'ACTIVE', 'compute')
+        src = self.host_vmdir('compute', server)
+        self.assertIsNotNone(self.pid_in(src, server))
+        now = _last_tick(src)
+        ticks = _wait_ticks(src, now + 2)
+        self.assertGreater(ticks[-1], tick_before)
+        self.assertEqual(boot_id, self.boot_id(src))
+        self.assertNotIn(server['id'],
+                         self.driver('compute2').list_instance_uuids())
+        self.assert_clean('compute2', server)
+        return server
+
+
+def _qemu_pids(marker):
+    pids = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % name, 'rb') as f:
+                if marker.encode() in f.read():
+                    pids.append(int(name))
+        except OSError:
+            pass
+    return pids
+
+
+class TestLiveMigration(_LiveMigrationBase):
+
+    def test_block_migration_keeps_the_guest_running(self):
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        boot_id = self.boot_id(src)
+        src_pid = self.pid_in(src, server)
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+
+        # the guest runs on compute2: same boot, the counter went on
+        self.assertIsNotNone(self.pid_in(dst, server))
+        ticks = _wait_ticks(dst, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before,
+                           'the tick counter started again: %s' % ticks[:5])
+        self.assertEqual(boot_id, self.boot_id(dst))
+        # its disk: an overlay over compute2's own image cache
+        from nova_bhyve import vdsk
+        info = vdsk.info(os.path.join(dst, 'disk'))
+        self.assertTrue(info['backing_file'].startswith(
+            self.compute_path('compute2') + '/_base/'))
+        # nothing left on compute
+        self.assertFalse(os.path.exists(src))
+        self.assertFalse(os.path.exists('/proc/%d' % src_pid) and
+                         self.pid_in(src, server))
+        self.assertNotIn(server['id'],
+                         self.driver('compute').list_instance_uuids())
+        # progress was reported into the migration record
+        self.assertGreater(mig.memory_total, 0)
+        self.assertGreater(mig.memory_processed, 0)
+        self.assertGreater(mig.disk_total, 0)
+        self.assertEqual(0, mig.disk_remaining)
+        # the destination watches it: a kill shows as SHUTOFF
+        os.kill(self.pid_in(dst, server), signal.SIGKILL)
+        self._wait_for_state_change(server, 'SHUTOFF')
+
+    def test_abort_keeps_the_guest_on_the_source(self):
+        # 1 MiB/s: the migration lasts long enough to be aborted
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        boot_id = self.boot_id(src)
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        self.api.delete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('cancelled', 'error', 'failed',
+                                      'completed'))
+        self.assertEqual('cancelled', mig.status)
+        self.assert_still_on_source(server, boot_id, tick_before)
