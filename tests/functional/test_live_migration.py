@@ -23,8 +23,11 @@ import socket
 import threading
 import time
 
+import fixtures
 from nova import context as nova_context
 from nova import objects
+
+from nova_bhyve import live_migration
 
 import lifecycle_helpers
 import nova_harness
@@ -316,3 +319,185 @@ class TestLiveMigration(_LiveMigrationBase):
                                       'completed'))
         self.assertEqual('cancelled', mig.status)
         self.assert_still_on_source(server, boot_id, tick_before)
+
+
+class _Unchanging:
+    """A convergence policy that never changes anything (so the migration
+    of a guest that dirties memory faster than the cap cannot converge on
+    its own)."""
+    initial_downtime_ms = 10
+    wants_postcopy = False
+    wants_auto_converge = False
+
+    def decide(self, progress):
+        return []
+
+
+class TestForceComplete(_LiveMigrationBase):
+
+    def test_force_complete_finishes_a_migration_that_cannot_converge(self):
+        self.flags(live_migration_bandwidth=4, group='bhyve')
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.live_migration.policy_factory',
+            lambda data, bw: _Unchanging()))
+        self.assertIsNot(live_migration.policy_factory,
+                         live_migration.default_policy)
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        boot_id = self.boot_id(src)
+        # keep dirtying 8 MiB of page cache as fast as the guest can
+        _shell(src, 'dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null;'
+               ' (while :; do cp /tmp/r /tmp/r2; done) & echo DIRTY=ON',
+               'DIRTY=ON')
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        # several pre-copy rounds and still running: it does not converge
+        time.sleep(15)
+        mig = self.migration(server, ('running',))
+        self.assertGreater(mig.memory_remaining, 0)
+        self.api.force_complete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(dst, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(dst))
+        self.assertFalse(os.path.exists(src))
+
+
+class TestLiveMigrationFaults(_LiveMigrationBase):
+    """Each fault leaves the guest running on the source, the migration
+    failed, and nothing of the instance on the destination."""
+
+    def setUp(self):
+        super().setUp()
+        # 1 MiB/s: the migration lasts long enough for the fault
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        self.server = self.boot()
+        self.src = self.host_vmdir('compute', self.server)
+        self.dst = self.host_vmdir('compute2', self.server)
+        self.boot_id_before = self.boot_id(self.src)
+        self.tick_before = _last_tick(self.src)
+
+    def assert_failed_on_source(self):
+        mig = self.migration(self.server, ('failed', 'error', 'cancelled',
+                                           'completed'))
+        self.assertIn(mig.status, ('failed', 'error'))
+        self.assert_still_on_source(self.server, self.boot_id_before,
+                                    self.tick_before)
+        return mig
+
+    def proxied(self):
+        """Route the memory and the disk streams through TCP proxies the
+        test controls; returns {'memory': proxy, 'disk': proxy}."""
+        hyp = self.driver('compute2').hypervisor
+        real = hyp.prepare_incoming
+        proxies = {}
+
+        def prepare_incoming(spec, vmdir, address, block):
+            ep = real(spec, vmdir, address, block)
+            host, port = ep.uri[len('tcp:'):].rsplit(':', 1)
+            proxies['memory'] = TCPProxy(host, int(port))
+            proxies['disk'] = TCPProxy(ep.nbd_host, ep.nbd_port)
+            self.addCleanup(proxies['memory'].cut)
+            self.addCleanup(proxies['disk'].cut)
+            ep.uri = 'tcp:127.0.0.1:%d' % proxies['memory'].port
+            ep.nbd_host, ep.nbd_port = '127.0.0.1', proxies['disk'].port
+            return ep
+        self.useFixture(_PatchAttr(hyp, 'prepare_incoming',
+                                   prepare_incoming))
+        return proxies
+
+    def test_destination_vm_killed(self):
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        pid = self.pid_in(self.dst, self.server)
+        self.assertIsNotNone(pid)
+        os.kill(pid, signal.SIGKILL)
+        self.assert_failed_on_source()
+
+    def test_network_cut_during_memory_phase(self):
+        proxies = self.proxied()
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        self.assertGreater(proxies['memory'].bytes, 0)
+        proxies['memory'].cut()
+        proxies['disk'].cut()
+        self.assert_failed_on_source()
+
+    def test_disk_copy_failing(self):
+        """The disk stream breaks while the disks are being copied (before
+        any memory is sent)."""
+        proxies = self.proxied()
+        self.migrate(self.server)
+        deadline = time.monotonic() + MIGRATION_TIMEOUT
+        while proxies.get('disk') is None or proxies['disk'].bytes < 65536:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+        mig = self.migration(self.server, ('running',))
+        self.assertEqual(0, mig.memory_processed)
+        proxies['disk'].cut()
+        self.assert_failed_on_source()
+
+    def test_completion_timeout(self):
+        """[bhyve] live_migration_completion_timeout (seconds per GiB of
+        data) reached: the policy aborts the migration."""
+        self.flags(live_migration_completion_timeout=8, group='bhyve')
+        self.migrate(self.server)
+        mig = self.assert_failed_on_source()
+        self.assertGreater(mig.memory_remaining + mig.disk_remaining, 0)
+
+    def test_destination_compute_restarted(self):
+        """nova-compute on the destination restarts during the memory
+        phase. Nothing there is needed until Nova's post step (the incoming
+        VM runs detached; the restarted driver finds it by its directory's
+        'incoming' marker and leaves it alone), so the migration completes:
+        the guest runs on compute2, same boot, the counter went on. A test
+        policy raises the allowed downtime only once the restart is done
+        (a 'downtime' step through the policy interface), so the migration
+        cannot finish before."""
+        policy = _DowntimeWhenTold()
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.live_migration.policy_factory',
+            lambda data, bw: policy))
+        self.flags(live_migration_bandwidth=4, group='bhyve')
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        self.restart_compute_with_own_path('compute2')
+        self.assertIsNotNone(self.pid_in(self.dst, self.server))
+        policy.go = True
+        mig = self.migration(self.server, ('failed', 'error', 'cancelled',
+                                           'completed'))
+        self.assertEqual('completed', mig.status)
+        self.assertTrue(policy.applied)
+        self.wait_server(self.server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(self.dst, self.tick_before + 1)
+        self.assertGreater(ticks[0], self.tick_before)
+        self.assertEqual(self.boot_id_before, self.boot_id(self.dst))
+        self.assertFalse(os.path.exists(self.src))
+
+
+class _DowntimeWhenTold(_Unchanging):
+    """Allows 5 s of downtime once ``go`` is set (test policy)."""
+    go = False
+    applied = False
+
+    def decide(self, progress):
+        if self.go and not self.applied:
+            self.applied = True
+            return [live_migration.Step('downtime', 5000,
+                                        'test: the restart is done')]
+        return []
+
+
+class _PatchAttr(fixtures.Fixture):
+    def __init__(self, obj, name, value):
+        self.obj, self.name, self.value = obj, name, value
+
+    def _setUp(self):
+        old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+        self.addCleanup(setattr, self.obj, self.name, old)
