@@ -418,6 +418,7 @@ class Migration:
         self._lock = threading.Lock()
         self.handle = None
         self._last_record = 0.0
+        self.downtime_ms = None
 
     # requests from other threads (Nova's abort / force-complete RPCs)
     def request(self, what):
@@ -465,8 +466,11 @@ class Migration:
             recover_method(self.context, self.instance, self.dest,
                            self.data, migration_status=status)
             return
-        LOG.info('live migration to %s completed in %.1f s',
-                 self.dest, time.monotonic() - t0, instance=self.instance)
+        LOG.info('live migration to %s completed in %.1f s (QEMU downtime '
+                 '%s ms; the guest runs again once the destination resumes '
+                 'it in post_live_migration_at_destination)', self.dest,
+                 time.monotonic() - t0, self.downtime_ms,
+                 instance=self.instance)
         post_method(self.context, self.instance, self.dest, block_migration,
                     self.data)
 
@@ -535,6 +539,7 @@ class Migration:
             self._decide(policy, t0, snap, memory_phase=True)
             time.sleep(POLL)
         self._record(snap, force=True)
+        self.downtime_ms = snap.downtime_ms
         h.finish()
 
     def _record(self, snap, force=False):

@@ -195,6 +195,7 @@ class Snapshot:
     disk_processed: int = 0
     disk_remaining: int = 0
     error: str = None
+    downtime_ms: int = None        # QEMU's measured downtime, once completed
 
 
 def snapshot_from(migrate_info, jobs):
@@ -210,7 +211,8 @@ def snapshot_from(migrate_info, jobs):
         dirty_rate=float(ram.get('dirty-pages-rate', 0)) * page,
         bandwidth=float(ram.get('mbps', 0)) * 1e6 / 8,
         rounds=int(ram.get('dirty-sync-count', 0)),
-        error=migrate_info.get('error-desc'))
+        error=migrate_info.get('error-desc'),
+        downtime_ms=migrate_info.get('downtime'))
     for job in jobs:
         total, done = int(job.get('len', 0)), int(job.get('offset', 0))
         snap.disk_total += total

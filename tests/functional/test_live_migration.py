@@ -15,6 +15,7 @@ TCP proxy the test controls sits between the source and the destination
 (cut to simulate a network failure), the destination's VM process is
 killed by the test, the completion timeout is made short.
 """
+import json
 import os
 import re
 import select
@@ -22,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.parse
 
 import fixtures
 from nova import context as nova_context
@@ -172,6 +174,18 @@ class _LiveMigrationBase(nova_harness.MultiComputeMixin,
         _wait_ticks(src, 2)
         return server
 
+    def vnc_port(self, server):
+        """The VNC port Nova's console API hands out for ``server``."""
+        body = {'remote_console': {'protocol': 'vnc', 'type': 'novnc'}}
+        url = self.api.api_post('/servers/%s/remote-consoles' % server['id'],
+                                body).body['remote_console']['url']
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+        if 'token' not in query:
+            query = urllib.parse.parse_qs(query['path'][0].lstrip('?'))
+        auth = objects.ConsoleAuthToken.validate(self.ctxt,
+                                                 query['token'][0])
+        return int(auth.port)
+
     def boot_id(self, vmdir):
         return _shell(vmdir, 'echo BOOTID=$(cat '
                       '/proc/sys/kernel/random/boot_id)', BOOT_ID_RE)
@@ -266,9 +280,12 @@ def _qemu_pids(marker):
 class TestLiveMigration(_LiveMigrationBase):
 
     def test_block_migration_keeps_the_guest_running(self):
+        self.flags(enabled=True, server_listen='127.0.0.1',
+                   server_proxyclient_address='127.0.0.1', group='vnc')
         server = self.boot()
         src = self.host_vmdir('compute', server)
         dst = self.host_vmdir('compute2', server)
+        src_vnc = self.vnc_port(server)
         boot_id = self.boot_id(src)
         src_pid = self.pid_in(src, server)
         tick_before = _last_tick(src)
@@ -300,6 +317,16 @@ class TestLiveMigration(_LiveMigrationBase):
         self.assertGreater(mig.memory_processed, 0)
         self.assertGreater(mig.disk_total, 0)
         self.assertEqual(0, mig.disk_remaining)
+        # its VNC server: not on the port the source held during the
+        # migration (both computes are on this machine), and answering
+        dst_vnc = self.vnc_port(server)
+        self.assertNotEqual(src_vnc, dst_vnc)
+        with open(os.path.join(dst, 'spec.json')) as f:
+            self.assertEqual(dst_vnc, json.load(f)['consoles']['vnc_port'])
+        with socket.create_connection(('127.0.0.1', dst_vnc), timeout=30) \
+                as s:
+            s.settimeout(30)
+            self.assertRegex(s.recv(12), rb'^RFB 003\.00[0-9]\n')
         # the destination watches it: a kill shows as SHUTOFF
         os.kill(self.pid_in(dst, server), signal.SIGKILL)
         self._wait_for_state_change(server, 'SHUTOFF')

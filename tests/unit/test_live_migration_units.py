@@ -82,7 +82,7 @@ def test_snapshot_maps_qemu_counters():
     info = {'status': 'active', 'ram': {
         'total': 1000, 'transferred': 600, 'remaining': 400,
         'dirty-pages-rate': 10, 'page-size': 4096, 'mbps': 8.0,
-        'dirty-sync-count': 3}}
+        'dirty-sync-count': 3}, 'downtime': 42}
     jobs = [{'device': 'nb-mirror-disk0', 'len': 100, 'offset': 70},
             {'device': 'nb-mirror-disk1', 'len': 50, 'offset': 50}]
     snap = qemu_migration.snapshot_from(info, jobs)
@@ -90,7 +90,7 @@ def test_snapshot_maps_qemu_counters():
             snap.memory_remaining) == (1000, 600, 400)
     assert snap.dirty_rate == 40960
     assert snap.bandwidth == 1e6
-    assert snap.rounds == 3
+    assert snap.rounds == 3 and snap.downtime_ms == 42
     assert (snap.disk_total, snap.disk_processed,
             snap.disk_remaining) == (150, 120, 30)
     progress = live_migration._progress(12.5, snap)
