@@ -671,6 +671,10 @@ class BhyveDriver(driver.ComputeDriver):
     def live_migration_force_complete(self, instance):
         self._running_migration(instance).request('force_complete')
 
+    def post_live_migration(self, context, instance, block_device_info,
+                            migrate_data=None):
+        live_migration.end_source_vm(self, instance, migrate_data)
+
     def post_live_migration_at_source(self, context, instance, network_info):
         self.vifs.unplug_all(instance, network_info)
 

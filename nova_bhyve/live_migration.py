@@ -39,6 +39,7 @@ destination's ``pre_live_migration`` for block migrations only.
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -56,6 +57,7 @@ from nova_bhyve import consoles
 from nova_bhyve import guest
 from nova_bhyve import storage
 from nova_bhyve import vdsk
+from nova_bhyve.hypervisor import base
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -233,11 +235,14 @@ def source_check(drv, instance, data, block_device_info):
         raise exception.MigrationPreCheckError(reason=reason)
 
     if shared:
-        refuse('the instances path is shared with the destination: live '
-               'migration over shared instance storage is not supported by '
-               'nova-bhyve (the VM\'s pid file and QMP sockets live in the '
-               'instance directory, which both hosts would use at once)')
-    if 'block_migration' not in data:
+        if data.obj_attr_is_set('block_migration') and data.block_migration:
+            raise exception.InvalidLocalStorage(
+                path=drv.instances_path,
+                reason='the instances path is shared with the destination: '
+                       'a block migration would copy the disks onto '
+                       'themselves')
+        data.block_migration = False
+    elif 'block_migration' not in data:
         data.block_migration = True
     elif not data.block_migration:
         raise exception.InvalidSharedStorage(
@@ -247,7 +252,7 @@ def source_check(drv, instance, data, block_device_info):
     if virt_driver.block_device_info_get_mapping(block_device_info):
         refuse('instances with volumes cannot be live-migrated by '
                'nova-bhyve yet')
-    if configdrive.required(instance):
+    if configdrive.required(instance) and not shared:
         refuse('instances with a config drive cannot be block-migrated by '
                'nova-bhyve yet (the read-only config drive would have to be '
                'copied before the destination starts)')
@@ -324,11 +329,23 @@ def _create_disks(drv, context, instance, spec, info):
     return backed
 
 
+def runtime_dir(vmdir):
+    """Shared instances path: the incoming VM's own pid file, sockets,
+    console log and spec, apart from the source VM's (which uses the same
+    instance directory until it is gone)."""
+    # short: unix socket paths are limited to 108 bytes; the name is also
+    # the marker VMDir.uuid gives pid checks, so it carries part of the uuid
+    return base.VMDir(os.path.join(vmdir.path, 'in-' + vmdir.uuid[:8]))
+
+
 def pre_live_migration(drv, context, instance, block_device_info,
                        network_info, disk_info_json, data):
+    if data.is_shared_instance_path:
+        return _pre_live_migration_shared(drv, context, instance,
+                                          network_info, data)
     if not data.block_migration or not disk_info_json:
         raise exception.MigrationError(
-            reason='nova-bhyve live-migrates by block migration only')
+            reason='local disks need a block migration')
     info = json.loads(disk_info_json)
     spec = guest.VMSpec.from_json(info['spec'])
     vmdir = drv._vmdir(instance, must_exist=False)
@@ -364,9 +381,72 @@ def pre_live_migration(drv, context, instance, block_device_info,
     return data
 
 
+def _pre_live_migration_shared(drv, context, instance, network_info, data):
+    """Shared instances path: the disks are already here; start the VM in
+    its own runtime directory inside the instance directory."""
+    vmdir = drv._vmdir(instance)
+    runtime = runtime_dir(vmdir)
+    spec = drv._load_spec(vmdir)
+    shutil.rmtree(runtime.path, ignore_errors=True)
+    os.makedirs(runtime.path)
+    plugged = False
+    try:
+        kernel, ramdisk = drv._fetch_kernel(context, instance.kernel_id,
+                                            instance.ramdisk_id)
+        if spec.boot.kernel:
+            spec.boot.kernel = kernel
+        if spec.boot.ramdisk:
+            spec.boot.ramdisk = ramdisk
+        c = spec.consoles
+        if c.serial_port and not consoles.port_free(c.serial_host,
+                                                    c.serial_port):
+            c.serial_host = c.serial_port = None
+        consoles.prepare(spec, drv.hypervisor)
+        models = {n.mac: n.model for n in spec.nics}
+        plugged = True
+        spec.nics = drv.vifs.plug_all(instance, network_info)
+        for nic in spec.nics:
+            nic.model = models.get(nic.mac, nic.model)
+        drv._save_spec(spec, runtime)
+        endpoint = drv.hypervisor.prepare_incoming(
+            spec, runtime, inbound_address(), block=False)
+    except Exception:
+        LOG.exception('preparing the live migration failed; removing what '
+                      'it made', instance=instance)
+        try:
+            drv.hypervisor.kill(runtime)
+        finally:
+            shutil.rmtree(runtime.path, ignore_errors=True)
+        if plugged:
+            drv.vifs.unplug_all(instance, network_info)
+        raise
+    data.target_connect_addr = json.dumps(
+        {'endpoint': endpoint.to_json(), 'backed': []})
+    LOG.info('waiting for the live migration on %s (shared instances '
+             'path)', endpoint.uri, instance=instance)
+    return data
+
+
+#: the runtime files that move from runtime_dir() into the instance
+#: directory once the incoming VM is the instance's VM
+_RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
+                  'console.log', 'spec.json')
+
+
 def post_at_destination(drv, instance, network_info):
     vmdir = drv._vmdir(instance)
-    drv.hypervisor.finish_incoming(vmdir)
+    runtime = runtime_dir(vmdir)
+    if os.path.isdir(runtime.path):
+        # shared instances path: the source VM is gone (post_live_migration
+        # on the source); the sockets keep working under their new names
+        drv.hypervisor.finish_incoming(runtime)
+        for name in _RUNTIME_FILES:
+            if os.path.exists(os.path.join(runtime.path, name)):
+                os.replace(os.path.join(runtime.path, name),
+                           os.path.join(vmdir.path, name))
+        shutil.rmtree(runtime.path, ignore_errors=True)
+    else:
+        drv.hypervisor.finish_incoming(vmdir)
     try:
         os.unlink(os.path.join(vmdir.path, INCOMING_MARKER))
     except FileNotFoundError:
@@ -391,7 +471,39 @@ def rollback_at_destination(drv, instance, network_info, destroy_disks):
 
 
 def is_incoming(vmdir):
-    return os.path.exists(os.path.join(vmdir.path, INCOMING_MARKER))
+    return os.path.exists(os.path.join(vmdir.path, INCOMING_MARKER)) or \
+        os.path.isdir(runtime_dir(vmdir).path)
+
+
+def end_source_vm(drv, instance, data):
+    if not (data is not None and 'is_shared_instance_path' in data and
+            data.is_shared_instance_path):
+        return
+    vmdir = drv._vmdir_for_uuid(instance.uuid)
+    drv._watcher.unwatch(instance.uuid)
+    try:
+        consoles.release_serial(drv._load_spec(vmdir))
+    except (OSError, ValueError, TypeError):
+        pass
+    drv.hypervisor.kill(vmdir)
+    LOG.info('source VM ended after the live migration (shared instances '
+             'path: the directory stays)', instance=instance)
+
+
+def poison_incoming(endpoint):
+    """Make a destination QEMU still waiting for its migration give up and
+    exit: QEMU 7.2 exits when an incoming stream fails to load. Used when
+    Nova will not call rollback_live_migration_at_destination (shared
+    instances path)."""
+    if not endpoint.uri.startswith('tcp:'):
+        return
+    host, port = endpoint.uri[4:].rsplit(':', 1)
+    try:
+        with socket.create_connection((host.strip('[]'), int(port)),
+                                      timeout=5) as s:
+            s.sendall(b'not a migration stream\n' * 8)
+    except OSError as e:
+        LOG.debug('poisoning %s: %s', endpoint.uri, e)
 
 
 # -- source -------------------------------------------------------------------
@@ -480,6 +592,17 @@ class Migration:
         except Exception:
             LOG.exception('cancelling the migration failed',
                           instance=self.instance)
+        if self.data.is_shared_instance_path:
+            # Nova calls no rollback on the destination for shared storage:
+            # the waiting destination VM is made to exit, and its runtime
+            # directory (visible here) goes
+            poison_incoming(self.handle.endpoint)
+            runtime = runtime_dir(self.vmdir)
+            pid = runtime.read_pid()
+            if pid and not base.wait_for_exit(pid, 30, runtime.uuid):
+                LOG.warning('the destination VM %d did not exit', pid,
+                            instance=self.instance)
+            shutil.rmtree(runtime.path, ignore_errors=True)
         if self.drv.hypervisor.pid(self.vmdir) is not None:
             self.drv._watcher.watch(self.vmdir)
         else:

@@ -300,6 +300,8 @@ class OutgoingMigration(base.MigrationHandle):
         self.was_running = self._qmp('query-status')['status'] == 'running'
         for command, args in self._initial_qmp(self.policy, self.bandwidth):
             self._qmp(command, args)
+        if not self.block:
+            return                # shared storage: no disk copy
         for command, args in mirror_commands(self.spec, self.endpoint,
                                              self.backed, self.bandwidth):
             self._qmp(command, args, timeout=60.0)

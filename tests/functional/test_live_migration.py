@@ -263,6 +263,16 @@ class _LiveMigrationBase(nova_harness.MultiComputeMixin,
         return server
 
 
+def _running(pid):
+    """True while ``pid`` exists and is not a zombie (a daemonized QEMU's
+    parent is init, which may reap it late)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
 def _qemu_pids(marker):
     pids = []
     for name in os.listdir('/proc'):
@@ -308,8 +318,7 @@ class TestLiveMigration(_LiveMigrationBase):
             self.compute_path('compute2') + '/_base/'))
         # nothing left on compute
         self.assertFalse(os.path.exists(src))
-        self.assertFalse(os.path.exists('/proc/%d' % src_pid) and
-                         self.pid_in(src, server))
+        self.assertFalse(_running(src_pid))
         self.assertNotIn(server['id'],
                          self.driver('compute').list_instance_uuids())
         # progress was reported into the migration record
@@ -505,6 +514,69 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         self.assertGreater(ticks[0], self.tick_before)
         self.assertEqual(self.boot_id_before, self.boot_id(self.dst))
         self.assertFalse(os.path.exists(self.src))
+
+
+class TestSharedInstancesPath(_LiveMigrationBase):
+    """Both computes use the same instances path (as over NFS): no disk
+    copy; the incoming VM keeps its runtime files in its own directory
+    until it takes over."""
+
+    def start_compute_with_own_path(self, host):
+        self.flags(instances_path=self.instances_path)
+        self.compute_path('compute')
+        self._compute_paths[host] = self.instances_path
+        with self._node_uuid_of(host):
+            return self._start_compute(host)
+
+    def test_live_migration_without_disk_copy(self):
+        server = self.boot()
+        vmdir = self.host_vmdir('compute', server)
+        disk = os.path.join(vmdir, 'disk')
+        inode = os.stat(disk).st_ino
+        boot_id = self.boot_id(vmdir)
+        src_pid = self.pid_in(vmdir, server)
+        tick_before = _last_tick(vmdir)
+
+        self.migrate(server)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        self.assertEqual(0, mig.disk_total)          # nothing copied
+        self.assertEqual(inode, os.stat(disk).st_ino)  # the same file
+        pid = self.pid_in(vmdir, server)
+        self.assertIsNotNone(pid)
+        self.assertNotEqual(src_pid, pid)
+        self.assertFalse(_running(src_pid))
+        ticks = _wait_ticks(vmdir, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(vmdir))
+        self.assertEqual(['console.log', 'control.sock', 'disk',
+                          'events.sock', 'serial.sock', 'spec.json',
+                          'vm.pid'],
+                         sorted(n for n in os.listdir(vmdir)
+                                if not n.startswith('supervisor')))
+
+    def test_abort_removes_the_incoming_vm(self):
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        server = self.boot()
+        vmdir = self.host_vmdir('compute', server)
+        boot_id = self.boot_id(vmdir)
+        tick_before = _last_tick(vmdir)
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        runtime = os.path.join(vmdir, 'in-' + server['id'][:8])
+        with open(os.path.join(runtime, 'vm.pid')) as f:
+            dest_pid = int(f.read())
+        self.api.delete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('cancelled', 'error', 'failed',
+                                      'completed'))
+        self.assertEqual('cancelled', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute')
+        self.assertFalse(os.path.exists(runtime))
+        self.assertFalse(_running(dest_pid))
+        ticks = _wait_ticks(vmdir, _last_tick(vmdir) + 1)
+        self.assertGreater(ticks[-1], tick_before)
+        self.assertEqual(boot_id, self.boot_id(vmdir))
 
 
 class _DowntimeWhenTold(_Unchanging):

@@ -188,12 +188,22 @@ def test_source_check_decides_block_migration(tmp_path, monkeypatch):
         live_migration.source_check(src, _instance(), data, None)
 
 
+def test_source_check_shared_instances_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_migration.configdrive, 'required',
+                        lambda inst: True)
+    src = _Drv(tmp_path)
+    data = live_migration.dest_check(src, _instance(), None, False)
+    data = live_migration.source_check(src, _instance(), data, None)
+    assert data.is_shared_instance_path is True
+    assert data.block_migration is False    # nothing to copy
+    # a block migration over shared storage is refused
+    data = live_migration.dest_check(src, _instance(), True, False)
+    with pytest.raises(exception.InvalidLocalStorage):
+        live_migration.source_check(src, _instance(), data, None)
+
+
 def test_source_check_refusals(tmp_path, monkeypatch):
     src = _Drv(tmp_path)
-    # same instances path on both sides: refused (runtime files clash)
-    data = live_migration.dest_check(src, _instance(), None, False)
-    with pytest.raises(exception.MigrationPreCheckError, match='shared'):
-        live_migration.source_check(src, _instance(), data, None)
     dst = _Drv(tmp_path / 'dst')
     monkeypatch.setattr(live_migration.configdrive, 'required',
                         lambda inst: True)
