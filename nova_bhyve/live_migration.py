@@ -338,6 +338,15 @@ def runtime_dir(vmdir):
     return base.VMDir(os.path.join(vmdir.path, 'in-' + vmdir.uuid[:8]))
 
 
+def _incoming_policy(spec, info):
+    """The policy the source will make (same configuration, same data
+    estimate): the destination must enable what it wants too (post-copy)."""
+    data = spec.memory_mb * units.Mi
+    if info:
+        data += sum(int(d.get('disk_size') or 0) for d in info['disks'])
+    return policy_factory(data, bandwidth_mibps())
+
+
 def pre_live_migration(drv, context, instance, block_device_info,
                        network_info, disk_info_json, data):
     if data.is_shared_instance_path:
@@ -365,8 +374,9 @@ def pre_live_migration(drv, context, instance, block_device_info,
             nic.model = models.get(nic.mac, nic.model)
         drv._save_spec(spec, vmdir)
         address = inbound_address()
-        endpoint = drv.hypervisor.prepare_incoming(spec, vmdir, address,
-                                                   block=True)
+        endpoint = drv.hypervisor.prepare_incoming(
+            spec, vmdir, address, block=True,
+            policy=_incoming_policy(spec, info))
     except Exception:
         LOG.exception('preparing the live migration failed; removing what '
                       'it made', instance=instance)
@@ -409,7 +419,8 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
             nic.model = models.get(nic.mac, nic.model)
         drv._save_spec(spec, runtime)
         endpoint = drv.hypervisor.prepare_incoming(
-            spec, runtime, inbound_address(), block=False)
+            spec, runtime, inbound_address(), block=False,
+            policy=_incoming_policy(spec, None))
     except Exception:
         LOG.exception('preparing the live migration failed; removing what '
                       'it made', instance=instance)

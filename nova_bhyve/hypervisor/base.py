@@ -263,11 +263,12 @@ class Hypervisor(abc.ABC):
     #: prepare_incoming/finish_incoming/migrate_to work on this backend
     supports_live_migration = False
 
-    def prepare_incoming(self, spec, vmdir, address, block):
+    def prepare_incoming(self, spec, vmdir, address, block, policy=None):
         """Start the VM of ``spec`` waiting for a live migration on
         ``address``; with ``block`` also receive its disks (which exist
-        already, as empty overlays over the same images). Returns the
-        endpoint."""
+        already, as empty overlays over the same images). ``policy``: the
+        convergence policy (what the destination must enable too, e.g.
+        post-copy). Returns the endpoint."""
         raise NotImplementedError()
 
     def endpoint_from_json(self, text):

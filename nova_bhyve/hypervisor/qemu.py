@@ -299,11 +299,11 @@ class QemuHypervisor(base.Hypervisor):
 
     supports_live_migration = True
 
-    def prepare_incoming(self, spec, vmdir, address, block):
+    def prepare_incoming(self, spec, vmdir, address, block, policy=None):
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,
                            CONF.bhyve.qemu_cpu_model)
         return qemu_migration.prepare_incoming(self, argv, spec, vmdir,
-                                               address, block)
+                                               address, block, policy)
 
     def endpoint_from_json(self, text):
         return qemu_migration.Endpoint.from_json(text)

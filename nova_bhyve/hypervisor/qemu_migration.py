@@ -118,18 +118,24 @@ class Endpoint:
         return cls(**json.loads(text))
 
 
-def prepare_incoming(hyp, argv, spec, vmdir, host, block,
+def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
                      timeout=INCOMING_TIMEOUT):
     """Start the destination VM from ``argv`` (its normal command line)
-    waiting for the migration; return its Endpoint. On failure the VM
+    waiting for the migration; return its Endpoint. ``policy``: the
+    convergence policy, for the capabilities both sides need
+    (qemu_migration_params.incoming_qmp: post-copy). On failure the VM
     process is killed and HypervisorError raised."""
     from nova_bhyve.hypervisor import qemu_state   # launch()
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
+    params = _params_module()
+    first = []
+    if policy is not None and hasattr(params, 'incoming_qmp'):
+        first = params.incoming_qmp(policy)
     try:
-        for command, args in incoming_commands(spec, host, mig_port,
-                                               nbd_port, block):
+        for command, args in first + incoming_commands(
+                spec, host, mig_port, nbd_port, block):
             qmp.execute(vmdir.control, command, args, timeout=timeout)
     except base.HypervisorError:
         hyp.kill(vmdir)

@@ -433,8 +433,8 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         real = hyp.prepare_incoming
         proxies = {}
 
-        def prepare_incoming(spec, vmdir, address, block):
-            ep = real(spec, vmdir, address, block)
+        def prepare_incoming(spec, vmdir, address, block, policy=None):
+            ep = real(spec, vmdir, address, block, policy)
             host, port = ep.uri[len('tcp:'):].rsplit(':', 1)
             proxies['memory'] = TCPProxy(host, int(port))
             proxies['disk'] = TCPProxy(ep.nbd_host, ep.nbd_port)

@@ -216,3 +216,13 @@ def test_source_check_refusals(tmp_path, monkeypatch):
     bdi = {'block_device_mapping': [{'connection_info': {}}]}
     with pytest.raises(exception.MigrationPreCheckError, match='volumes'):
         live_migration.source_check(src, _instance(), data, bdi)
+
+
+def test_incoming_policy_matches_the_sources_estimate(monkeypatch):
+    seen = []
+    monkeypatch.setattr(live_migration, 'policy_factory',
+                        lambda data, bw: seen.append((data, bw)) or 'p')
+    monkeypatch.setattr(live_migration, 'bandwidth_mibps', lambda: 7)
+    info = {'disks': [{'disk_size': 4096}, {'disk_size': 0}]}
+    assert live_migration._incoming_policy(spec(), info) == 'p'
+    assert seen == [(128 * 1024 * 1024 + 4096, 7)]
