@@ -31,7 +31,6 @@ deleted / QEMU powered off) before the next run, so no two guests overlap.
 
 Prints one JSON object on stdout.
 """
-import argparse
 import json
 import os
 import resource
@@ -48,7 +47,6 @@ import common  # noqa: F401  (sys.path)
 import boot_bare  # noqa: E402
 import nova_harness  # noqa: E402
 
-ARGS = None
 RESULT = {}
 POLL = 0.005
 
@@ -134,7 +132,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
         log = os.path.join(self.vmdir(server), 'console.log')
         found = common.wait_console_markers(
             log, [('init', m['init']), ('root_mounted', m['root_mounted'])],
-            t0, timeout=ARGS.timeout, poll=POLL)
+            t0, timeout=common.ARGS.timeout, poll=POLL)
         cpu = _cpu() - cpu0
         qemu_cpu = _proc_cpu(self.vm_pid(server))
         start, started = timings.marks['hypervisor.start'][-1]
@@ -185,7 +183,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
             found = common.wait_console_markers(
                 os.path.join(tmp, 'console.log'),
                 [('init', m['init']), ('root_mounted', m['root_mounted'])],
-                t0, timeout=ARGS.timeout, poll=POLL)
+                t0, timeout=common.ARGS.timeout, poll=POLL)
             r = {k: round(v, 3) for k, v in found.items()}
             r['qemu_cpu_at_root_mounted'] = _proc_cpu(pid)
             r['qemu_daemonized'] = round(daemonized, 3)
@@ -210,7 +208,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
         common.say('warm-up (driver): %s', warm)
         samples = {'driver': [], 'bare': [], 'driver_argv_no_nova': []}
         kinds = list(samples)
-        for i in range(ARGS.runs):
+        for i in range(common.ARGS.runs):
             order = kinds[i % 3:] + kinds[:i % 3]
             for kind in order:
                 if kind == 'driver':
@@ -220,7 +218,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
                 else:
                     with _BareCpu() as obs:
                         r = boot_bare.one_run(self.manifest, 'kernel',
-                                              ARGS.timeout)
+                                              common.ARGS.timeout)
                     r['qemu_cpu_at_root_mounted'] = obs.cpu_at(
                         r['root_mounted'])
                 samples[kind].append(r)
@@ -235,7 +233,7 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
             'benchmark': 'boot_through_driver',
             'unit': 'seconds; driver: from POST /servers sent; bare: from '
                     'qemu exec',
-            'runs': ARGS.runs,
+            'runs': common.ARGS.runs,
             'accelerator': {'driver': hv.accelerator,
                             'bare': 'tcg (boot_bare.py)'},
             'driver': {k: common.summary(s[k] for s in samples['driver'])
@@ -268,20 +266,12 @@ class BootThroughDriver(nova_harness.BhyveFunctionalTestBase):
         })
 
 
-def main():
-    global ARGS
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--runs', type=int, default=5)
+def _arguments(ap):
     ap.add_argument('--timeout', type=float, default=180)
-    ARGS = ap.parse_args()
-    out = common.claim_stdout()
-    facts = common.host_facts()
-    load_before = common.loadavg()
-    common.run_case(BootThroughDriver)
-    RESULT['host'] = facts
-    RESULT['loadavg_before'] = load_before
-    RESULT['loadavg_after'] = common.loadavg()
-    out.write(json.dumps(RESULT, indent=2) + '\n')
+
+
+def main():
+    common.bench_main(BootThroughDriver, RESULT, __doc__, _arguments)
 
 
 if __name__ == '__main__':

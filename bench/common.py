@@ -149,6 +149,35 @@ def delete_and_wait(test, server):
     test.fail('server %s not deleted' % server['id'])
 
 
+#: the benchmark's parsed command line, set by bench_main()
+ARGS = None
+
+
+def bench_main(case_class, result, doc, add_arguments=None):
+    """The entry point every harness benchmark shares: parse ``--runs``
+    (plus what ``add_arguments(parser)`` adds) into ``ARGS``, run the
+    ``case_class`` test case (it fills ``result``), and write ``result``
+    with the host facts and the load before/after as JSON on the real
+    stdout."""
+    global ARGS
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument('--runs', type=int, default=5)
+    if add_arguments:
+        add_arguments(ap)
+    ARGS = ap.parse_args()
+    out = claim_stdout()
+    facts = host_facts()
+    load_before = loadavg()
+    run_case(case_class)
+    result['host'] = facts
+    result['loadavg_before'] = load_before
+    result['loadavg_after'] = loadavg()
+    out.write(json.dumps(result, indent=2) + '\n')
+    out.flush()
+
+
 def run_case(case_class):
     """Run every test of ``case_class``; exit 1 if one fails."""
     result = unittest.TextTestRunner(stream=ERR, verbosity=1).run(

@@ -17,15 +17,12 @@ CastAsCall the build runs inside the POST, so the first GET is ACTIVE).
 
 Prints one JSON object on stdout.
 """
-import argparse
-import json
 import statistics
 import sys
 
 import common  # noqa: F401  (sys.path)
 import nova_harness  # noqa: E402
 
-ARGS = None
 RESULT = {}
 
 
@@ -55,7 +52,7 @@ class DriverOverhead(nova_harness.BhyveFunctionalTestBase):
 
         warm = {h: one(h) for h in hosts}        # warms the image cache
         samples = {h: [] for h in hosts}
-        for i in range(ARGS.runs):
+        for i in range(common.ARGS.runs):
             order = hosts if i % 2 == 0 else hosts[::-1]
             for h in order:
                 samples[h].append(one(h))
@@ -68,7 +65,7 @@ class DriverOverhead(nova_harness.BhyveFunctionalTestBase):
         RESULT.update({
             'benchmark': 'driver_overhead',
             'unit': 'seconds, POST /servers sent -> first GET showing ACTIVE',
-            'runs': ARGS.runs,
+            'runs': common.ARGS.runs,
             'flavor': {'vcpus': 1, 'memory_mb': 256, 'root_gb': 1},
             'image': 'test guest root.qcow2 + kernel_id/ramdisk_id '
                      '(direct kernel boot)',
@@ -90,18 +87,7 @@ class DriverOverhead(nova_harness.BhyveFunctionalTestBase):
 
 
 def main():
-    global ARGS
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--runs', type=int, default=5)
-    ARGS = ap.parse_args()
-    out = common.claim_stdout()
-    facts = common.host_facts()
-    load_before = common.loadavg()
-    common.run_case(DriverOverhead)
-    RESULT['host'] = facts
-    RESULT['loadavg_before'] = load_before
-    RESULT['loadavg_after'] = common.loadavg()
-    out.write(json.dumps(RESULT, indent=2) + '\n')
+    common.bench_main(DriverOverhead, RESULT, __doc__)
 
 
 if __name__ == '__main__':

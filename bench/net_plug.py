@@ -51,7 +51,6 @@ def _vif(binding, bridge=None, hybrid=False):
 
 
 def plug_latency(n):
-    import fixtures  # noqa: F401
     import os_vif
     from oslo_config import cfg
     from vif_plug_ovs import privsep as ovs_privsep

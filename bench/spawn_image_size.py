@@ -16,7 +16,6 @@ next.
 
 Prints one JSON object on stdout. The images are removed at the end.
 """
-import argparse
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ import time
 import common  # noqa: F401  (sys.path)
 import nova_harness  # noqa: E402
 
-ARGS = None
 RESULT = {}
 MiB = 1024 * 1024
 ROOT_FS = 64 * MiB          # the test guest's root.qcow2 virtual size
@@ -67,7 +65,7 @@ class SpawnImageSize(nova_harness.BhyveFunctionalTestBase):
 
     def test_image_size(self):
         m = self.manifest
-        work = tempfile.mkdtemp(prefix='nb-imgsize-', dir=ARGS.workdir)
+        work = tempfile.mkdtemp(prefix='nb-imgsize-', dir=common.ARGS.workdir)
         self.addCleanup(shutil.rmtree, work, ignore_errors=True)
         flavor = self._create_flavor(memory_mb=256, vcpu=1, disk=3,
                                      ephemeral=0, name='nb.3g')
@@ -111,7 +109,7 @@ class SpawnImageSize(nova_harness.BhyveFunctionalTestBase):
         cold = {name: one(name, check_boot=True) for name in SIZES}
         samples = {name: [] for name in SIZES}
         names = list(SIZES)
-        for i in range(ARGS.runs):
+        for i in range(common.ARGS.runs):
             for name in (names if i % 2 == 0 else names[::-1]):
                 samples[name].append(one(name))
                 common.say('run %d %s: %s', i + 1, name, samples[name][-1])
@@ -121,7 +119,7 @@ class SpawnImageSize(nova_harness.BhyveFunctionalTestBase):
             'benchmark': 'spawn_image_size',
             'unit': 'seconds, POST /servers sent -> first GET showing ACTIVE '
                     '(warm image cache)',
-            'runs': ARGS.runs,
+            'runs': common.ARGS.runs,
             'flavor': {'vcpus': 1, 'memory_mb': 256, 'root_gb': 3},
             'accelerator': self.compute.manager.driver.hypervisor.accelerator,
             'images': made,
@@ -138,21 +136,13 @@ class SpawnImageSize(nova_harness.BhyveFunctionalTestBase):
         })
 
 
-def main():
-    global ARGS
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--runs', type=int, default=5)
+def _arguments(ap):
     ap.add_argument('--workdir', default='/var/tmp',
                     help='where the test images are made (needs ~2.2 GiB)')
-    ARGS = ap.parse_args()
-    out = common.claim_stdout()
-    facts = common.host_facts()
-    load_before = common.loadavg()
-    common.run_case(SpawnImageSize)
-    RESULT['host'] = facts
-    RESULT['loadavg_before'] = load_before
-    RESULT['loadavg_after'] = common.loadavg()
-    out.write(json.dumps(RESULT, indent=2) + '\n')
+
+
+def main():
+    common.bench_main(SpawnImageSize, RESULT, __doc__, _arguments)
 
 
 if __name__ == '__main__':

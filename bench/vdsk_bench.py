@@ -12,9 +12,10 @@
    depth) is vdsk's thread count.  `vdsk bench --pattern rand` (true
    random) is listed too.
 2. convert of a 4 GiB half-allocated image (1 MiB data / 1 MiB hole),
-   qcow2 -> raw and raw -> qcow2: `vdsk convert` vs `qemu-img convert`
-   (defaults: both flush the result at the end).  Best of N runs each,
-   alternating.
+   qcow2 -> raw and raw -> qcow2: `qemu-img convert` (default: output
+   cache mode "unsafe", no flush) vs `vdsk convert -t unsafe` (no flush
+   either), and both counting a sync afterwards (`vdsk convert` with its
+   default fsync).  Median and spread of N runs, tools alternating.
 3. memory: peak RSS of the C stress driver (libvdsk only) with a 1 TiB
    sparse qcow2 open whose 2048 L2 tables are all read, at the default
    L2 cache (4 MiB) and at 1 MiB.
@@ -113,43 +114,71 @@ def make_half_allocated(d, size):
     return raw, q
 
 
+def _med(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0
+
+
+def _cell(xs):
+    """median (min-max) of wall times."""
+    return '%.2f s (%.2f-%.2f)' % (_med(xs), min(xs), max(xs))
+
+
 def convert_section(d, size, reps):
+    """Each rep runs, in turn: qemu-img convert (its default cache mode
+    for the output, "unsafe": no flush), vdsk convert -t unsafe (no flush
+    either), vdsk convert (default: write-back started during the copy,
+    fsync at the end).  Every run is followed by a sync, timed as part of
+    the "+ sync" figure: the time until the data is on the disk."""
     raw, q = make_half_allocated(d, size)
     out = os.path.join(d, 'out')
     rows = []
+    tools = (
+        ('qemu', lambda sf, df, src: ['qemu-img', 'convert', '-f', sf,
+                                      '-O', df, src, out]),
+        ('vdsk-unsafe', lambda sf, df, src: VDSK + [
+            'convert', '-t', 'unsafe', '-f', sf, '-O', df, src, out]),
+        ('vdsk', lambda sf, df, src: VDSK + ['convert', '-f', sf, '-O', df,
+                                             src, out]))
     for name, src, sf, df in (('qcow2 -> raw', q, 'qcow2', 'raw'),
                               ('raw -> qcow2', raw, 'raw', 'qcow2')):
-        tq, tv = [], []
+        wall = {t: [] for t, _ in tools}
+        cpu = {t: [] for t, _ in tools}
+        synced = {t: [] for t, _ in tools}
         for _ in range(reps):
-            for tool, ts in (('qemu', tq), ('vdsk', tv)):
+            for tool, argv in tools:
                 if os.path.exists(out):
                     os.unlink(out)
                 os.sync()                       # start clean
-                if tool == 'qemu':
-                    _, dt = run(['qemu-img', 'convert', '-f', sf, '-O', df,
-                                 src, out])
-                else:
-                    _, dt = run(VDSK + ['convert', '-f', sf, '-O', df, src,
-                                        out])
+                _, dt = run(argv(sf, df, src))
                 t0 = time.monotonic()
-                os.sync()       # qemu-img convert leaves data in the cache
-                ts.append((dt, CPU[-1], dt + time.monotonic() - t0))
-        c = subprocess.run(['qemu-img', 'compare', '-f', sf, '-F', df, src,
-                            out], capture_output=True)
-        assert c.returncode == 0, c.stdout
+                os.sync()
+                wall[tool].append(dt)
+                cpu[tool].append(CPU[-1])
+                synced[tool].append(dt + time.monotonic() - t0)
+                if tool == 'vdsk':
+                    c = subprocess.run(['qemu-img', 'compare', '-f', sf,
+                                        '-F', df, src, out],
+                                       capture_output=True)
+                    assert c.returncode == 0, c.stdout
         alloc = os.stat(out).st_blocks * 512
-        (wq, cq, sq), (wv, cv, sv) = min(tq), min(tv)
-        sq, sv = min(t[2] for t in tq), min(t[2] for t in tv)
-        rows.append('| %s | %.2f s (cpu %.2f s) | %.2f s (cpu %.2f s) | '
-                    '%.2fx | %.2f s | %.2f s | %.2fx | %d MiB |' % (
-                        name, wq, cq, wv, cv, wq / wv, sq, sv, sq / sv,
-                        alloc // MiB))
+        wq, wu = _med(wall['qemu']), _med(wall['vdsk-unsafe'])
+        sq, sv = _med(synced['qemu']), _med(synced['vdsk'])
+        rows.append('| %s | %s, cpu %.2f s | %s, cpu %.2f s | %.2fx | '
+                    '%s | %s | %.2fx | %d MiB |' % (
+                        name, _cell(wall['qemu']), _med(cpu['qemu']),
+                        _cell(wall['vdsk-unsafe']),
+                        _med(cpu['vdsk-unsafe']), wq / wu,
+                        _cell(synced['qemu']), _cell(synced['vdsk']),
+                        sq / sv, alloc // MiB))
         os.unlink(out)
     os.unlink(raw)
     os.unlink(q)
-    return ['| convert (%d GiB, half allocated) | qemu-img | vdsk | '
-            'speed-up | qemu-img + sync | vdsk + sync | speed-up | '
-            'vdsk output allocated |' % (size // GiB),
+    return ['| convert (%d GiB, half allocated) | qemu-img (no flush) | '
+            'vdsk -t unsafe (no flush) | speed-up | qemu-img + sync | '
+            'vdsk (fsync) + sync | speed-up | vdsk output allocated |'
+            % (size // GiB),
             '|---|---|---|---|---|---|---|---|'] + rows
 
 
@@ -191,10 +220,12 @@ def main():
         print('\n'.join(io_section(a.dir, 20000 if a.quick else 200000,
                                    reps)))
     if 'convert' in only:
-        print('\n## convert (best of %d wall clock; cpu = user+sys of '
-              'that run)\n' % reps)
+        print('\n## convert (median (min-max) of %d runs, tools '
+              'alternating; cpu = median user+sys)\n' % reps)
+        print('load average before: %.2f %.2f %.2f\n' % os.getloadavg())
         print('\n'.join(convert_section(a.dir, GiB if a.quick else 4 * GiB,
                                         reps)))
+        print('\nload average after: %.2f %.2f %.2f' % os.getloadavg())
     if 'memory' in only:
         print('\n## memory: 1 TiB sparse qcow2, 2048 L2 tables read\n')
         print('\n'.join(memory_section(a.dir)))

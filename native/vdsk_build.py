@@ -101,6 +101,7 @@ vdsk_t *vdsk_open2(const char *path, const char *fmt, int flags,
 int vdsk_block_status(vdsk_t *d, uint64_t off, uint64_t len, uint64_t *pnum);
 
 #define VDSK_CONVERT_COMPRESS ...
+#define VDSK_CONVERT_NO_FLUSH ...
 struct vdsk_convert_opts {
     int workers;
     uint32_t buf_size;

@@ -158,10 +158,13 @@ def instance_disks(vmdir_path, spec):
     return names
 
 
-def move_out(vmdir_path, target_dir, disk_names, copier):
+def move_out(vmdir_path, target_dir, disk_names, copier, warm=None):
     """Keep ``vmdir_path`` as ``<uuid>_resize`` and copy its disks into
     ``target_dir`` (through ``copier``). Returns the disk_info string Nova
     hands to the destination's finish_migration.
+
+    ``warm``: a warm migration's saved-state part (warm_migration.save):
+    its ``files`` are copied too, and it is passed on in the disk_info.
 
     On any failure the partial target is removed, the directory gets its
     name back and MigrationCopyError is raised: the source is as it was.
@@ -179,7 +182,7 @@ def move_out(vmdir_path, target_dir, disk_names, copier):
         copier.remove(target_dir)       # a leftover of a failed attempt
         copier.mkdir(target_dir)
         made_target = True
-        for name in disk_names:
+        for name in list(disk_names) + list((warm or {}).get('files', ())):
             LOG.info('copying %s to %s%s', os.path.join(kept, name),
                      '%s:' % copier.host if copier.remote else '',
                      os.path.join(target_dir, name))
@@ -198,8 +201,11 @@ def move_out(vmdir_path, target_dir, disk_names, copier):
         if isinstance(e, MigrationCopyError):
             raise
         raise MigrationCopyError(_describe(e)) from e
-    return jsonutils.dumps({'source_dir': kept, 'target_dir': target_dir,
-                            'disks': disk_names})
+    info = {'source_dir': kept, 'target_dir': target_dir,
+            'disks': disk_names}
+    if warm:
+        info['warm'] = warm
+    return jsonutils.dumps(info)
 
 
 def _describe(e):

@@ -57,6 +57,24 @@ OPTS = [
                help='Size at which the console log of an instance is '
                     'rotated when the VM (re)starts.'),
 
+    cfg.StrOpt('privileged_transport',
+               default='auto',
+               choices=[('auto', 'privsep on Linux, helper on FreeBSD'),
+                        ('privsep', 'an oslo.privsep daemon with only '
+                                    'CAP_NET_ADMIN and CAP_DAC_OVERRIDE '
+                                    '([nova_bhyve_privileged] section)'),
+                        ('helper', 'privileged_helper_command, once per '
+                                   'operation (FreeBSD has no Linux '
+                                   'capabilities for oslo.privsep)')],
+               help='How the driver\'s few root operations (taps, bridges, '
+                    'OVS ports) are run. See docs/networking.md.'),
+    cfg.StrOpt('privileged_helper_command',
+               default='sudo nova-bhyve-privhelper',
+               help='Command run for each root operation with the helper '
+                    'transport; the function name and its JSON arguments '
+                    'are appended. Grant exactly this command in sudoers '
+                    'or doas.conf (etc/nova-bhyve/sudoers.d/nova-bhyve).'),
+
     # -- migration (docs/migration.md) -------------------------------------
     cfg.StrOpt('live_migration_inbound_addr',
                help='Address the destination of a live migration listens '
@@ -65,24 +83,32 @@ OPTS = [
     cfg.IntOpt('live_migration_bandwidth',
                default=0, min=0,
                help='Most bandwidth, in MiB/s, a live migration may use for '
-                    'the memory and disk streams together. 0 = no cap. A '
-                    'bandwidth Nova passes for one migration overrides '
-                    'it.'),
+                    'the memory and disk streams together. 0 = no cap (for '
+                    'QEMU the driver then lifts QEMU\'s own 128 MiB/s '
+                    'default). A bandwidth Nova passes for one migration '
+                    'overrides it. bhyve\'s migration has no cap and '
+                    'refuses a capped migration.'),
     cfg.IntOpt('live_migration_downtime',
                default=50, min=10,
                help='Downtime, in milliseconds, allowed when a live '
-                    'migration starts (the first step of the policy).'),
+                    'migration starts: the lowest of the downtime levels '
+                    'the convergence policy chooses from '
+                    '(docs/migration.md).'),
     cfg.IntOpt('live_migration_downtime_max',
                default=500, min=10,
                help='Most downtime, in milliseconds, the convergence policy '
-                    'may ever allow. The guest is never stopped for longer '
-                    'than this plus the time to send the device state.'),
+                    'may ever allow (the highest level). The guest is never '
+                    'stopped for longer than this plus the time to send the '
+                    'device state. Must not be below '
+                    'live_migration_downtime.'),
     cfg.IntOpt('live_migration_downtime_steps',
                default=5, min=1,
-               help='Number of steps in which the allowed downtime is raised '
-                    'from live_migration_downtime to '
-                    'live_migration_downtime_max when a pre-copy round '
-                    'shows the migration cannot converge.'),
+               help='Number of equal steps from live_migration_downtime to '
+                    'live_migration_downtime_max: the downtime levels. '
+                    'After each pre-copy pass the policy estimates what the '
+                    'next pass will leave and jumps straight to the lowest '
+                    'level that covers it (no fixed delays between steps); '
+                    'the downtime is never lowered.'),
     cfg.StrOpt('live_migration_fallback',
                default='auto-converge',
                choices=[('auto-converge', 'throttle the guest\'s vCPUs in '
@@ -92,15 +118,18 @@ OPTS = [
                                       'remaining pages on demand'),
                         ('abort', 'cancel the migration; the guest keeps '
                                   'running on the source')],
-               help='What the convergence policy does once the allowed '
-                    'downtime is at its maximum and the migration still '
-                    'cannot converge.'),
+               help='What the convergence policy does once even the '
+                    'maximum downtime cannot cover what a pre-copy pass '
+                    'leaves (it waits one pass at the maximum first). QEMU '
+                    'only: bhyve\'s migration has no fallback.'),
     cfg.IntOpt('live_migration_completion_timeout',
                default=800, min=0,
                help='Seconds per GiB of data to move (guest memory, plus '
                     'disks for a block migration) after which a live '
-                    'migration that has not finished is aborted; the guest '
-                    'keeps running on the source. 0 = no timeout.'),
+                    'migration still in pre-copy is aborted, whatever the '
+                    'fallback; the guest keeps running on the source. 0 = '
+                    'no timeout. After a switch to post-copy there is '
+                    'nothing left to abort.'),
     cfg.BoolOpt('warm_migration',
                 default=False,
                 help='Cold migrate and resize as a warm migration: the guest '
@@ -118,8 +147,10 @@ def register_opts(conf):
 
 
 def list_opts():
-    """Entry point for oslo-config-generator (oslo.config.opts)."""
-    return [(GROUP, OPTS)]
+    """Entry point for oslo-config-generator (oslo.config.opts): [bhyve]
+    and the oslo.privsep section of the driver's privileged daemon."""
+    from oslo_privsep import priv_context
+    return [(GROUP, OPTS), ('nova_bhyve_privileged', priv_context.OPTS)]
 
 
 CONF = cfg.CONF

@@ -41,6 +41,7 @@ from nova_bhyve import snapshot
 from nova_bhyve import storage
 from nova_bhyve import vdsk
 from nova_bhyve import volumes
+from nova_bhyve import warm_migration
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -277,6 +278,7 @@ class BhyveDriver(driver.ComputeDriver):
               admin_password, allocations, network_info=None,
               block_device_info=None, power_on=True, accel_info=None):
         guest.validate_flavor(instance.flavor)
+        self._refuse_larger_than_host(instance.flavor)
         _refuse_unsupported(instance, network_info, block_device_info)
         network.validate(network_info)
         nic_model = _nic_model(image_meta)
@@ -308,7 +310,7 @@ class BhyveDriver(driver.ComputeDriver):
                                      instance.flavor.root_gb, image_meta.id,
                                      disk_format=root.format)
             plugged = True
-            spec.nics = self.vifs.plug_all(instance, network_info)
+            spec.nics = self._plug_vifs_and_wait(instance, network_info)
             for nic in spec.nics:
                 nic.model = nic_model
             self._save_spec(spec, vmdir)
@@ -322,6 +324,38 @@ class BhyveDriver(driver.ComputeDriver):
                 self.vifs.unplug_all(instance, network_info)
             raise
         LOG.info('instance %s spawned', instance.uuid, instance=instance)
+
+    def _plug_vifs_and_wait(self, instance, network_info):
+        """Plug the VIFs; then wait until Neutron reports each port that
+        was not active yet as wired (network-vif-plugged), before the guest
+        runs - as the libvirt driver does: a guest that boots first misses
+        its DHCP. Nova's [DEFAULT] vif_plugging_timeout (0: do not wait) and
+        vif_plugging_is_fatal apply. Returns the NICs."""
+        events = network.plug_events(network_info)
+        timeout = CONF.vif_plugging_timeout
+        if not events or not timeout:
+            return self.vifs.plug_all(instance, network_info)
+        nics = []
+        try:
+            with self.virtapi.wait_for_instance_event(
+                    instance, events, timeout=timeout,
+                    error_callback=_vif_plug_failed):
+                nics = self.vifs.plug_all(instance, network_info)
+        except exception.InstanceEventTimeout:
+            LOG.warning('no %s from Neutron within %d s (vm_state %s, '
+                        'task_state %s)', ', '.join(n for n, _ in events),
+                        timeout, instance.vm_state, instance.task_state,
+                        instance=instance)
+            if CONF.vif_plugging_is_fatal:
+                raise exception.VirtualInterfaceCreateException()
+        return nics
+
+    @staticmethod
+    def _refuse_larger_than_host(flavor):
+        """InvalidInput (Nova aborts the build or the move with it as the
+        instance's fault, no reschedule) before anything is made."""
+        guest.validate_flavor_fits_host(flavor, host.vcpus(),
+                                        host.memory_mb()[0])
 
     def _remove(self, vmdir):
         self._watcher.unwatch(vmdir.uuid)
@@ -537,13 +571,28 @@ class BhyveDriver(driver.ComputeDriver):
                 dest_compute, self.instances_path), instance.uuid)
         copier = cold_migration.copier_for(dest, dest_compute)
         was_running = self.hypervisor.is_running(vmdir)
-        self.power_off(instance, timeout, retry_interval)
+        mode = warm_migration.choose(self.hypervisor, vmdir, spec, flavor,
+                                     disks)
+        warm = None
+        if mode.warm:
+            self._watcher.unwatch(instance.uuid)
+            warm = warm_migration.save(self.hypervisor, vmdir, spec, context,
+                                       self._host, instance)
+            if warm is None:
+                mode = warm_migration.Mode(warm_migration.COLD,
+                                           'saving the VM state failed')
+        LOG.info('migrating to %s: %s migration, %s', dest_compute or dest,
+                 mode.mode, mode.reason, instance=instance)
+        if warm is None:
+            self.power_off(instance, timeout, retry_interval)
         self._watcher.unwatch(instance.uuid)
         try:
             disk_info = cold_migration.move_out(vmdir.path, target, disks,
-                                                copier)
+                                                copier, warm=warm)
         except cold_migration.MigrationCopyError as e:
-            if was_running:
+            if warm:
+                self._resume_saved(context, instance, vmdir)
+            elif was_running:
                 self._start(vmdir)
             raise exception.InstanceFaultRollback(
                 inner_exception=exception.ResizeError(
@@ -557,7 +606,9 @@ class BhyveDriver(driver.ComputeDriver):
                          network_info, image_meta, resize_instance,
                          allocations, block_device_info=None, power_on=True,
                          share_info=None):
+        self._refuse_larger_than_host(instance.flavor)
         vmdir = self._vmdir(instance, must_exist=False)
+        warm = warm_migration.parse(disk_info)
         root = guest.Disk(path=vmdir.disk(ROOT_DISK),
                           format=self.hypervisor.instance_disk_format)
         actual = vdsk.info(root.path)
@@ -578,16 +629,41 @@ class BhyveDriver(driver.ComputeDriver):
         if instance.flavor.root_gb:
             storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
         network.validate(network_info)
-        spec.nics = self.vifs.plug_all(instance, network_info)
+        spec.nics = self._plug_vifs_and_wait(instance, network_info)
         nic_model = _nic_model(image_meta)
         for nic in spec.nics:
             nic.model = nic_model
         self._save_spec(spec, vmdir)
-        if power_on:
+        resumed = False
+        if power_on and warm:
+            size = vdsk.info(root.path)['virtual_size']
+            grown = [(0, size)] if size > actual['virtual_size'] else []
+            resumed = self._resume_saved(context, instance, vmdir, spec,
+                                         warm.get('signature'), grown)
+        elif power_on:
             self._start(vmdir, spec)
-        LOG.info('instance %s moved here (%s)', instance.uuid,
+        else:
+            self.hypervisor.discard_saved_state(vmdir)
+        LOG.info('instance %s moved here (%s, %s)', instance.uuid,
                  'resized' if resize_instance else 'same flavor',
+                 'warm: resumed from its saved state' if resumed else
+                 'cold: booted' if power_on else 'cold: not started',
                  instance=instance)
+
+    def _resume_saved(self, context, instance, vmdir, spec=None,
+                      signature=None, grown_disks=()):
+        """Warm migration: run the VM again from the state saved in
+        ``vmdir``; boot it when that fails (warm_migration.restore).
+        True if the guest was resumed."""
+        spec = spec or self._load_spec(vmdir)
+        self._prepare_consoles(spec, vmdir)
+        if warm_migration.restore(self.hypervisor, spec, vmdir, context,
+                                  self._host, instance, signature,
+                                  grown_disks):
+            self._watcher.watch(vmdir)
+            return True
+        self._start(vmdir, spec)
+        return False
 
     def _fetch_kernel(self, context, kernel_id, ramdisk_id):
         kernel = ramdisk = None
@@ -616,8 +692,14 @@ class BhyveDriver(driver.ComputeDriver):
                 self._remove(vmdir)
             cold_migration.restore_kept(vmdir.path)
         vmdir = self._vmdir(instance)
-        self.vifs.plug_all(instance, network_info)   # idempotent
-        if power_on and not self.hypervisor.is_running(vmdir):
+        self._plug_vifs_and_wait(instance, network_info)   # idempotent
+        if not power_on:
+            self.hypervisor.discard_saved_state(vmdir)
+        elif self.hypervisor.is_running(vmdir):
+            pass
+        elif os.path.exists(vmdir.saved_state):     # a warm migration's
+            self._resume_saved(context, instance, vmdir)
+        else:
             self._start(vmdir)
 
     # -- live migration (nova_bhyve.live_migration) ------------------------
@@ -843,6 +925,13 @@ def _refuse_unsupported(instance, network_info, block_device_info):
         raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
+
+
+def _vif_plug_failed(event_name, instance):
+    LOG.error('Neutron reported failure on event %s', event_name,
+              instance=instance)
+    if CONF.vif_plugging_is_fatal:
+        raise exception.VirtualInterfaceCreateException()
 
 
 def _migration_dest_compute(context, instance):

@@ -108,6 +108,26 @@ def validate_flavor(flavor):
                    '%d MiB' % (flavor.name, flavor.memory_mb, MIN_MEMORY_MB))
 
 
+def validate_flavor_fits_host(flavor, host_vcpus, host_memory_mb):
+    """Refuse a flavor larger than this host (pure: the caller passes the
+    host's CPUs and total memory in MiB).
+
+    Placement refuses such a flavor first (the inventory's max_unit is the
+    host's total); this is the driver's own check for when the inventory
+    placement used was wrong. No overcommit for one guest: it could never
+    get more CPUs or memory than the host has.
+    """
+    if flavor.vcpus > host_vcpus:
+        raise exception.InvalidInput(
+            reason='flavor %s: %d vCPUs, but this host has only %d CPUs' % (
+                flavor.name, flavor.vcpus, host_vcpus))
+    if flavor.memory_mb > host_memory_mb:
+        raise exception.InvalidInput(
+            reason='flavor %s: %d MiB of memory, but this host has only '
+                   '%d MiB' % (flavor.name, flavor.memory_mb,
+                               host_memory_mb))
+
+
 def build(instance, image_meta, root_disk, kernel=None, ramdisk=None,
           nics=()):
     """VMSpec for ``instance`` booting ``root_disk`` (a guest.Disk).

@@ -28,19 +28,18 @@ Anything else (vhostuser, hw_veb, hostdev_physical, direct vnic types, ...)
 is refused before anything is created, with InvalidInput so the build
 aborts with that message as the fault.
 
-Privileges: os-vif's privileged calls go through its own oslo.privsep
-context (``vif_plug_ovs_privileged``, started with nova's root helper as
-for the libvirt driver). The driver's own ``ip``/``ifconfig``/``ovs-vsctl``
-commands run through oslo.concurrency's processutils, directly when
-nova-compute runs as root and with ``nova.utils.get_root_helper()``
-(nova-rootwrap or sudo) otherwise.
+Privileges: the driver's own tap/bridge/OVS operations are the functions
+of ``nova_bhyve.privileged``, run in a privileged process (``privsep.py``:
+an oslo.privsep daemon of this project's on Linux, a one-shot helper behind
+sudo/doas on FreeBSD). The _Linux/_FreeBSD classes below are what runs
+there, as root. os-vif's own calls go through its own oslo.privsep context
+(``vif_plug_ovs_privileged``), as for the libvirt driver.
 """
 import os
 import sys
 import threading
 
 from nova import exception
-from nova import utils as nova_utils
 from oslo_concurrency import processutils
 from oslo_log import log as logging
 
@@ -58,11 +57,8 @@ _osvif_ready = False
 
 
 def execute(*cmd, **kwargs):
-    """Run a privileged command (root directly, else nova's root helper)."""
-    as_root = os.geteuid() != 0
-    return processutils.execute(*cmd, run_as_root=as_root,
-                                root_helper=nova_utils.get_root_helper()
-                                if as_root else None, **kwargs)
+    """Run a command (the classes below run in the privileged process)."""
+    return processutils.execute(*cmd, **kwargs)
 
 
 # -- facts about one VIF (a nova.network.model.VIF or a plain dict) --------
@@ -128,6 +124,14 @@ def _reason(vif):
     return None
 
 
+def plug_events(network_info):
+    """The network-vif-plugged events to wait for: one per port Neutron
+    has not reported active yet (as the libvirt driver)."""
+    return [('network-vif-plugged', vif['id'])
+            for vif in network_info or []
+            if vif.get('active', True) is False]
+
+
 def validate(network_info):
     """Refuse bindings this driver cannot plug, before anything is made."""
     for vif in network_info or []:
@@ -139,13 +143,17 @@ def validate(network_info):
 # -- plugging ---------------------------------------------------------------
 
 class _Linux:
+    """ip(8) on Linux; run as root (the privileged process)."""
+    name = 'linux'
+
     @staticmethod
     def exists(dev):
         return os.path.exists('/sys/class/net/%s' % dev)
 
-    def create_tap(self, dev, mac, mtu):
+    def create_tap(self, dev, mac, mtu, owner=None):
         if not self.exists(dev):
-            execute('ip', 'tuntap', 'add', 'dev', dev, 'mode', 'tap')
+            execute('ip', 'tuntap', 'add', 'dev', dev, 'mode', 'tap',
+                    *(['user', str(owner)] if owner else []))
         # The host needs no address on the tap: no IPv6 DAD into the guest.
         try:
             with open('/proc/sys/net/ipv6/conf/%s/disable_ipv6' % dev,
@@ -173,44 +181,13 @@ class _Linux:
     def add_to_bridge(self, bridge, dev):
         execute('ip', 'link', 'set', 'dev', dev, 'master', bridge)
 
-    # ovs: os-vif
-    def plug_ovs(self, instance, vif):
-        import os_vif
-        from nova.network import os_vif_util
-        _init_osvif()
-        obj = os_vif_util.nova_to_osvif_vif(vif)
-        info = os_vif_util.nova_to_osvif_instance(instance)
-        hybrid = is_hybrid(vif)
-        if not hybrid:
-            # What libvirt's <virtualport type='openvswitch'> does for the
-            # libvirt driver: the tap and the br-int port with its ids.
-            obj.port_profile.create_port = True
-            obj.port_profile.create_tap = True
-        os_vif.plug(obj, info)
-        if hybrid:
-            self.create_tap(devname(vif), vif['address'], mtu(vif))
-            self.add_to_bridge(obj.bridge_name, devname(vif))
-        elif self.exists(devname(vif)):
-            # os-vif gave the tap the port's MAC; use the fe: one.
-            self.create_tap(devname(vif), vif['address'], mtu(vif))
-
-    def unplug_ovs(self, instance, vif):
-        import os_vif
-        from nova.network import os_vif_util
-        _init_osvif()
-        obj = os_vif_util.nova_to_osvif_vif(vif)
-        info = os_vif_util.nova_to_osvif_instance(instance)
-        self.delete(devname(vif))
-        if not is_hybrid(vif):
-            obj.port_profile.create_port = True
-            obj.port_profile.create_tap = True
-        os_vif.unplug(obj, info)
-
 
 class _FreeBSD:
     """tap(4), if_bridge(4) and OVS through ifconfig(8)/ovs-vsctl(8).
 
-    Not run on a FreeBSD host yet: pinned by unit tests only."""
+    Run as root (the privileged helper). Not run on a FreeBSD host yet:
+    pinned by unit tests only."""
+    name = 'freebsd'
 
     @staticmethod
     def exists(dev):
@@ -220,7 +197,9 @@ class _FreeBSD:
             return False
         return True
 
-    def create_tap(self, dev, mac, mtu):
+    def create_tap(self, dev, mac, mtu, owner=None):
+        # tap(4) nodes are opened by bhyve through /dev/tapN: devfs rules
+        # give the nova user access (docs/networking.md), not an owner here
         if not self.exists(dev):
             out, _ = execute('ifconfig', 'tap', 'create')
             execute('ifconfig', out.strip(), 'name', dev)
@@ -242,24 +221,19 @@ class _FreeBSD:
     def add_to_bridge(self, bridge, dev):
         execute('ifconfig', bridge, 'addm', dev)
 
-    def plug_ovs(self, instance, vif):
-        dev = devname(vif)
-        self.create_tap(dev, vif['address'], mtu(vif))
-        iface_id = vif.get('ovs_interfaceid') or vif['id']
+    def add_ovs_port(self, bridge, dev, iface_id, mac, vm_uuid, mtu):
         execute('ovs-vsctl', '--timeout=120', '--', '--may-exist',
-                'add-port', bridge_name(vif), dev, '--',
+                'add-port', bridge, dev, '--',
                 'set', 'Interface', dev,
                 'external-ids:iface-id=%s' % iface_id,
                 'external-ids:iface-status=active',
-                'external-ids:attached-mac=%s' % vif['address'],
-                'external-ids:vm-uuid=%s' % instance.uuid,
-                *(['mtu_request=%d' % mtu(vif)] if mtu(vif) else []))
+                'external-ids:attached-mac=%s' % mac,
+                'external-ids:vm-uuid=%s' % vm_uuid,
+                *(['mtu_request=%d' % mtu] if mtu else []))
 
-    def unplug_ovs(self, instance, vif):
-        dev = devname(vif)
+    def del_ovs_port(self, bridge, dev):
         execute('ovs-vsctl', '--timeout=120', '--', '--if-exists',
-                'del-port', bridge_name(vif), dev)
-        self.delete(dev)
+                'del-port', bridge, dev)
 
 
 def _init_osvif():
@@ -275,9 +249,100 @@ def platform():
     return _FreeBSD() if sys.platform.startswith('freebsd') else _Linux()
 
 
+class Privileged:
+    """The platform's operations, each run in the privileged process
+    (``nova_bhyve.privileged``); the unprivileged checks run here."""
+
+    def __init__(self):
+        self.name = platform().name
+
+    @staticmethod
+    def exists(dev):
+        return platform().exists(dev)
+
+    @staticmethod
+    def create_tap(dev, mac, mtu):
+        from nova_bhyve import privileged
+        privileged.create_tap(dev, mac, mtu, os.geteuid() or None)
+
+    @staticmethod
+    def delete(dev):
+        from nova_bhyve import privileged
+        privileged.delete_tap(dev)
+
+    @staticmethod
+    def ensure_bridge(bridge):
+        from nova_bhyve import privileged
+        privileged.ensure_bridge(bridge)
+
+    @staticmethod
+    def add_to_bridge(bridge, dev):
+        from nova_bhyve import privileged
+        privileged.add_to_bridge(bridge, dev)
+
+    @staticmethod
+    def add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu):
+        from nova_bhyve import privileged
+        privileged.add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu)
+
+    @staticmethod
+    def del_ovs_port(bridge, dev):
+        from nova_bhyve import privileged
+        privileged.del_ovs_port(bridge, dev)
+
+
 class VifPlugger:
+    """Plugs and unplugs ports. ``impl`` does the device work: by default
+    through the privileged process; tests pass a platform class
+    directly."""
+
     def __init__(self, impl=None):
-        self.impl = impl or platform()
+        self.impl = impl or Privileged()
+
+    # ovs: os-vif on Linux (as for the libvirt driver), ovs-vsctl on FreeBSD
+    def _plug_ovs(self, instance, vif):
+        dev = devname(vif)
+        if self.impl.name == 'freebsd':
+            self.impl.create_tap(dev, vif['address'], mtu(vif))
+            self.impl.add_ovs_port(
+                bridge_name(vif), dev, vif.get('ovs_interfaceid') or vif['id'],
+                vif['address'], instance.uuid, mtu(vif))
+            return
+        import os_vif
+        from nova.network import os_vif_util
+        _init_osvif()
+        obj = os_vif_util.nova_to_osvif_vif(vif)
+        info = os_vif_util.nova_to_osvif_instance(instance)
+        if is_hybrid(vif):
+            # os-vif makes qbr/qvb/qvo; the tap goes on qbr
+            os_vif.plug(obj, info)
+            self.impl.create_tap(dev, vif['address'], mtu(vif))
+            self.impl.add_to_bridge(obj.bridge_name, dev)
+            return
+        # What libvirt's <virtualport type='openvswitch'> does for the
+        # libvirt driver: the tap (ours: owned by the VM's user, fe: MAC;
+        # os-vif keeps a tap that exists) and the br-int port with its ids.
+        self.impl.create_tap(dev, vif['address'], mtu(vif))
+        obj.port_profile.create_port = True
+        obj.port_profile.create_tap = True
+        os_vif.plug(obj, info)
+
+    def _unplug_ovs(self, instance, vif):
+        dev = devname(vif)
+        if self.impl.name == 'freebsd':
+            self.impl.del_ovs_port(bridge_name(vif), dev)
+            self.impl.delete(dev)
+            return
+        import os_vif
+        from nova.network import os_vif_util
+        _init_osvif()
+        obj = os_vif_util.nova_to_osvif_vif(vif)
+        info = os_vif_util.nova_to_osvif_instance(instance)
+        self.impl.delete(dev)
+        if not is_hybrid(vif):
+            obj.port_profile.create_port = True
+            obj.port_profile.create_tap = True
+        os_vif.unplug(obj, info)
 
     def plug(self, instance, vif):
         """Plug one VIF; return the guest.Nic the VM gets for it."""
@@ -290,7 +355,7 @@ class VifPlugger:
                   instance=instance)
         try:
             if vif_type == 'ovs':
-                self.impl.plug_ovs(instance, vif)
+                self._plug_ovs(instance, vif)
             else:
                 self.impl.create_tap(dev, vif['address'], mtu(vif))
                 if vif_type == 'bridge':
@@ -314,7 +379,7 @@ class VifPlugger:
     def unplug(self, instance, vif):
         vif_type = vif.get('type')
         if vif_type == 'ovs' and not _reason(vif):
-            self.impl.unplug_ovs(instance, vif)
+            self._unplug_ovs(instance, vif)
         elif vif_type in SUPPORTED_BINDINGS:
             self.impl.delete(devname(vif))
 

@@ -4,7 +4,11 @@ Run as::
 
     python -m nova_bhyve.supervisor --vmdir DIR [--policy bhyve]
         [--console-device PATH] [--console-keep-bytes N] [--daemonize]
-        -- ARGV...
+        [--first-run-arg=ARG ...] -- ARGV...
+
+``--first-run-arg`` arguments are appended to ARGV for the first start only
+(bhyve's ``-r STATEFILE``: a VM resumed from a saved state boots normally
+when the guest reboots later, and the state file is gone by then).
 
 It outlives nova-compute (``spawn()`` starts it in a new session and it
 forks once more, so it is re-parented to init and nova-compute never has to
@@ -35,7 +39,6 @@ powering off is not started again. SIGHUP is ignored.
 """
 import argparse
 import collections
-import errno
 import json
 import os
 import select
@@ -279,10 +282,11 @@ class Supervisor:
 
     def __init__(self, vmdir, argv, policy='bhyve', console_device=None,
                  console_keep_bytes=None, max_restarts=MAX_RESTARTS,
-                 restart_window=RESTART_WINDOW):
+                 restart_window=RESTART_WINDOW, first_run_args=()):
         decide(policy, 0)          # validates the policy name
         self.vmdir = vmdir
         self.argv = list(argv)
+        self.first_run_args = list(first_run_args)
         self.policy = policy
         self.max_restarts = max_restarts
         self.restart_window = restart_window
@@ -332,10 +336,12 @@ class Supervisor:
             while not self.stop_requested:
                 if self.console is not None:
                     self.console.rotate()
-                _log('starting: %s' % ' '.join(self.argv))
+                argv = self.argv if restarts or not self.first_run_args \
+                    else self.argv + self.first_run_args
+                _log('starting: %s' % ' '.join(argv))
                 try:
                     self.child = subprocess.Popen(
-                        self.argv, stdin=subprocess.DEVNULL, close_fds=True)
+                        argv, stdin=subprocess.DEVNULL, close_fds=True)
                 except OSError as e:
                     _log('cannot start %s: %s' % (self.argv[0], e))
                     status, decision = None, Decision(
@@ -391,7 +397,8 @@ def _daemonize(vmdir):
 
 
 def spawn(vmdir, argv, policy='bhyve', console_device=None,
-          console_keep_bytes=None, timeout=10.0, python=None):
+          console_keep_bytes=None, timeout=10.0, python=None,
+          first_run_args=()):
     """Start a detached supervisor running ``argv``; return its pid (None
     when the supervisor already ended: read ``read_exit_status``).
 
@@ -408,6 +415,8 @@ def spawn(vmdir, argv, policy='bhyve', console_device=None,
         cmd += ['--console-device', console_device]
     if console_keep_bytes:
         cmd += ['--console-keep-bytes', str(int(console_keep_bytes))]
+    # --opt=VALUE: a value such as '-r' would be taken for an option
+    cmd += ['--first-run-arg=%s' % a for a in first_run_args]
     cmd += ['--'] + list(argv)
     env = dict(os.environ)
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -446,6 +455,8 @@ def main(args=None):
     parser.add_argument('--console-device')
     parser.add_argument('--console-keep-bytes', type=int)
     parser.add_argument('--daemonize', action='store_true')
+    parser.add_argument('--first-run-arg', action='append', default=[],
+                        dest='first_run_args')
     parser.add_argument('argv', nargs=argparse.REMAINDER)
     opts = parser.parse_args(args)
     argv = opts.argv[1:] if opts.argv[:1] == ['--'] else opts.argv
@@ -455,7 +466,8 @@ def main(args=None):
     if opts.daemonize:
         _daemonize(vmdir)
     return Supervisor(vmdir, argv, opts.policy, opts.console_device,
-                      opts.console_keep_bytes).run()
+                      opts.console_keep_bytes,
+                      first_run_args=opts.first_run_args).run()
 
 
 if __name__ == '__main__':

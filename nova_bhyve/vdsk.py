@@ -246,14 +246,17 @@ def open(path, fmt=None, readonly=False,  # noqa: A001 - mirrors io.open
 
 
 def convert(src, dst, src_fmt=None, dst_fmt='raw', compress=False,
-            workers=None, buf_size=None, cluster_size=None):
+            workers=None, buf_size=None, cluster_size=None, flush=True):
     """Copy src (flattening its backing chain) into a new image dst.
-    Unallocated and all-zero ranges are not written."""
+    Unallocated and all-zero ranges are not written.  flush=False returns
+    without syncing dst to stable storage (qemu-img convert's default
+    cache mode, "unsafe")."""
     o = ffi.new('struct vdsk_convert_opts *')
     o.workers = int(workers or 0)
     o.buf_size = int(buf_size or 0)
     o.cluster_size = int(cluster_size or 0)
-    o.flags = lib.VDSK_CONVERT_COMPRESS if compress else 0
+    o.flags = ((lib.VDSK_CONVERT_COMPRESS if compress else 0) |
+               (0 if flush else lib.VDSK_CONVERT_NO_FLUSH))
     if lib.vdsk_convert(_path(src), _opt(src_fmt), _path(dst),
                         _opt(dst_fmt), o) < 0:
         raise _error(dst)

@@ -2,7 +2,7 @@
 
     vdsk info [--json] [-f FMT] FILE
     vdsk create -f FMT [-b BACKING [-F BACKING_FMT]] [-o cluster_size=N] FILE [SIZE]
-    vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] SRC DST
+    vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] [-t CACHE] SRC DST
     vdsk check [-r leaks|all] [-f FMT] FILE     (-r all: leaks only)
     vdsk snapshot (-c|-l|-a|-d) [NAME] FILE
     vdsk resize FILE [+|-]SIZE
@@ -107,7 +107,7 @@ def cmd_convert(a):
     if a.c and a.O != 'qcow2':
         raise vdsk.VdskError(22, 'compression needs -O qcow2')
     vdsk.convert(a.src, a.dst, src_fmt=a.f, dst_fmt=a.O, compress=a.c,
-                 workers=a.m)
+                 workers=a.m, flush=a.t != 'unsafe')
     return 0
 
 
@@ -240,6 +240,11 @@ def build_parser():
     s.add_argument('-c', action='store_true', help='compress (qcow2)')
     s.add_argument('-m', type=int, metavar='WORKERS', help='parallel '
                    'copy threads')
+    s.add_argument('-t', choices=['writeback', 'unsafe'],
+                   default='writeback', metavar='CACHE',
+                   help='writeback (default): fsync the result before '
+                   'returning; unsafe: leave it to the page cache, like '
+                   "qemu-img convert's default")
     s.add_argument('src')
     s.add_argument('dst')
     s.set_defaults(fn=cmd_convert)

@@ -557,6 +557,8 @@ const struct vdsk_ops vdsk_qcow2_ops = {
 	.check = check_op,
 	.block_status = qcow2_block_status,
 	.set_backing = vdsk_qcow2_set_backing,
+	.host_extent = qcow2_host_extent,
+	.copy_in = qcow2_copy_in,
 	.threadsafe = 1,
 };
 

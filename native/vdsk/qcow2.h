@@ -153,6 +153,10 @@ int qcow2_write_compressed(struct vdsk *d, const void *buf, uint64_t off,
     size_t len);
 int qcow2_block_status(struct vdsk *d, uint64_t off, uint64_t len,
     uint64_t *pnum);
+int qcow2_copy_in(struct vdsk *d, uint64_t off, size_t len, int sfd,
+    uint64_t soff);
+int qcow2_host_extent(struct vdsk *d, uint64_t off, uint64_t len,
+    uint64_t *host, uint64_t *pnum);
 
 /* qcow2_snapshot.c */
 int qcow2_snap_load(struct vdsk *d, uint32_t nb, uint64_t off);

@@ -566,11 +566,14 @@ out_free:
  * run of contiguous host clusters: refcounts in one write per refcount
  * block, the data in one pwrite, the L2 entries in one pwrite.  Sets
  * *done to the bytes written, 0 if the run is shorter than 2 clusters
- * (the caller then goes cluster by cluster).
+ * (the caller then goes cluster by cluster).  data NULL: the data is
+ * len bytes of file sfd at soff, copied in the kernel (copy_in; runs of
+ * one cluster are taken too).  Order on disk: refcounts, data, then the
+ * L2 entries that point at it.
  */
 static int
 write_run(struct vdsk *d, uint64_t off, const uint8_t *data, size_t len,
-    size_t *done)
+    size_t *done, int sfd, uint64_t soff)
 {
 	struct qcow2 *q = d->priv;
 	uint64_t cl = off >> q->cluster_bits, l2o, e, l2i, m, i, max, nh;
@@ -582,7 +585,7 @@ write_run(struct vdsk *d, uint64_t off, const uint8_t *data, size_t len,
 	max = len >> q->cluster_bits;
 	if (max > (mask + 1) - (cl & mask))
 		max = (mask + 1) - (cl & mask);
-	if (max < 2 || q->extl2)
+	if (max < (data ? 2u : 1u) || q->extl2)
 		return 0;
 	vdsk_meta_lock(d);
 	if ((r = l2_for_write(d, cl >> q->l2_bits, 1, &l2o)) < 0)
@@ -595,7 +598,7 @@ write_run(struct vdsk *d, uint64_t off, const uint8_t *data, size_t len,
 		if (e != 0 && e != OFLAG_ZERO)
 			break;
 	}
-	if (m < 2)
+	if (m < (data ? 2u : 1u))
 		goto out;
 	if ((r = qcow2_alloc_clusters(d, m, &nh)) < 0)
 		goto out;
@@ -605,8 +608,13 @@ write_run(struct vdsk *d, uint64_t off, const uint8_t *data, size_t len,
 	for (i = 0; i < m; i++)
 		be64_put(eb + i * 8, (nh + (i << q->cluster_bits)) |
 		    OFLAG_COPIED);
-	if ((r = vdsk_pwrite(d, data, m << q->cluster_bits, nh,
-	    "data clusters")) < 0)
+	if (data != NULL)
+		r = vdsk_pwrite(d, data, m << q->cluster_bits, nh,
+		    "data clusters");
+	else
+		r = vdsk_copy_file(d, sfd, soff, nh, m << q->cluster_bits,
+		    "data clusters");
+	if (r < 0)
 		goto out_free;
 	vdsk_meta_lock(d);
 	/* allocations may have evicted the table from the cache */
@@ -634,7 +642,7 @@ qcow2_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 	while (len > 0) {
 		n = 0;
 		if ((off & (q->cs - 1)) == 0 && len >= 2 * q->cs &&
-		    (r = write_run(d, off, p, len, &n)) < 0)
+		    (r = write_run(d, off, p, len, &n, -1, 0)) < 0)
 			return r;
 		if (n == 0) {
 			n = q->cs - (off & (q->cs - 1));
@@ -648,6 +656,69 @@ qcow2_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 		len -= n;
 	}
 	return 0;
+}
+
+/*
+ * The copy_in op (convert): runs of whole unallocated clusters through
+ * write_run from the file, the rest (partial or allocated clusters)
+ * read into a buffer and written like qcow2_write.
+ */
+int
+qcow2_copy_in(struct vdsk *d, uint64_t off, size_t len, int sfd,
+    uint64_t soff)
+{
+	struct qcow2 *q = d->priv;
+	uint8_t *b = NULL;
+	size_t n;
+	int r = 0;
+
+	while (len > 0 && r == 0) {
+		n = 0;
+		if ((off & (q->cs - 1)) == 0 && len >= q->cs &&
+		    (r = write_run(d, off, NULL, len, &n, sfd, soff)) < 0)
+			break;
+		if (n == 0) {
+			n = q->cs - (off & (q->cs - 1));
+			if (n > len)
+				n = len;
+			if (b == NULL && (b = malloc(q->cs)) == NULL) {
+				r = vdsk_error(ENOMEM, "out of memory");
+				break;
+			}
+			if ((r = vdsk_read_fd(sfd, b, n, soff)) < 0) {
+				r = vdsk_error(-r, "%s: reading the source to "
+				    "copy to %#llx: %s", d->path,
+				    (unsigned long long)off, r == -EIO ?
+				    "beyond the end of the file" :
+				    strerror(-r));
+				break;
+			}
+			r = qcow2_write(d, b, off, n);
+		}
+		off += n;
+		soff += n;
+		len -= n;
+	}
+	free(b);
+	return r;
+}
+
+/* The host_extent op: plain (uncompressed, allocated) cluster runs. */
+int
+qcow2_host_extent(struct vdsk *d, uint64_t off, uint64_t len,
+    uint64_t *host, uint64_t *pnum)
+{
+	enum ckind k;
+	size_t n = 0, max = len > SIZE_MAX ? SIZE_MAX : (size_t)len;
+	int r;
+
+	vdsk_meta_lock(d);
+	r = map_run(d, off, max, &k, host, &n);
+	vdsk_meta_unlock(d);
+	if (r < 0)
+		return r;
+	*pnum = n;
+	return k == C_NORMAL;
 }
 
 static int

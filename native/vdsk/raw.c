@@ -32,6 +32,23 @@ raw_write(struct vdsk *d, const void *buf, uint64_t off, size_t len)
 	return vdsk_pwrite(d, buf, len, off, "data");
 }
 
+/* The file is the disk: every guest range is plain bytes at its offset. */
+static int
+raw_host_extent(struct vdsk *d, uint64_t off, uint64_t len, uint64_t *host,
+    uint64_t *pnum)
+{
+	(void)d;
+	*host = off;
+	*pnum = len;
+	return 1;
+}
+
+static int
+raw_copy_in(struct vdsk *d, uint64_t off, size_t len, int sfd, uint64_t soff)
+{
+	return vdsk_copy_file(d, sfd, soff, off, len, "data");
+}
+
 /* Holes read as zeroes; there is no backing file to fall through to. */
 static int
 raw_block_status(struct vdsk *d, uint64_t off, uint64_t len, uint64_t *pnum)
@@ -101,5 +118,7 @@ const struct vdsk_ops vdsk_raw_ops = {
 	.create = raw_create,
 	.info = NULL,
 	.block_status = raw_block_status,
+	.host_extent = raw_host_extent,
+	.copy_in = raw_copy_in,
 	.threadsafe = 1,
 };

@@ -44,6 +44,29 @@ vdsk_errmsg(void)
 	return last_msg[0] ? last_msg : "no error";
 }
 
+#define BOUNCE  (1u << 20)
+
+int
+vdsk_read_fd(int fd, void *buf, size_t len, uint64_t off)
+{
+	uint8_t *p = buf;
+
+	while (len > 0) {
+		ssize_t n = pread(fd, p, len, (off_t)off);
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -errno;
+		if (n == 0)
+			return -EIO;
+		p += n;
+		len -= (size_t)n;
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
 int
 vdsk_pread(struct vdsk *d, void *buf, size_t len, uint64_t off,
     const char *what)
@@ -96,6 +119,69 @@ vdsk_pwrite(struct vdsk *d, const void *buf, size_t len, uint64_t off,
 		off += (uint64_t)n;
 	}
 	return 0;
+}
+
+/*
+ * Copy len bytes of sfd at soff into d->fd at doff inside the kernel
+ * (copy_file_range: one copy instead of read + write, or a block clone
+ * where the file system can share extents).  Falls back to pread/pwrite
+ * through a bounce buffer where the kernel or file system cannot do it.
+ * A source shorter than soff + len is -EIO, like vdsk_pread().
+ */
+int
+vdsk_copy_file(struct vdsk *d, int sfd, uint64_t soff, uint64_t doff,
+    size_t len, const char *what)
+{
+	uint8_t *bounce = NULL;
+	size_t n;
+	int r = 0;
+
+	if (soff > (uint64_t)INT64_MAX - len ||
+	    doff > (uint64_t)INT64_MAX - len)
+		return vdsk_error(EFBIG, "%s: %s offset %#llx out of range",
+		    d->path, what, (unsigned long long)doff);
+#ifdef VDSK_HAVE_COPY_FILE_RANGE
+	while (len > 0) {
+		off_t in = (off_t)soff, out = (off_t)doff;
+		ssize_t c = copy_file_range(sfd, &in, d->fd, &out, len, 0);
+
+		if (c < 0 && errno == EINTR)
+			continue;
+		if (c < 0 && (errno == EXDEV || errno == ENOSYS ||
+		    errno == EOPNOTSUPP || errno == EINVAL ||
+		    errno == EBADF))
+			break;                  /* not here: bounce below */
+		if (c < 0)
+			return vdsk_error(errno, "%s: copying %s to %#llx: %s",
+			    d->path, what, (unsigned long long)doff,
+			    strerror(errno));
+		if (c == 0)
+			return vdsk_error(EIO, "%s: source of %s at %#llx is "
+			    "beyond the end of its file", d->path, what,
+			    (unsigned long long)soff);
+		soff += (uint64_t)c;
+		doff += (uint64_t)c;
+		len -= (size_t)c;
+	}
+#endif
+	if (len > 0 && (bounce = malloc(len < BOUNCE ? len : BOUNCE)) == NULL)
+		return vdsk_error(ENOMEM, "out of memory");
+	while (len > 0 && r == 0) {
+		n = len < BOUNCE ? len : BOUNCE;
+		r = vdsk_read_fd(sfd, bounce, n, soff);
+		if (r < 0)
+			r = vdsk_error(-r, "%s: reading the source of %s at "
+			    "%#llx: %s", d->path, what,
+			    (unsigned long long)soff, r == -EIO ?
+			    "beyond the end of the file" : strerror(-r));
+		else
+			r = vdsk_pwrite(d, bounce, n, doff, what);
+		soff += n;
+		doff += n;
+		len -= n;
+	}
+	free(bounce);
+	return r;
 }
 
 /* Formats we recognise; those without ops are reported as unsupported. */
@@ -481,6 +567,83 @@ vdsk_write(vdsk_t *d, const void *buf, uint64_t off, size_t len)
 		return vdsk_error(EROFS, "%s: image is open read-only",
 		    d->path);
 	return locked_io(d, NULL, buf, off, len);
+}
+
+int
+vdsk_host_extent(struct vdsk *d, uint64_t off, uint64_t len, uint64_t *host,
+    uint64_t *pnum)
+{
+	int r;
+
+	*host = 0;
+	*pnum = len;
+	if (d->ops->host_extent == NULL)
+		return 0;
+	if (d->ops->threadsafe)
+		return d->ops->host_extent(d, off, len, host, pnum);
+	vdsk_meta_lock(d);
+	r = d->ops->host_extent(d, off, len, host, pnum);
+	vdsk_meta_unlock(d);
+	return r;
+}
+
+/* copy_in without the op: through a bounce buffer and the write op. */
+static int
+copy_in_bounce(vdsk_t *d, uint64_t off, size_t len, int sfd, uint64_t soff)
+{
+	uint8_t *b;
+	size_t n;
+	int r = 0;
+
+	if ((b = malloc(len < BOUNCE ? len : BOUNCE)) == NULL)
+		return vdsk_error(ENOMEM, "out of memory");
+	while (len > 0 && r == 0) {
+		n = len < BOUNCE ? len : BOUNCE;
+		if ((r = vdsk_read_fd(sfd, b, n, soff)) < 0)
+			r = vdsk_error(-r, "%s: reading the source to copy to "
+			    "%#llx: %s", d->path, (unsigned long long)off,
+			    r == -EIO ? "beyond the end of the file" :
+			    strerror(-r));
+		else
+			r = d->ops->write(d, b, off, n);
+		off += n;
+		soff += n;
+		len -= n;
+	}
+	free(b);
+	return r;
+}
+
+int
+vdsk_copy_in(vdsk_t *d, uint64_t off, size_t len, int sfd, uint64_t soff)
+{
+	struct vdsk_rl_entry e;
+	int r;
+
+	if (d->flags & VDSK_RDONLY)
+		return vdsk_error(EROFS, "%s: image is open read-only",
+		    d->path);
+	if ((r = range_begin(d, &e, off, len, 1)) < 0)
+		return r;
+	if ((r = check_range(d, off, len)) == 0 && len > 0) {
+		if (d->ops->copy_in != NULL)
+			r = d->ops->copy_in(d, off, len, sfd, soff);
+		else
+			r = copy_in_bounce(d, off, len, sfd, soff);
+	}
+	range_end(d, &e);
+	return r;
+}
+
+void
+vdsk_start_writeback(struct vdsk *d)
+{
+#ifdef SYNC_FILE_RANGE_WRITE
+	/* a hint: errors show in the fsync that follows */
+	(void)sync_file_range(d->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+#else
+	(void)d;
+#endif
 }
 
 int

@@ -53,6 +53,20 @@ struct vdsk_ops {
 	int (*set_backing)(struct vdsk *d, const char *backing,
 	    const char *backing_fmt);
 	/*
+	 * Optional, for convert's in-kernel copy.  host_extent: is guest
+	 * range [off, off+len) (len > 0, within the virtual size) stored as
+	 * plain bytes in d->fd?  Returns 1 and sets *host to the file offset
+	 * of off, or 0 (compressed, zero, unallocated...: read it with
+	 * read); either way *pnum is the length (> 0, <= len) of the run.
+	 * copy_in: write guest range [off, off+len) of d with the len bytes
+	 * of file sfd at soff (see vdsk_copy_file); called under the range
+	 * lock like write.
+	 */
+	int (*host_extent)(struct vdsk *d, uint64_t off, uint64_t len,
+	    uint64_t *host, uint64_t *pnum);
+	int (*copy_in)(struct vdsk *d, uint64_t off, size_t len, int sfd,
+	    uint64_t soff);
+	/*
 	 * Set if read/write may run concurrently on disjoint ranges (the
 	 * driver takes vdsk_meta_lock() around its metadata work, also in
 	 * discard, write_compressed, resize, snapshot, check and
@@ -120,6 +134,38 @@ int vdsk_qcow2_set_backing(struct vdsk *d, const char *backing,
 /* Record the error for vdsk_errno()/vdsk_errmsg(); returns -err. */
 int vdsk_error(int err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+#if defined(__linux__)
+#define VDSK_HAVE_COPY_FILE_RANGE 1
+#elif defined(__FreeBSD__)
+#include <sys/param.h>
+#if __FreeBSD_version >= 1300037
+#define VDSK_HAVE_COPY_FILE_RANGE 1
+#endif
+#endif
+
+/* Start writing d's dirty pages back to the disk, without waiting
+ * (Linux sync_file_range; a no-op elsewhere). */
+void vdsk_start_writeback(struct vdsk *d);
+
+/* Full pread of any fd: 0, -errno, or -EIO at the end of the file
+ * (records no error message: the caller says what was read). */
+int vdsk_read_fd(int fd, void *buf, size_t len, uint64_t off);
+
+/* Copy len bytes of file sfd at soff to d->fd at doff, in the kernel
+ * where it can (copy_file_range), else through a bounce buffer. */
+int vdsk_copy_file(struct vdsk *d, int sfd, uint64_t soff, uint64_t doff,
+    size_t len, const char *what);
+
+/* The host_extent op (0 and *pnum = len for drivers without it); takes
+ * the metadata lock around drivers that are not thread-safe. */
+int vdsk_host_extent(struct vdsk *d, uint64_t off, uint64_t len,
+    uint64_t *host, uint64_t *pnum);
+
+/* Range-locked copy_in op: guest [off, off+len) of d := sfd[soff...];
+ * without the op, through a bounce buffer and the write op. */
+int vdsk_copy_in(struct vdsk *d, uint64_t off, size_t len, int sfd,
+    uint64_t soff);
 
 /* Full-length pread/pwrite; a read past end of file is -EIO. */
 int vdsk_pread(struct vdsk *d, void *buf, size_t len, uint64_t off,

@@ -252,6 +252,13 @@ class Hypervisor(abc.ABC):
         """Tell the running VM that ``disk`` is now ``size`` bytes."""
         raise NotImplementedError()
 
+    def announce_disk_size(self, vmdir, index, size):
+        """Tell the running guest that the file of its disk ``index`` (an
+        instance disk, not a volume) is now ``size`` bytes: it grew while
+        the VM was saved (warm migration). NotImplementedError where the
+        backend has no way to notify the guest."""
+        raise NotImplementedError()
+
     # -- live migration ----------------------------------------------------
     #
     # Destination: prepare_incoming() starts the VM waiting for the

@@ -435,9 +435,13 @@ class BhyveHypervisor(base.Hypervisor):
         path = write_config(tree, self.config_path(vmdir))
         self.destroy_vmm(spec.name)
         try:
+            # -r on the first start only: when the resumed guest reboots,
+            # the supervisor starts bhyve again without it (the state
+            # files are gone by then)
             supervisor.spawn(
-                vmdir.path, bhyve_state.restore_argv(self, path, state),
-                policy='bhyve', console_device=nmdm_pair(spec.uuid)[1],
+                vmdir.path, self.bhyve_argv(path), policy='bhyve',
+                first_run_args=bhyve_state.restore_args(state),
+                console_device=nmdm_pair(spec.uuid)[1],
                 console_keep_bytes=CONF.bhyve.console_log_keep_bytes)
         except RuntimeError as e:
             raise base.HypervisorError(str(e))

@@ -10,7 +10,9 @@ bhyve(8) of FreeBSD 13/14 built with ``WITH_BHYVE_SNAPSHOT``:
   to exit; it exits with status 0, which the supervisor would take for a
   reboot, so the supervisor is told first (SIGUSR1) that the next exit is
   final;
-* ``bhyve -k CONFIG -r FILE`` restores: same device configuration, memory
+* ``bhyve -k CONFIG -r FILE`` restores (``-r FILE`` on that first start
+  only: the supervisor restarts a guest that reboots later without it):
+  same device configuration, memory
   and vCPU count from the snapshot.
 
 Support is detected from bhyvectl's usage text: only BHYVE_SNAPSHOT builds
@@ -97,8 +99,9 @@ def save(hyp, vmdir, timeout=SAVE_TIMEOUT):
     hyp.destroy_vmm(name)
 
 
-def restore_argv(hyp, config_path, path):
-    return hyp.bhyve_argv(config_path) + ['-r', path]
+def restore_args(path):
+    """What bhyve's first start after a save gets appended to its argv."""
+    return ['-r', path]
 
 
 def wait_started(hyp, vmdir, name, settle=2.0, timeout=60.0):

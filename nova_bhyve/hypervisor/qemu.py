@@ -464,3 +464,11 @@ class QemuHypervisor(base.Hypervisor):
         node, _ = volume_names(disk.serial)
         qmp.execute(vmdir.control, 'block_resize',
                     {'node-name': node, 'size': size})
+
+    def announce_disk_size(self, vmdir, index, size):
+        """block_resize to the size the file already has: QEMU raises the
+        virtio-blk config-change interrupt and the guest re-reads the
+        capacity (a restored device keeps the capacity it had when it was
+        saved, whatever the file's size)."""
+        qmp.execute(vmdir.control, 'block_resize',
+                    {'node-name': 'disk%d' % index, 'size': int(size)})

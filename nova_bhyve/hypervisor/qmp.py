@@ -37,8 +37,11 @@ def execute(path, command, arguments=None, timeout=10.0):
         sock.connect(path)
     except OSError as e:
         raise HypervisorError('cannot reach QMP socket %s: %s' % (path, e))
-    with sock, sock.makefile('rwb') as f:
-        try:
+    # closing the file flushes it again: a QEMU that went away meanwhile
+    # makes that raise too (BrokenPipeError), so the conversion to
+    # HypervisorError wraps the with-block, not only its body
+    try:
+        with sock, sock.makefile('rwb') as f:
             if 'QMP' not in json.loads(f.readline() or b'{}'):
                 raise HypervisorError('no QMP greeting on %s' % path)
             for name, args in (('qmp_capabilities', None),
@@ -52,8 +55,8 @@ def execute(path, command, arguments=None, timeout=10.0):
                 if 'error' in reply:
                     raise QMPError(name, reply['error'])
             return reply.get('return')
-        except (OSError, ValueError) as e:
-            raise HypervisorError('QMP %s on %s: %s' % (command, path, e))
+    except (OSError, ValueError) as e:
+        raise HypervisorError('QMP %s on %s: %s' % (command, path, e))
 
 
 EOF = object()

@@ -43,6 +43,28 @@ def link_mtu(dev):
     return out.split(' mtu ')[1].split()[0]
 
 
+def ifindex(dev):
+    """The kernel's index of ``dev``: a new one means the device was
+    deleted and made again."""
+    return int(sh('ip', '-o', 'link', 'show', 'dev', dev).split(':')[0])
+
+
+def taps_held_by(pid):
+    """Names of the tap devices process ``pid`` has open (the tun driver
+    shows each attached device as ``iff:`` in the fd's fdinfo)."""
+    names = []
+    fd_dir = '/proc/%d/fdinfo' % pid
+    for fd in os.listdir(fd_dir):
+        try:
+            with open(os.path.join(fd_dir, fd)) as f:
+                for line in f:
+                    if line.startswith('iff:'):
+                        names.append(line.split()[1])
+        except OSError:
+            continue
+    return sorted(names)
+
+
 def suffix():
     return '%06x' % random.getrandbits(24)
 
@@ -76,6 +98,24 @@ class HostNet:
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
         return ns
+
+    def namespace_on_ovs(self, ovs, bridge, cidr):
+        """A network namespace with ``cidr`` on a veth whose peer is a port
+        of the OVS ``bridge`` (a system port: the userspace datapath reads
+        it with a packet socket)."""
+        s = suffix()
+        ns, outer, inner = 'nbtn' + s, 'nbtv' + s, 'nbtp' + s
+        sh('ip', 'netns', 'add', ns)
+        self.netns.append(ns)
+        sh('ip', 'link', 'add', outer, 'type', 'veth', 'peer', 'name', inner)
+        self.links.append(outer)
+        sh('ip', 'link', 'set', inner, 'netns', ns)
+        sh('ip', 'link', 'set', outer, 'up')
+        ovs.vsctl('add-port', bridge, outer)
+        sh('ip', 'netns', 'exec', ns, 'ip', 'addr', 'add', cidr, 'dev', inner)
+        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
+        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
+        return ns, outer
 
     def bridge_ports(self, bridge):
         return sorted(_names(sh('ip', '-br', 'link', 'show', 'master',
@@ -202,14 +242,15 @@ class GuestShell:
         self.sock.settimeout(timeout)
         self.sock.connect(sock_path)
         self.timeout = timeout
-        self.run('stty -echo 2>/dev/null; true')
+        # no echo; and no kernel messages on the console: they are written
+        # straight to the serial port and garble a command's output
+        self.run('stty -echo 2>/dev/null; dmesg -n 1; true')
 
     def run(self, cmd, timeout=None):
         """Run ``cmd``; return (exit status, output)."""
         tag = uuid.uuid4().hex[:8]
         self.sock.sendall(('%s; echo "@@$?@%s@@"\n' % (cmd, tag)).encode())
         buf = b''
-        end = '@%s@@' % tag
         deadline = time.monotonic() + (timeout or self.timeout)
         pattern = re.compile(r'@@(\d+)@%s@@' % tag)
         while True:
@@ -244,6 +285,23 @@ class GuestShell:
         self.sock.close()
 
 
+def filter_subnets_by_id(test, neutron):
+    """Make the NeutronFixture's list_subnets honour ``id=[...]`` as
+    Neutron does (the fixture returns every subnet, so Nova would describe
+    another subnet, without the port's address, in network_data.json)."""
+    real = neutron.list_subnets
+
+    def list_subnets(retrieve_all=True, **params):
+        subnets = real(retrieve_all)['subnets']
+        wanted = params.get('id')
+        if wanted is not None:
+            wanted = [wanted] if isinstance(wanted, str) else wanted
+            subnets = [s for s in subnets if s['id'] in wanted]
+        return {'subnets': subnets}
+    neutron.list_subnets = list_subnets
+    test.addCleanup(setattr, neutron, 'list_subnets', real)
+
+
 def add_network(neutron, cidr_prefix, mtu=1450):
     """A network + IPv4 subnet in Nova's NeutronFixture; returns both."""
     net = copy.deepcopy(neutron.network_1)
@@ -251,6 +309,8 @@ def add_network(neutron, cidr_prefix, mtu=1450):
     sub = copy.deepcopy(neutron.subnet_1)
     sub.update(id=str(uuid.uuid4()), network_id=net['id'],
                cidr=cidr_prefix + '.0/24', gateway_ip=None,
+               # static addresses in network_data.json (no DHCP agent)
+               enable_dhcp=False,
                allocation_pools=[{'start': cidr_prefix + '.10',
                                   'end': cidr_prefix + '.200'}])
     net['subnets'] = [sub['id']]

@@ -260,3 +260,92 @@ def guest_shell(vmdir, command, timeout=60):
         time.sleep(1.0)
     finally:
         s.close()
+
+
+# -- what an instance may leave on the host --------------------------------
+
+def vm_processes(instance_uuid):
+    """pids of live (not zombie) processes whose command line names
+    ``instance_uuid`` (QEMU's -uuid/-name, bhyve's VM name)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % entry, 'rb') as f:
+                if instance_uuid.encode() not in f.read():
+                    continue
+            with open('/proc/%s/stat' % entry) as f:
+                if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                    continue
+        except OSError:
+            continue
+        pids.append(int(entry))
+    return pids
+
+
+def _held_inodes():
+    """(major, minor, inode) of files with a POSIX/flock lock held (/proc/locks;
+    read-only: taking a lock ourselves would, in this process that also
+    runs the computes, release theirs on close)."""
+    inodes = set()
+    with open('/proc/locks') as f:
+        for line in f:
+            # "1: POSIX  ADVISORY  WRITE 1234 00:2d:5678 0 EOF"
+            fields = line.split()
+            dev_ino = [x for x in fields if x.count(':') == 2]
+            if dev_ino:
+                major, minor, ino = dev_ino[0].split(':')
+                inodes.add((int(major, 16), int(minor, 16), int(ino)))
+    return inodes
+
+
+def leftovers(instance_uuid, instances_paths, port_ids=(), processes=True):
+    """What an instance that is gone (or was never built) left on the
+    host, as a list of descriptions (empty: nothing):
+
+    - its directory or a resize's kept copy, in any instances path;
+    - a live VM process naming it (unless ``processes`` is False: to
+      look at one compute while the instance runs on another);
+    - a partial image-cache download (.part/.convert) or an image-cache
+      lock still held (lock files themselves stay, as lockutils leaves
+      them: removing one under a waiter would let two downloads run);
+    - a host device (tap/qbr/qvb/qvo) named for one of its ports.
+    """
+    found = []
+    for path in instances_paths:
+        for suffix in ('', '_resize'):
+            d = os.path.join(path, instance_uuid + suffix)
+            if os.path.exists(d):
+                found.append('instance directory %s' % d)
+        cache = os.path.join(path, '_base')
+        if os.path.isdir(cache):
+            held = _held_inodes()
+            for name in os.listdir(cache):
+                full = os.path.join(cache, name)
+                if name.endswith(('.part', '.convert')):
+                    found.append('partial cache file %s' % full)
+                elif name.startswith('lock-'):
+                    try:
+                        st = os.stat(full)
+                        if (os.major(st.st_dev), os.minor(st.st_dev),
+                                st.st_ino) in held:
+                            found.append('image cache lock held: %s' % full)
+                    except FileNotFoundError:
+                        pass
+    for pid in (vm_processes(instance_uuid) if processes else ()):
+        try:
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                cmd = f.read().replace(b'\0', b' ')[:120].decode(
+                    errors='replace')
+        except OSError:
+            cmd = '?'
+        found.append('VM process %d (%s)' % (pid, cmd))
+    if port_ids:
+        import nethelpers
+        present = nethelpers.links()
+        for port_id in port_ids:
+            for prefix in ('tap', 'qbr', 'qvb', 'qvo'):
+                if prefix + port_id[:11] in present:
+                    found.append('device %s' % (prefix + port_id[:11]))
+    return found

@@ -3,7 +3,10 @@
 Ports come from Nova's NeutronFixture (with bindings and MTUs the tests set);
 the driver plugs them into real Linux bridges and a real Open vSwitch
 (userspace datapath, private run dir) that the tests make; the guests
-configure the port's fixed IP over their serial shell and ping for real.
+configure the port's fixed IP from the config drive's network_data.json
+(static: the subnets have DHCP off, there is no DHCP agent) and ping for
+real. Only a hot-plugged NIC, which the config drive does not describe, is
+configured over the serial shell.
 """
 import os
 import time
@@ -24,6 +27,9 @@ class NetworkingTestBase(nova_harness.BhyveFunctionalTestBase):
         super().setUp()
         self.image = self.direct_boot_image('qcow2')
         self.host = nethelpers.HostNet(self)
+        # network_data.json for the guest's static addressing
+        self.flags(force_config_drive=True)
+        nethelpers.filter_subnets_by_id(self, self.neutron)
         self.links_before = nethelpers.links()
         self.neutron.nbt_port_ids = []
         # after the harness has killed leftover VMs (cleanups run LIFO)
@@ -41,8 +47,16 @@ class NetworkingTestBase(nova_harness.BhyveFunctionalTestBase):
         self.addCleanup(shell.close)
         return server, shell
 
+    def assert_configured(self, server, shell, port, dev='eth0', prefix=24):
+        """The guest applied the port's address from network_data.json."""
+        ip = port['fixed_ips'][0]['ip_address']
+        self.assertIn('NOVA-BHYVE-NET-CONFIGURED dev=%s mac=%s addr=%s/%d' % (
+            dev, port['mac_address'], ip, prefix), self.console(server))
+        self.assertIn('inet %s/%d' % (ip, prefix), shell.check(
+            'ip -o -4 addr show dev %s' % dev))
+
     @staticmethod
-    def configure(shell, port, dev='eth0', prefix=24):
+    def configure_by_hand(shell, port, dev, prefix=24):
         ip = port['fixed_ips'][0]['ip_address']
         shell.check('ip addr add %s/%d dev %s && ip link set %s up' % (
             ip, prefix, dev, dev))
@@ -112,11 +126,11 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         s2, sh2 = self.boot(p2)
 
         # the guest sees the port: MAC and MTU
-        for sh, port in ((sh1, p1), (sh2, p2)):
+        for server, sh, port in ((s1, sh1, p1), (s2, sh2, p2)):
             self.assertEqual(port['mac_address'],
                              sh.check('cat /sys/class/net/eth0/address'))
             self.assertEqual('1400', sh.check('cat /sys/class/net/eth0/mtu'))
-            self.configure(sh, port)
+            self.assert_configured(server, sh, port)
         # host side: taps named as Neutron's agents expect, on the bridge
         tap1 = 'tap' + p1['id'][:11]
         tap2 = 'tap' + p2['id'][:11]
@@ -135,7 +149,7 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         bridge_b, ns_b, net_b, sub_b = self._net('10.251.1', 1500)
         p3 = self._port(net_b, sub_b, '10.251.1.13', bridge_b)
         s3, sh3 = self.boot(p3)
-        self.configure(sh3, p3)
+        self.assert_configured(s3, sh3, p3)
         self.assert_pings(sh3, '10.251.1.254')      # its own namespace
         ok, out = self.ping(sh3, '10.251.1.11', count=3)
         self.assertFalse(ok, out)
@@ -155,7 +169,7 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         p1 = self._port(net, sub, '10.251.2.11', bridge)
         server, sh = self.boot(p1)
         self.assertEqual('eth0', sh.check('ls /sys/class/net | grep eth'))
-        self.configure(sh, p1)
+        self.assert_configured(server, sh, p1)
         self.assert_pings(sh, '10.251.2.254')
 
         bridge_b, ns_b, net_b, sub_b = self._net('10.251.3', 1450)
@@ -170,7 +184,7 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
             time.sleep(1)
         self.assertEqual(p2['mac_address'],
                          sh.check('cat /sys/class/net/eth1/address'))
-        self.configure(sh, p2, dev='eth1')
+        self.configure_by_hand(sh, p2, dev='eth1')
         self.assert_pings(sh, '10.251.3.254')
 
         self._detach_interface(server, p2['id'])
@@ -228,7 +242,7 @@ class TestTapBinding(NetworkingTestBase):
         bridge = self.host.bridge()
         ns = self.host.namespace_on(bridge, '10.251.6.254/24')
         nethelpers.sh('ip', 'link', 'set', tap, 'master', bridge)
-        self.configure(sh, port)
+        self.assert_configured(server, sh, port)
         self.assert_pings(sh, '10.251.6.254')
         del ns
         self._delete_server(server)
@@ -300,7 +314,7 @@ class TestOVSBinding(NetworkingTestBase):
             self.assertEqual(port['mac_address'],
                              sh.check('cat /sys/class/net/eth0/address'))
             self.assertEqual('1450', sh.check('cat /sys/class/net/eth0/mtu'))
-            self.configure(sh, port)
+            self.assert_configured(server, sh, port)
             name = ('qvo' if hybrid else 'tap') + port['id'][:11]
             self.assertIn(name, self.ovs.ports(bridge))
             ids = self.ovs.iface_external_ids(name)

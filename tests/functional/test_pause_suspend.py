@@ -156,6 +156,8 @@ class TestPauseSuspend(nova_harness.BhyveFunctionalTestBase):
         server = self._recover(server, boots=3)
         lh.wait_for_tick(self, server, 2)
         self._delete_server(server)
+        self.assertEqual([], nova_harness.leftovers(server['id'],
+                                                    [self.instances_path]))
 
     def test_vm_dies_while_its_state_is_saved(self):
         server = self._boot()
@@ -197,3 +199,5 @@ class TestPauseSuspend(nova_harness.BhyveFunctionalTestBase):
                              self._get_instance(server)).state)
         server = self._recover(server, boots=2)
         self._delete_server(server)
+        self.assertEqual([], nova_harness.leftovers(server['id'],
+                                                    [self.instances_path]))

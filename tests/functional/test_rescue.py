@@ -20,6 +20,7 @@ ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'
 ACPID = 'NOVA-BHYVE-ACPID-STARTED'
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
+UUID_RE = r'^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
 
 
 def _spec_digest(vmdir):
@@ -39,18 +40,32 @@ class TestRescue(nova_harness.MultiComputeMixin,
         self.flags(console_log_max_bytes=4 * 1024 * 1024, group='bhyve')
         super().setUp()
 
-    def _read_vdb(self, server, nth_shell, nth_read):
+    def _read_vdb(self, server, nth_shell, tag):
+        """The boot ids on the rescue guest's vdb (the instance's own root
+        disk), read in the rescue guest's shell.
+
+        The kernel writes its messages straight to the UART, and a message
+        printed while the shell's output is still draining garbles that
+        output (the umount message once cut a boot id in half, so the line
+        did not parse and the previous read's line was taken instead).
+        Hence: kernel messages off the console (dmesg -n 1), unmount before
+        printing, a tag per read, and a line that must parse completely -
+        never an older read's line.
+        """
         self.wait_for_console(server, SHELL, count=nth_shell)
         # the split literals keep the echo of the typed line from matching
         nova_harness.guest_shell(
             self.vmdir(server),
-            'mkdir -p /tmp/o && mount -o ro /dev/vdb /tmp/o && '
-            'echo "VDB""-IDS $(cat /tmp/o/boot-ids | tr "\\n" " ")E""ND"; '
-            'umount /tmp/o')
-        out = self.wait_for_console(server, 'VDB-IDS', count=nth_read)
-        found = re.findall(r'VDB-IDS ([0-9a-f -]*)END', out)
-        self.assertTrue(found, out[-2000:])
-        return found[-1].split()
+            'dmesg -n 1; mkdir -p /tmp/o && mount -o ro /dev/vdb /tmp/o && '
+            'ids=$(tr "\\n" " " < /tmp/o/boot-ids); umount /tmp/o && '
+            'echo "VDB""-IDS-%s $ids E""ND-%s"' % (tag, tag))
+        out = self.wait_for_console(server, 'END-' + tag)
+        found = re.findall(r'VDB-IDS-%s ([^\r\n]*) END-%s' % (tag, tag), out)
+        self.assertEqual(1, len(found), out[-3000:])
+        ids = found[0].split()
+        for boot_id in ids:
+            self.assertRegex(boot_id, UUID_RE, out[-3000:])
+        return ids
 
     def test_rescue_own_image_then_unrescue(self):
         image = self.direct_boot_image('qcow2')
@@ -78,7 +93,7 @@ class TestRescue(nova_harness.MultiComputeMixin,
         self.assertIn('dev=/dev/vda', rescue_boot)
         self.assertIn(COUNT % 1, rescue_boot)
         # the instance's disk is the second disk: its boot ids are there
-        self.assertEqual([first_boot], self._read_vdb(server, 2, 1))
+        self.assertEqual([first_boot], self._read_vdb(server, 2, 'first'))
 
         server = self._unrescue_server(server)
         self.assertFalse(os.path.exists(os.path.join(vmdir,
@@ -103,9 +118,13 @@ class TestRescue(nova_harness.MultiComputeMixin,
         # the rescue disk is an overlay on the raw rescue image
         self.assertEqual('raw', vdsk.info(os.path.join(
             vmdir, 'disk.rescue'))['backing_format'])
-        # NOTE: reading vdb's boot ids here showed one id where two were
-        # expected (under investigation, see the issue note); the first
-        # rescue above checks the instance disk is vdb.
+        # vdb holds exactly the instance's own boots (the first and the one
+        # after unrescue), in order; the rescue guests' boot ids went to
+        # their rescue disks
+        boots = re.findall(INIT + r'(\S+)', out)
+        self.assertEqual(4, len(boots))
+        self.assertEqual([boots[0], boots[2]],
+                         self._read_vdb(server, 4, 'second'))
         server = self._unrescue_server(server)
         self.wait_for_console(server, COUNT % 3)
         self.assertEqual(spec_sha, _spec_digest(vmdir))

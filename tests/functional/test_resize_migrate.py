@@ -58,6 +58,12 @@ class _TwoComputes(nova_harness.MultiComputeMixin,
         patcher.start()
         self.addCleanup(patcher.stop)
 
+    def assert_nothing_left(self, server):
+        """After the server's delete: nothing on either compute."""
+        self.assertEqual([], nova_harness.leftovers(
+            server['id'], [self.compute_path('compute'),
+                           self.compute_path('compute2')]))
+
     def assert_nothing_on(self, host, server):
         for suffix in ('', cold_migration.RESIZE_SUFFIX):
             self.assertFalse(os.path.exists(
@@ -65,6 +71,10 @@ class _TwoComputes(nova_harness.MultiComputeMixin,
                 '%s still has %s%s' % (host, server['id'], suffix))
         self.assertNotIn(server['id'], self.computes[host].manager.driver
                          .list_instance_uuids())
+        # nor a partial copy, cache download or held lock (the instance
+        # may run on the other compute: no process check here)
+        self.assertEqual([], nova_harness.leftovers(
+            server['id'], [self.compute_path(host)], processes=False))
 
 
 class TestResizeMigrate(_TwoComputes):
@@ -180,6 +190,7 @@ class TestResizeMigrate(_TwoComputes):
         server = self._confirm_resize(server)
         self.assert_nothing_on('compute', server)
         self._delete_server(server)
+        self.assert_nothing_left(server)
 
 
 class TestResizeFaults(_TwoComputes):
@@ -224,6 +235,7 @@ class TestResizeFaults(_TwoComputes):
         self.assertRequestMatchesUsage(
             {'VCPU': 0, 'MEMORY_MB': 0, 'DISK_GB': 0}, self.rp['compute2'])
         self._delete_server(server)
+        self.assert_nothing_left(server)
 
     def test_resize_to_smaller_disk_refused(self):
         # Nova's API refuses it (the instance's image_min_disk is its
@@ -245,6 +257,7 @@ class TestResizeFaults(_TwoComputes):
         self.assert_nothing_on('compute2', server)
         self.assertFlavorMatchesUsage(self.rp['compute'], self.big)
         self._delete_server(server)
+        self.assert_nothing_left(server)
 
 
 class TestResizeSameHost(nova_harness.MultiComputeMixin,

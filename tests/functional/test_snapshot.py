@@ -146,3 +146,5 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
         lh.guest_shell(self, server, 'cat /mnt/root/frozen',
                        'FROZEN-WRITE-42', boots=2)
         self._delete_server(server)
+        self.assertEqual([], nova_harness.leftovers(server['id'],
+                                                    [self.instances_path]))

@@ -11,62 +11,28 @@ the guest kernel, which the test asks through its serial shell.
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 
 from nova.tests.functional.api import client
 from oslo_utils.fixture import uuidsentinel as uuids
 
+import nethelpers
 import nova_harness
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
-PROMPT = b'nbguest# '
 MiB = 1024 * 1024
 GUEST_TIMEOUT = 180
 
 
-class GuestShell:
-    """The test guest's root shell on its serial port (the unix socket in
-    the instance directory)."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.n = 0
-
-    def close(self):
-        self.sock.close()
-
-    def run(self, command, timeout=60):
-        """Output of ``command`` (the lines between its echo and the end
-        marker)."""
-        self.n += 1
-        end = 'END-%d' % (1000 + self.n)
-        self.sock.sendall(('%s; echo END-$((1000+%d))\r' % (
-            command, self.n)).encode())
-        data = b''
-        deadline = time.monotonic() + timeout
-        while not re.search(rb'(^|\n)' + end.encode() + rb'\r?\n', data):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError('no %s from the guest; got %r' % (
-                    end, data[-2000:]))
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(4096)
-            except socket.timeout:
-                continue
-            if not chunk:
-                raise AssertionError('serial socket closed: %r' % data)
-            data += chunk
-        return data.decode(errors='replace')
+class GuestShell(nethelpers.GuestShell):
 
     def disks(self):
         """{name: (serial, size in 512-byte sectors)} of the guest's
         virtio disks."""
-        out = self.run('for d in /sys/block/vd*; do echo "DISK ${d##*/} '
-                       '$(cat $d/serial 2>/dev/null)_ $(cat $d/size)"; done')
+        out = self.check('for d in /sys/block/vd*; do echo "DISK ${d##*/} '
+                         '$(cat $d/serial 2>/dev/null)_ $(cat $d/size)"; '
+                         'done')
         found = {}
         for m in re.finditer(r'(?m)^DISK (vd[a-z]+) (\S*)_ (\d+)\r?$', out):
             found[m.group(1)] = (m.group(2), int(m.group(3)))
@@ -131,7 +97,7 @@ class TestVolumes(nova_harness.BhyveFunctionalTestBase):
         self.assertEqual(512 * MiB // 512, disks[name][1])
 
         # the guest writes to the volume, the host reads it back
-        shell.run('echo nb-volume-data > /dev/%s; sync' % name)
+        shell.check('echo nb-volume-data > /dev/%s; sync' % name)
         with open(path, 'rb') as f:
             self.assertEqual(b'nb-volume-data\n', f.read(15))
 

@@ -459,6 +459,18 @@ def test_reboots_are_restarts_then_poweroff_stops(fake):
                                            supervisor.SUPERVISOR_PIDFILE))
 
 
+def test_first_run_args_only_on_the_first_start(fake):
+    # bhyve -r STATE resumes a saved VM; when that guest reboots (exit 0)
+    # bhyve must start without -r: the state files are gone by then
+    fake.script('0', '1')
+    fake.spawn(first_run_args=['-r', '/saved/state'])
+    st = fake.wait_status()
+    assert (st['outcome'], st['restarts']) == ('poweroff', 1)
+    assert [r[1] for r in fake.runs()] == [
+        '-k %s/x -r /saved/state' % fake.vmdir.path,
+        '-k %s/x' % fake.vmdir.path]
+
+
 def test_error_status_is_recorded(fake):
     fake.script('4')
     fake.spawn()

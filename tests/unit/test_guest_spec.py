@@ -111,6 +111,27 @@ def test_validate_flavor_refuses(vcpus, memory_mb, words):
     assert 'flavor tiny' in str(e.value)
 
 
+# -- validate_flavor_fits_host ----------------------------------------------
+
+@pytest.mark.parametrize('vcpus,memory_mb', [(1, 32), (4, 8192), (3, 100)])
+def test_flavor_fits_host_up_to_its_size(vcpus, memory_mb):
+    assert guest.validate_flavor_fits_host(flavor(vcpus, memory_mb),
+                                           4, 8192) is None
+
+
+@pytest.mark.parametrize('vcpus,memory_mb,words', [
+    (5, 512, '5 vCPUs, but this host has only 4 CPUs'),
+    (1, 8193, '8193 MiB of memory, but this host has only 8192 MiB'),
+    (5, 9000, '5 vCPUs, but this host has only 4 CPUs'),
+])
+def test_flavor_larger_than_host_refused(vcpus, memory_mb, words):
+    with pytest.raises(exception.InvalidInput) as e:
+        guest.validate_flavor_fits_host(flavor(vcpus, memory_mb, name='big'),
+                                        4, 8192)
+    assert words in str(e.value)
+    assert 'flavor big' in str(e.value)
+
+
 # -- disk_bus ---------------------------------------------------------------
 
 def test_disk_bus_default_virtio():

@@ -451,7 +451,9 @@ def test_bhyve_restore_argv_and_state_check(vmdir):
                                   return_value=True):
             hv.restore(s, vmdir)
         assert spawn.call_args[0][1] == [
-            '/usr/sbin/bhyve', '-k', hv.config_path(vmdir),
+            '/usr/sbin/bhyve', '-k', hv.config_path(vmdir)]
+        # -r only on the first start: a later guest reboot boots normally
+        assert spawn.call_args[1]['first_run_args'] == [
             '-r', vmdir.saved_state]
         assert not any(os.path.exists(p)
                        for p in bhyve_state.files(vmdir.saved_state))

@@ -388,3 +388,23 @@ def test_capabilities_claim_move_operations():
     caps = driver.BhyveDriver.capabilities
     assert caps['supports_evacuate'] is True
     assert caps['supports_migrate_to_same_host'] is True
+
+
+def test_finish_migration_refuses_flavor_larger_than_this_host(bhyve_env):
+    """The destination's own check (placement's inventory may have been
+    wrong): InvalidInput before it writes a spec, plugs or starts anything;
+    the moved disk is left as it came."""
+    dst = _driver(bhyve_env / 'b', 'b')
+    inst = _instance()
+    vmdir = _spawned(dst, inst)          # the disk as moved here
+    os.unlink(vmdir.spec)
+    before = os.listdir(vmdir.path)
+    inst.flavor.vcpus = driver.host.vcpus() + 1
+    with mock.patch.object(dst.vifs, 'plug_all') as plug, \
+            mock.patch.object(dst.hypervisor, 'start') as start:
+        with pytest.raises(exception.InvalidInput) as e:
+            dst.finish_migration(None, None, inst, None, [], _image_meta(),
+                                 True, None)
+    assert 'vCPUs, but this host has only' in str(e.value)
+    assert not plug.called and not start.called
+    assert sorted(before) == sorted(os.listdir(vmdir.path))

@@ -150,7 +150,7 @@ SDIST_MUST_CARRY = (
     'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
     'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
     'native/vdsk/tools/vdsk.c',
-    'tools/setup-host', 'tools/build-test-guest',
+    'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
     'etc/nova-bhyve/nova-bhyve-config-generator.conf',
     'etc/nova-bhyve/nova-bhyve.conf.sample',
     'devstack/plugin.sh', 'devstack/settings', 'devstack/README.md',
@@ -294,7 +294,8 @@ def test_oslo_config_entry_point_is_discoverable():
     assert eps[0].value == 'nova_bhyve.conf:list_opts'
     assert eps[0].dist.name == 'nova-bhyve'
     groups = eps[0].load()()
-    assert [getattr(g, 'name', g) for g, _ in groups] == ['bhyve']
+    assert [getattr(g, 'name', g) for g, _ in groups] == [
+        'bhyve', 'nova_bhyve_privileged']
     names = {o.name for _, opts in groups for o in opts}
     assert {'hypervisor', 'qemu_accel', 'qemu_binary',
             'bhyve_path', 'bhyve_bootrom'} <= names

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 
 import pytest
 
@@ -253,30 +252,11 @@ def vmdir(short_tmp):
     return base.VMDir(path)
 
 
-def wait_exec(pid, marker, timeout=10):
-    """Wait until ``pid`` runs its new program: Popen returns when the exec
-    has started, but for a moment /proc/PID/cmdline is still empty."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with open('/proc/%d/cmdline' % pid, 'rb') as f:
-                if marker.encode() in f.read():
-                    return
-        except OSError:
-            return                  # already gone
-        assert time.monotonic() < deadline, 'exec of %d never seen' % pid
-        time.sleep(0.001)
-
-
 @pytest.fixture
-def marked_process():
+def marked_process(spawn_marked):
     """A real `sleep` whose command line carries the instance uuid, as
     QEMU's does (-uuid); stopped by its PID."""
-    proc = subprocess.Popen(['sleep-' + UUID, '60'], executable='/bin/sleep')
-    wait_exec(proc.pid, UUID)
-    yield proc
-    proc.kill()
-    proc.wait()
+    return spawn_marked(UUID, reap=False)
 
 
 def test_power_state_no_pidfile_is_shutdown(vmdir):

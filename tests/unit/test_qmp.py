@@ -7,6 +7,7 @@ import shutil
 import socket
 import tempfile
 import threading
+from unittest import mock
 
 import pytest
 
@@ -221,3 +222,23 @@ def test_socket_without_listener_raises(sock_dir):
     with pytest.raises(base.HypervisorError) as e:
         qmp.execute(path, 'query-status')
     assert 'cannot reach QMP socket' in str(e.value)
+
+
+def test_peer_gone_while_writing_raises_hypervisor_error(sock_dir):
+    # fault injected: every write to the socket fails as it does once QEMU
+    # has exited (EPIPE). The buffered file then fails again when it is
+    # closed; that second error must not escape as a bare BrokenPipeError.
+    srv = serve(sock_dir, [('send', GREETING), ('wait', 5)])
+    real_write = socket.SocketIO.write
+    client = threading.current_thread()
+
+    def write(self, data):
+        if threading.current_thread() is client:
+            raise BrokenPipeError(32, 'Broken pipe')
+        return real_write(self, data)          # the fake server's writes
+
+    with mock.patch.object(socket.SocketIO, 'write', write):
+        with pytest.raises(base.HypervisorError) as e:
+            qmp.execute(srv.path, 'query-migrate')
+    srv.join()
+    assert 'Broken pipe' in str(e.value)

@@ -102,6 +102,9 @@ int vdsk_block_status(vdsk_t *d, uint64_t off, uint64_t len, uint64_t *pnum);
  * destination is sparse.  The result has no backing file.
  */
 #define VDSK_CONVERT_COMPRESS 0x1   /* compressed clusters (qcow2) */
+/* Return without flushing dst to stable storage (qemu-img convert's
+ * default "-t unsafe"); by default vdsk_convert() ends with an fsync. */
+#define VDSK_CONVERT_NO_FLUSH 0x2
 struct vdsk_convert_opts {
 	int workers;                /* parallel copy threads; 0: 2 */
 	uint32_t buf_size;          /* bytes per I/O; 0: 2 MiB */

@@ -3,6 +3,8 @@
  *
  *   stress FILE FMT THREADS ITERS SEED EXPECTED_RAW
  *   stress --rss FILE L2_CACHE_BYTES READS     (peak RSS after reads)
+ *   stress --convert SRC DST DST_FMT WORKERS CLUSTER
+ *       (vdsk_convert with many workers and 64 KiB jobs, for TSan)
  *
  * The image is cut in 4 KiB blocks; every written block holds a tag
  * (block number, write sequence number) repeated, so any read can tell a
@@ -291,13 +293,28 @@ main(int argc, char **argv)
 	uint64_t i;
 	int k;
 
+	if (argc == 7 && strcmp(argv[1], "--convert") == 0) {
+		struct vdsk_convert_opts o;
+
+		memset(&o, 0, sizeof(o));
+		o.workers = atoi(argv[5]);
+		o.buf_size = 64u << 10;
+		o.cluster_size = (uint32_t)strtoul(argv[6], NULL, 0);
+		if (vdsk_convert(argv[2], NULL, argv[3], argv[4], &o) < 0) {
+			fprintf(stderr, "stress: %s\n", vdsk_errmsg());
+			return 1;
+		}
+		printf("stress: ok\n");
+		return 0;
+	}
 	if (argc == 5 && strcmp(argv[1], "--rss") == 0)
 		return rss_mode(argv[2], strtoull(argv[3], NULL, 0),
 		    strtoull(argv[4], NULL, 0));
 	if (argc != 7) {
 		fprintf(stderr, "usage: stress FILE FMT THREADS ITERS SEED "
 		    "EXPECTED_RAW\n       stress --rss FILE L2_CACHE_BYTES "
-		    "READS\n");
+		    "READS\n       stress --convert SRC DST DST_FMT WORKERS "
+		    "CLUSTER\n");
 		return 2;
 	}
 	nthreads = atoi(argv[3]);

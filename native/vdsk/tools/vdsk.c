@@ -11,6 +11,8 @@
  *   vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE
  *   vdsk resize [-f FMT] FILE SIZE
  *   vdsk discard [-f FMT] FILE OFFSET LEN
+ *   vdsk convert [-f FMT] -O FMT [-c CLUSTER] [--compressed] [-m WORKERS]
+ *                [-B BUFSIZE] SRC DST
  *
  * Sizes and offsets accept K, M, G, T suffixes (powers of 1024).
  */
@@ -37,7 +39,9 @@ usage(void)
 	    "       vdsk check [-r leaks] [--json] [-f FMT] FILE\n"
 	    "       vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE\n"
 	    "       vdsk resize [-f FMT] FILE SIZE\n"
-	    "       vdsk discard [-f FMT] FILE OFFSET LEN\n");
+	    "       vdsk discard [-f FMT] FILE OFFSET LEN\n"
+	    "       vdsk convert [-f FMT] -O FMT [-c CLUSTER] [--compressed] "
+	    "[-m WORKERS] [-B BUFSIZE] SRC DST\n");
 	return 2;
 }
 
@@ -101,9 +105,9 @@ json_str(const char *key, const char *s, int last)
 }
 
 struct args {
-	const char *fmt, *backing, *bfmt, *subformat, *pos[4];
+	const char *fmt, *backing, *bfmt, *ofmt, *subformat, *pos[4];
 	int npos, json, compressed, repair;
-	uint64_t cluster;
+	uint64_t cluster, workers, buf;
 };
 
 static int
@@ -136,6 +140,16 @@ parse_args(int argc, char **argv, struct args *a)
 			dst = &a->backing;
 		else if (strcmp(s, "-F") == 0)
 			dst = &a->bfmt;
+		else if (strcmp(s, "-O") == 0)
+			dst = &a->ofmt;
+		else if (strcmp(s, "-m") == 0 || strcmp(s, "-B") == 0) {
+			if (i + 1 >= argc || parse_size(argv[i + 1],
+			    s[1] == 'm' ? &a->workers : &a->buf) < 0 ||
+			    (s[1] == 'm' ? a->workers : a->buf) > INT32_MAX)
+				return -1;
+			i++;
+			continue;
+		}
 		else if (strcmp(s, "-o") == 0) {
 			if (i + 1 >= argc || strncmp(argv[i + 1], "subformat=",
 			    10) != 0)
@@ -456,6 +470,23 @@ cmd_resize_discard(struct args *a, int discard)
 	return r;
 }
 
+static int
+cmd_convert(struct args *a)
+{
+	struct vdsk_convert_opts o;
+
+	if (a->npos != 2 || a->ofmt == NULL)
+		return usage();
+	memset(&o, 0, sizeof(o));
+	o.workers = (int)a->workers;
+	o.buf_size = (uint32_t)a->buf;
+	o.cluster_size = (uint32_t)a->cluster;
+	o.flags = a->compressed ? VDSK_CONVERT_COMPRESS : 0;
+	if (vdsk_convert(a->pos[0], a->fmt, a->pos[1], a->ofmt, &o) < 0)
+		return fail("convert");
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -481,5 +512,7 @@ main(int argc, char **argv)
 		return cmd_resize_discard(&a, 0);
 	if (strcmp(argv[1], "discard") == 0)
 		return cmd_resize_discard(&a, 1);
+	if (strcmp(argv[1], "convert") == 0)
+		return cmd_convert(&a);
 	return usage();
 }
