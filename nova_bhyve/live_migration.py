@@ -36,7 +36,6 @@ model must be identical): it travels in the ``disk_info`` string the
 source's ``get_instance_disk_info`` returns, which Nova passes to the
 destination's ``pre_live_migration`` for block migrations only.
 """
-import dataclasses
 import json
 import os
 import shutil
@@ -55,6 +54,7 @@ from nova_bhyve import conf
 from nova_bhyve import configdrive
 from nova_bhyve import consoles
 from nova_bhyve import guest
+from nova_bhyve import migration_policy
 from nova_bhyve import storage
 from nova_bhyve import vdsk
 from nova_bhyve.hypervisor import base
@@ -70,86 +70,26 @@ INCOMING_MARKER = 'incoming'
 SHARED_PROBE_PREFIX = '.nova-bhyve-shared-'
 
 
-# -- convergence policy (nova_bhyve.migration_policy when present) --------
-
-@dataclasses.dataclass
-class Progress:
-    """Same fields as migration_policy.Progress (used when that module is
-    not installed)."""
-    elapsed: float
-    rounds: int
-    memory_total: int
-    memory_processed: int
-    memory_remaining: int
-    dirty_rate: float
-    bandwidth: float
-    disk_remaining: int = 0
-
-
-@dataclasses.dataclass
-class Step:
-    kind: str
-    value: object
-    reason: str
-
-
-class TimeoutOnlyPolicy:
-    """Used when nova_bhyve.migration_policy is not installed: keeps the
-    initial downtime, never throttles nor switches to post-copy, and aborts
-    once [bhyve] live_migration_completion_timeout (seconds per GiB of data
-    to move) has passed."""
-
-    wants_postcopy = False
-    wants_auto_converge = False
-
-    def __init__(self, initial_downtime_ms, timeout):
-        self.initial_downtime_ms = initial_downtime_ms
-        self.timeout = timeout
-
-    @classmethod
-    def from_conf(cls, conf_group, data_bytes, bandwidth_mibps):
-        per_gib = conf_group.live_migration_completion_timeout
-        timeout = per_gib * max(1.0, data_bytes / units.Gi) if per_gib \
-            else 0
-        return cls(conf_group.live_migration_downtime, timeout)
-
-    def decide(self, progress):
-        if self.timeout and progress.elapsed > self.timeout:
-            return [Step('abort', None,
-                         'not finished after %.0f s (completion timeout '
-                         '%.0f s); %d bytes of memory and %d of disk left'
-                         % (progress.elapsed, self.timeout,
-                            progress.memory_remaining,
-                            progress.disk_remaining))]
-        return []
-
-
-def _policy_module():
-    try:
-        from nova_bhyve import migration_policy
-        return migration_policy
-    except ImportError:
-        return None
-
+# -- convergence policy (nova_bhyve.migration_policy) ----------------------
 
 def default_policy(data_bytes, bandwidth_mibps):
-    mod = _policy_module()
-    cls = mod.ConvergencePolicy if mod else TimeoutOnlyPolicy
-    return cls.from_conf(CONF.bhyve, data_bytes, bandwidth_mibps)
+    return migration_policy.ConvergencePolicy.from_conf(
+        CONF.bhyve, data_bytes, bandwidth_mibps)
 
 
-#: callable(data_bytes, bandwidth_mibps) -> policy; replaceable (tests)
+#: callable(data_bytes, bandwidth_mibps) -> a policy with the
+#: ConvergencePolicy interface; replaceable (tests inject their own)
 policy_factory = default_policy
 
 
 def _progress(elapsed, snap):
-    cls = getattr(_policy_module(), 'Progress', Progress)
-    return cls(elapsed=elapsed, rounds=snap.rounds,
-               memory_total=snap.memory_total,
-               memory_processed=snap.memory_processed,
-               memory_remaining=snap.memory_remaining,
-               dirty_rate=snap.dirty_rate, bandwidth=snap.bandwidth,
-               disk_remaining=snap.disk_remaining)
+    return migration_policy.Progress(
+        elapsed=elapsed, rounds=snap.rounds,
+        memory_total=snap.memory_total,
+        memory_processed=snap.memory_processed,
+        memory_remaining=snap.memory_remaining,
+        dirty_rate=snap.dirty_rate, bandwidth=snap.bandwidth,
+        disk_remaining=snap.disk_remaining, cpu_throttle=snap.cpu_throttle)
 
 
 # -- addresses ------------------------------------------------------------

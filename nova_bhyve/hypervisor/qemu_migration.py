@@ -12,8 +12,9 @@ and let go of them - the order libvirt uses for NBD storage migration.
 
 Source (``OutgoingMigration``):
 
-1. capabilities and parameters (``initial_qmp``: bandwidth cap, downtime,
-   auto-converge / postcopy as the convergence policy wants);
+1. capabilities and parameters (qemu_migration_params.initial_qmp:
+   bandwidth cap, downtime, auto-converge / postcopy as the convergence
+   policy wants);
 2. block migration: per disk, ``blockdev-add`` of the destination's NBD
    export as node ``mig-diskN``, ``blockdev-mirror`` into it (sync ``top``
    for an overlay - the destination made its own overlay over its own copy
@@ -38,6 +39,7 @@ import time
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu_migration_params
 from nova_bhyve.hypervisor import qmp
 
 LOG = logging.getLogger(__name__)
@@ -129,10 +131,7 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
-    params = _params_module()
-    first = []
-    if policy is not None and hasattr(params, 'incoming_qmp'):
-        first = params.incoming_qmp(policy)
+    first = qemu_migration_params.incoming_qmp(policy) if policy else []
     try:
         for command, args in first + incoming_commands(
                 spec, host, mig_port, nbd_port, block):
@@ -202,6 +201,7 @@ class Snapshot:
     disk_remaining: int = 0
     error: str = None
     downtime_ms: int = None        # QEMU's measured downtime, once completed
+    cpu_throttle: int = None       # vCPU throttle in effect (%), if any
 
 
 def snapshot_from(migrate_info, jobs):
@@ -218,56 +218,14 @@ def snapshot_from(migrate_info, jobs):
         bandwidth=float(ram.get('mbps', 0)) * 1e6 / 8,
         rounds=int(ram.get('dirty-sync-count', 0)),
         error=migrate_info.get('error-desc'),
-        downtime_ms=migrate_info.get('downtime'))
+        downtime_ms=migrate_info.get('downtime'),
+        cpu_throttle=migrate_info.get('cpu-throttle-percentage'))
     for job in jobs:
         total, done = int(job.get('len', 0)), int(job.get('offset', 0))
         snap.disk_total += total
         snap.disk_processed += done
         snap.disk_remaining += max(0, total - done)
     return snap
-
-
-def qmp_for_step(step):
-    """Fallback of nova_bhyve.hypervisor.qemu_migration_params.qmp_for_step
-    (used when that module is not there)."""
-    if step.kind == 'downtime':
-        return [('migrate-set-parameters', {'downtime-limit':
-                                            int(step.value)})]
-    if step.kind == 'throttle':
-        return [('migrate-set-parameters',
-                 {'cpu-throttle-initial': int(step.value)})]
-    if step.kind == 'postcopy':
-        return [('migrate-start-postcopy', {})]
-    if step.kind == 'abort':
-        return [('migrate_cancel', {})]
-    raise ValueError('unknown convergence step %r' % step.kind)
-
-
-def initial_qmp(policy, bandwidth):
-    """Fallback of qemu_migration_params.initial_qmp."""
-    caps = []
-    if getattr(policy, 'wants_auto_converge', False):
-        caps.append({'capability': 'auto-converge', 'state': True})
-    if getattr(policy, 'wants_postcopy', False):
-        caps.append({'capability': 'postcopy-ram', 'state': True})
-    cmds = []
-    if caps:
-        cmds.append(('migrate-set-capabilities', {'capabilities': caps}))
-    params = {'downtime-limit': int(policy.initial_downtime_ms),
-              # QEMU's default cap is 32 MiB/s; 0 (no cap) means "as fast
-              # as it goes" here
-              'max-bandwidth': int(bandwidth) if bandwidth else
-              64 * 1024 ** 3}
-    cmds.append(('migrate-set-parameters', params))
-    return cmds
-
-
-def _params_module():
-    try:
-        from nova_bhyve.hypervisor import qemu_migration_params
-        return qemu_migration_params
-    except ImportError:
-        return None
 
 
 class OutgoingMigration(base.MigrationHandle):
@@ -291,9 +249,6 @@ class OutgoingMigration(base.MigrationHandle):
         self.paused_by_us = False
         self.cancelled = False
         self.was_running = False
-        params = _params_module()
-        self._qmp_for_step = getattr(params, 'qmp_for_step', qmp_for_step)
-        self._initial_qmp = getattr(params, 'initial_qmp', initial_qmp)
 
     def _qmp(self, command, args=None, timeout=30.0):
         return qmp.execute(self.vmdir.control, command, args or None,
@@ -304,7 +259,9 @@ class OutgoingMigration(base.MigrationHandle):
     def start_mirror(self):
         """Set the parameters and start the disk copy (if any)."""
         self.was_running = self._qmp('query-status')['status'] == 'running'
-        for command, args in self._initial_qmp(self.policy, self.bandwidth):
+        initial = qemu_migration_params.initial_qmp(self.policy,
+                                                    self.bandwidth)
+        for command, args in initial:
             self._qmp(command, args)
         if not self.block:
             return                # shared storage: no disk copy
@@ -351,7 +308,7 @@ class OutgoingMigration(base.MigrationHandle):
         return snap
 
     def apply(self, step):
-        for command, args in self._qmp_for_step(step):
+        for command, args in qemu_migration_params.qmp_for_step(step):
             if command == 'migrate_cancel':
                 self.cancel()
             else:

@@ -30,6 +30,7 @@ from nova import context as nova_context
 from nova import objects
 
 from nova_bhyve import live_migration
+from nova_bhyve import migration_policy
 
 import lifecycle_helpers
 import nova_harness
@@ -587,7 +588,7 @@ class _DowntimeWhenTold(_Unchanging):
     def decide(self, progress):
         if self.go and not self.applied:
             self.applied = True
-            return [live_migration.Step('downtime', 5000,
+            return [migration_policy.Step('downtime', 5000,
                                         'test: the restart is done')]
         return []
 

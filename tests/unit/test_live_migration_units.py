@@ -82,7 +82,8 @@ def test_snapshot_maps_qemu_counters():
     info = {'status': 'active', 'ram': {
         'total': 1000, 'transferred': 600, 'remaining': 400,
         'dirty-pages-rate': 10, 'page-size': 4096, 'mbps': 8.0,
-        'dirty-sync-count': 3}, 'downtime': 42}
+        'dirty-sync-count': 3}, 'downtime': 42,
+        'cpu-throttle-percentage': 20}
     jobs = [{'device': 'nb-mirror-disk0', 'len': 100, 'offset': 70},
             {'device': 'nb-mirror-disk1', 'len': 50, 'offset': 50}]
     snap = qemu_migration.snapshot_from(info, jobs)
@@ -95,54 +96,14 @@ def test_snapshot_maps_qemu_counters():
             snap.disk_remaining) == (150, 120, 30)
     progress = live_migration._progress(12.5, snap)
     assert progress.elapsed == 12.5 and progress.disk_remaining == 30
+    assert progress.cpu_throttle == 20
+    assert type(progress).__module__ == 'nova_bhyve.migration_policy'
 
 
-def test_fallback_step_commands():
-    S = live_migration.Step
-    assert qemu_migration.qmp_for_step(S('downtime', 200, '')) == [
-        ('migrate-set-parameters', {'downtime-limit': 200})]
-    assert qemu_migration.qmp_for_step(S('throttle', 30, '')) == [
-        ('migrate-set-parameters', {'cpu-throttle-initial': 30})]
-    assert qemu_migration.qmp_for_step(S('postcopy', None, '')) == [
-        ('migrate-start-postcopy', {})]
-    assert qemu_migration.qmp_for_step(S('abort', None, '')) == [
-        ('migrate_cancel', {})]
-    with pytest.raises(ValueError):
-        qemu_migration.qmp_for_step(S('dance', None, ''))
-
-
-def test_fallback_initial_qmp():
-    policy = types.SimpleNamespace(initial_downtime_ms=50,
-                                   wants_auto_converge=True,
-                                   wants_postcopy=False)
-    assert qemu_migration.initial_qmp(policy, 1048576) == [
-        ('migrate-set-capabilities', {'capabilities': [
-            {'capability': 'auto-converge', 'state': True}]}),
-        ('migrate-set-parameters', {'downtime-limit': 50,
-                                    'max-bandwidth': 1048576})]
-    policy.wants_auto_converge = False
-    cmds = qemu_migration.initial_qmp(policy, 0)
-    assert cmds == [('migrate-set-parameters', {
-        'downtime-limit': 50, 'max-bandwidth': 64 * 1024 ** 3})]
-
-
-def test_timeout_only_policy():
-    conf = types.SimpleNamespace(live_migration_completion_timeout=10,
-                                 live_migration_downtime=50)
-    policy = live_migration.TimeoutOnlyPolicy.from_conf(
-        conf, 3 * 1024 ** 3, 0)
-    assert policy.timeout == 30 and policy.initial_downtime_ms == 50
-    p = live_migration.Progress(elapsed=29, rounds=1, memory_total=1,
-                                memory_processed=0, memory_remaining=1,
-                                dirty_rate=0, bandwidth=0)
-    assert policy.decide(p) == []
-    p.elapsed = 31
-    [step] = policy.decide(p)
-    assert step.kind == 'abort' and '30 s' in step.reason
-    conf.live_migration_completion_timeout = 0
-    policy = live_migration.TimeoutOnlyPolicy.from_conf(conf, 1, 0)
-    p.elapsed = 1e9
-    assert policy.decide(p) == []
+def test_default_policy_is_the_convergence_policy():
+    from nova_bhyve import migration_policy
+    policy = live_migration.default_policy(1024 ** 3, 0)
+    assert isinstance(policy, migration_policy.ConvergencePolicy)
 
 
 class _Drv:
