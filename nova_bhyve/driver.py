@@ -32,6 +32,7 @@ from nova_bhyve import consoles
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
+from nova_bhyve import live_migration
 from nova_bhyve import hypervisor
 from nova_bhyve import rescue
 from nova_bhyve import network
@@ -78,6 +79,8 @@ class BhyveDriver(driver.ComputeDriver):
         self._watcher = events.LifecycleWatcher(self.hypervisor,
                                                 self.emit_event)
         self.vifs = network.VifPlugger()
+        # instance uuid -> live_migration.Migration running from here
+        self._live_migrations = {}
         # hot-plug (NICs, volume extend) only where the backend has it
         # (QEMU; not bhyve)
         self.capabilities = dict(
@@ -157,6 +160,11 @@ class BhyveDriver(driver.ComputeDriver):
             state = self.hypervisor.power_state(vmdir)
             LOG.info('adopted instance %s (power state %s)', vmdir.uuid,
                      power_state.STATE_MAP.get(state, state))
+            if live_migration.is_incoming(vmdir):
+                # not ours yet: the source's Nova owns it until the
+                # migration's post step (or rollback) reaches this host
+                LOG.info('instance %s: incoming live migration', vmdir.uuid)
+                continue
             if state not in (power_state.SHUTDOWN, power_state.CRASHED,
                              power_state.SUSPENDED):
                 self._watcher.watch(vmdir)
@@ -693,6 +701,78 @@ class BhyveDriver(driver.ComputeDriver):
             self._resume_saved(context, instance, vmdir)
         else:
             self._start(vmdir)
+
+    # -- live migration (nova_bhyve.live_migration) ------------------------
+
+    def check_can_live_migrate_destination(self, context, instance,
+                                           src_compute_info, dst_compute_info,
+                                           block_migration=False,
+                                           disk_over_commit=False):
+        return live_migration.dest_check(self, instance, block_migration,
+                                         disk_over_commit)
+
+    def cleanup_live_migration_destination_check(self, context,
+                                                 dest_check_data):
+        live_migration.cleanup_dest_check(self, dest_check_data)
+
+    def check_can_live_migrate_source(self, context, instance,
+                                      dest_check_data, block_device_info=None):
+        return live_migration.source_check(self, instance, dest_check_data,
+                                           block_device_info)
+
+    def get_instance_disk_info(self, instance, block_device_info=None):
+        return live_migration.disk_info(self, instance)
+
+    def pre_live_migration(self, context, instance, block_device_info,
+                           network_info, disk_info, migrate_data):
+        return live_migration.pre_live_migration(
+            self, context, instance, block_device_info, network_info,
+            disk_info, migrate_data)
+
+    def live_migration(self, context, instance, dest, post_method,
+                       recover_method, block_migration=False,
+                       migrate_data=None):
+        migration = live_migration.Migration(self, context, instance, dest,
+                                             migrate_data)
+        self._live_migrations[instance.uuid] = migration
+        try:
+            migration.run(post_method, recover_method, block_migration)
+        finally:
+            self._live_migrations.pop(instance.uuid, None)
+
+    def _running_migration(self, instance):
+        migration = self._live_migrations.get(instance.uuid)
+        if migration is None:
+            raise exception.NoActiveMigrationForInstance(
+                instance_id=instance.uuid)
+        return migration
+
+    def live_migration_abort(self, instance):
+        self._running_migration(instance).request('abort')
+
+    def live_migration_force_complete(self, instance):
+        self._running_migration(instance).request('force_complete')
+
+    def post_live_migration(self, context, instance, block_device_info,
+                            migrate_data=None):
+        live_migration.end_source_vm(self, instance, migrate_data)
+
+    def post_live_migration_at_source(self, context, instance, network_info):
+        self.vifs.unplug_all(instance, network_info)
+
+    def post_live_migration_at_destination(self, context, instance,
+                                           network_info,
+                                           block_migration=False,
+                                           block_device_info=None):
+        live_migration.post_at_destination(self, instance, network_info)
+
+    def rollback_live_migration_at_destination(self, context, instance,
+                                               network_info,
+                                               block_device_info,
+                                               destroy_disks=True,
+                                               migrate_data=None):
+        live_migration.rollback_at_destination(self, instance, network_info,
+                                               destroy_disks)
 
     # -- host restarts ----------------------------------------------------
 

@@ -258,3 +258,82 @@ class Hypervisor(abc.ABC):
         the VM was saved (warm migration). NotImplementedError where the
         backend has no way to notify the guest."""
         raise NotImplementedError()
+
+    # -- live migration ----------------------------------------------------
+    #
+    # Destination: prepare_incoming() starts the VM waiting for the
+    # migration and returns an endpoint (an object with to_json(); it
+    # travels to the source in Nova's migrate_data); finish_incoming() runs
+    # the guest once the source is done. Source: migrate_to() returns a
+    # MigrationHandle. Backends without live migration leave these alone.
+
+    #: prepare_incoming/finish_incoming/migrate_to work on this backend
+    supports_live_migration = False
+
+    def prepare_incoming(self, spec, vmdir, address, block, policy=None):
+        """Start the VM of ``spec`` waiting for a live migration on
+        ``address``; with ``block`` also receive its disks (which exist
+        already, as empty overlays over the same images). ``policy``: the
+        convergence policy (what the destination must enable too, e.g.
+        post-copy). Returns the endpoint."""
+        raise NotImplementedError()
+
+    def endpoint_from_json(self, text):
+        raise NotImplementedError()
+
+    def finish_incoming(self, vmdir):
+        """The source finished: run the migrated guest here."""
+        raise NotImplementedError()
+
+    def migrate_to(self, vmdir, spec, endpoint, bandwidth, policy,
+                   backed=()):
+        """A MigrationHandle sending the VM in ``vmdir`` to ``endpoint``;
+        ``bandwidth`` in bytes/s (0: no cap); ``backed``: indices of disks
+        the destination holds the backing image of (copy the top only)."""
+        raise NotImplementedError()
+
+
+class MigrationHandle(abc.ABC):
+    """One outgoing live migration, as the orchestration
+    (nova_bhyve.live_migration) drives it on the source:
+
+    ``start_mirror()`` (parameters; disk copy when it is a block migration),
+    ``mirror_ready()`` until True, ``start_memory()``, then ``poll()`` about
+    twice a second - a snapshot with ``status`` ('mirroring', then the
+    hypervisor's: 'active', 'completed', 'failed', 'cancelled'...), memory
+    and disk counters in bytes - and ``apply(step)`` for each convergence
+    step the policy decides; ``finish()`` once completed, ``cancel()`` to
+    give up (the guest keeps running on the source), ``force_complete()``.
+    """
+
+    @abc.abstractmethod
+    def start_mirror(self):
+        """Apply the initial parameters; start copying the disks."""
+
+    @abc.abstractmethod
+    def mirror_ready(self):
+        """True when the disks are in sync (always, without a disk copy)."""
+
+    @abc.abstractmethod
+    def start_memory(self):
+        """Start sending memory and device state."""
+
+    @abc.abstractmethod
+    def poll(self):
+        """A qemu_migration.Snapshot-like object (status, counters)."""
+
+    @abc.abstractmethod
+    def apply(self, step):
+        """Carry out a convergence step (migration_policy.Step)."""
+
+    @abc.abstractmethod
+    def force_complete(self):
+        """Make the migration finish now (pause the guest or post-copy)."""
+
+    @abc.abstractmethod
+    def finish(self):
+        """The migration completed: end the disk copy cleanly."""
+
+    @abc.abstractmethod
+    def cancel(self):
+        """Abandon the migration; the guest runs on here."""

@@ -16,6 +16,7 @@ from nova_bhyve import conf
 from nova_bhyve.hypervisor import accel
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor import qemu_blockjob
+from nova_bhyve.hypervisor import qemu_migration
 from nova_bhyve.hypervisor import qemu_state
 from nova_bhyve.hypervisor import qemu_stats
 from nova_bhyve.hypervisor import qmp
@@ -293,6 +294,27 @@ class QemuHypervisor(base.Hypervisor):
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,
                            CONF.bhyve.qemu_cpu_model)
         qemu_state.restore(self, argv, vmdir, spec.uuid)
+
+    # -- live migration: see qemu_migration --------------------------------
+
+    supports_live_migration = True
+
+    def prepare_incoming(self, spec, vmdir, address, block, policy=None):
+        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
+                           CONF.bhyve.qemu_cpu_model)
+        return qemu_migration.prepare_incoming(self, argv, spec, vmdir,
+                                               address, block, policy)
+
+    def endpoint_from_json(self, text):
+        return qemu_migration.Endpoint.from_json(text)
+
+    def finish_incoming(self, vmdir):
+        qemu_migration.finish_incoming(self, vmdir)
+
+    def migrate_to(self, vmdir, spec, endpoint, bandwidth, policy,
+                   backed=()):
+        return qemu_migration.OutgoingMigration(self, vmdir, spec, endpoint,
+                                                bandwidth, policy, backed)
 
     # -- live disk snapshots: see qemu_blockjob ---------------------------
 

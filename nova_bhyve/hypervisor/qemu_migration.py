@@ -1,0 +1,405 @@
+"""QEMU live migration: incoming VM on the destination, outgoing migration
+(block mirror + memory) on the source.
+
+Destination (``prepare_incoming``): the VM's usual command line plus
+``-S -incoming defer``; its writable instance disks are exported over NBD
+(``nbd-server-start`` on the inbound address, ``nbd-server-add
+writable=true`` per disk; the exports are named after the block nodes,
+``diskN``), then ``migrate-incoming tcp:ADDR:PORT``. ``-S``: the guest is
+not run when the memory stream ends; ``finish_incoming`` stops the NBD
+server and runs it (``cont``) once the source has synchronised the disks
+and let go of them - the order libvirt uses for NBD storage migration.
+
+Source (``OutgoingMigration``):
+
+1. capabilities and parameters (qemu_migration_params.initial_qmp:
+   bandwidth cap, downtime, auto-converge / postcopy as the convergence
+   policy wants);
+2. block migration: per disk, ``blockdev-add`` of the destination's NBD
+   export as node ``mig-diskN``, ``blockdev-mirror`` into it (sync ``top``
+   for an overlay - the destination made its own overlay over its own copy
+   of the same image, so only the top layer moves; ``full`` otherwise;
+   background copy mode: a stalled network never blocks guest writes);
+   wait until every job is ready;
+3. ``migrate`` to the destination's URI; ``poll()`` reads ``query-migrate``
+   and ``query-block-jobs``;
+4. once QEMU reports ``completed`` (vCPUs stopped, memory sent):
+   ``block-job-cancel`` of each ready mirror (for a ready mirror this means
+   "finish the copy, do not pivot"), wait for the jobs to conclude without
+   error, ``blockdev-del`` the NBD nodes.
+
+``cancel()`` at any point: ``migrate_cancel``, forced cancel of the mirror
+jobs, NBD nodes removed, the vCPUs run again if they were running before.
+"""
+import dataclasses
+import json
+import socket
+import time
+
+from oslo_log import log as logging
+
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu_migration_params
+from nova_bhyve.hypervisor import qmp
+
+LOG = logging.getLogger(__name__)
+
+POLL = 0.2
+MIRROR_READY_TIMEOUT = 3600.0
+JOB_END_TIMEOUT = 120.0
+INCOMING_TIMEOUT = 60.0
+#: migration statuses after which QEMU does nothing more
+FINAL = ('completed', 'failed', 'cancelled')
+
+
+def export_name(index):
+    return 'disk%d' % index
+
+
+def target_node(index):
+    return 'mig-disk%d' % index
+
+
+def mirror_job(index):
+    return 'nb-mirror-disk%d' % index
+
+
+def free_port(host):
+    """A TCP port nothing listens on at ``host`` now (the kernel's pick)."""
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _hostport(host, port):
+    return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
+
+
+def incoming_argv(argv):
+    """The destination's command line: the source's device model, waiting
+    for ``migrate-incoming`` and not running the guest afterwards."""
+    return list(argv) + ['-S', '-incoming', 'defer']
+
+
+def migrated_disks(spec):
+    """(index, disk) of the disks a block migration copies: the instance's
+    own writable disks (not volumes, not read-only media)."""
+    return [(i, d) for i, d in enumerate(spec.disks)
+            if not d.serial and not d.readonly and d.device == 'disk']
+
+
+def incoming_commands(spec, host, mig_port, nbd_port, block):
+    """QMP commands that open the destination for a migration (pure)."""
+    cmds = []
+    if block:
+        cmds.append(('nbd-server-start', {'addr': {
+            'type': 'inet', 'data': {'host': host, 'port': str(nbd_port)}}}))
+        for i, _ in migrated_disks(spec):
+            cmds.append(('nbd-server-add', {
+                'device': export_name(i), 'name': export_name(i),
+                'writable': True}))
+    cmds.append(('migrate-incoming',
+                  {'uri': 'tcp:' + _hostport(host, mig_port)}))
+    return cmds
+
+
+@dataclasses.dataclass
+class Endpoint:
+    """Where the source sends the migration (JSON-able; it travels in
+    Nova's migrate_data)."""
+    uri: str                       # memory stream, e.g. tcp:10.0.0.2:49152
+    nbd_host: str = None           # disk stream (block migration)
+    nbd_port: int = None
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(**json.loads(text))
+
+
+def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
+                     timeout=INCOMING_TIMEOUT):
+    """Start the destination VM from ``argv`` (its normal command line)
+    waiting for the migration; return its Endpoint. ``policy``: the
+    convergence policy, for the capabilities both sides need
+    (qemu_migration_params.incoming_qmp: post-copy). On failure the VM
+    process is killed and HypervisorError raised."""
+    from nova_bhyve.hypervisor import qemu_state   # launch()
+    mig_port = free_port(host)
+    nbd_port = free_port(host) if block else None
+    qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
+    first = qemu_migration_params.incoming_qmp(policy) if policy else []
+    try:
+        for command, args in first + incoming_commands(
+                spec, host, mig_port, nbd_port, block):
+            qmp.execute(vmdir.control, command, args, timeout=timeout)
+    except base.HypervisorError:
+        hyp.kill(vmdir)
+        raise
+    return Endpoint(uri='tcp:' + _hostport(host, mig_port),
+                    nbd_host=host if block else None, nbd_port=nbd_port)
+
+
+def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
+    """Destination, after the source finished: the memory stream must have
+    completed; stop the NBD server and run the guest."""
+    info = qmp.execute(vmdir.control, 'query-migrate')
+    status = info.get('status')
+    if status != 'completed':
+        raise base.HypervisorError(
+            'the incoming migration of %s is %s, not completed' % (
+                vmdir.uuid, status))
+    try:
+        qmp.execute(vmdir.control, 'nbd-server-stop')
+    except qmp.QMPError as e:
+        LOG.debug('nbd-server-stop on %s: %s', vmdir.uuid, e)
+    qmp.execute(vmdir.control, 'cont', timeout=timeout)
+    state = qmp.execute(vmdir.control, 'query-status')['status']
+    if state != 'running':
+        raise base.HypervisorError('instance %s is %s after the migration'
+                                   % (vmdir.uuid, state))
+
+
+# -- source -----------------------------------------------------------------
+
+def mirror_commands(spec, endpoint, backed, speed):
+    """QMP commands that start mirroring the disks into the destination's
+    NBD exports (pure). ``backed``: indices of disks that are overlays over
+    an image both hosts hold (sync top); others are copied whole."""
+    cmds = []
+    for i, _ in migrated_disks(spec):
+        cmds.append(('blockdev-add', {
+            'driver': 'nbd', 'node-name': target_node(i),
+            'server': {'type': 'inet', 'host': endpoint.nbd_host,
+                       'port': str(endpoint.nbd_port)},
+            'export': export_name(i)}))
+        args = {'job-id': mirror_job(i), 'device': export_name(i),
+                'target': target_node(i),
+                'sync': 'top' if i in backed else 'full',
+                'auto-dismiss': False}
+        if speed:
+            args['speed'] = int(speed)
+        cmds.append(('blockdev-mirror', args))
+    return cmds
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """One look at an outgoing migration (what poll() returns)."""
+    status: str                    # QEMU's migration status, or 'mirroring'
+    memory_total: int = 0
+    memory_processed: int = 0
+    memory_remaining: int = 0
+    dirty_rate: float = 0.0        # bytes/s
+    bandwidth: float = 0.0         # bytes/s
+    rounds: int = 0
+    disk_total: int = 0
+    disk_processed: int = 0
+    disk_remaining: int = 0
+    error: str = None
+    downtime_ms: int = None        # QEMU's measured downtime, once completed
+    cpu_throttle: int = None       # vCPU throttle in effect (%), if any
+
+
+def snapshot_from(migrate_info, jobs):
+    """Map query-migrate and query-block-jobs replies onto a Snapshot
+    (pure)."""
+    ram = migrate_info.get('ram') or {}
+    page = ram.get('page-size') or 4096
+    snap = Snapshot(
+        status=migrate_info.get('status') or 'none',
+        memory_total=int(ram.get('total', 0)),
+        memory_processed=int(ram.get('transferred', 0)),
+        memory_remaining=int(ram.get('remaining', 0)),
+        dirty_rate=float(ram.get('dirty-pages-rate', 0)) * page,
+        bandwidth=float(ram.get('mbps', 0)) * 1e6 / 8,
+        rounds=int(ram.get('dirty-sync-count', 0)),
+        error=migrate_info.get('error-desc'),
+        downtime_ms=migrate_info.get('downtime'),
+        cpu_throttle=migrate_info.get('cpu-throttle-percentage'))
+    for job in jobs:
+        total, done = int(job.get('len', 0)), int(job.get('offset', 0))
+        snap.disk_total += total
+        snap.disk_processed += done
+        snap.disk_remaining += max(0, total - done)
+    return snap
+
+
+class OutgoingMigration(base.MigrationHandle):
+    """A running live migration of the VM in ``vmdir`` (source side)."""
+
+    def __init__(self, hyp, vmdir, spec, endpoint, bandwidth, policy,
+                 backed=()):
+        self.hyp = hyp
+        self.vmdir = vmdir
+        self.spec = spec
+        self.endpoint = endpoint
+        self.bandwidth = bandwidth
+        self.policy = policy
+        self.block = endpoint.nbd_port is not None
+        self.backed = set(backed)
+        self.disks = [i for i, _ in migrated_disks(spec)] if self.block \
+            else []
+        self.nodes = []              # NBD target nodes we added
+        self.jobs = []               # mirror jobs we started
+        self.memory_started = False
+        self.paused_by_us = False
+        self.cancelled = False
+        self.was_running = False
+
+    def _qmp(self, command, args=None, timeout=30.0):
+        return qmp.execute(self.vmdir.control, command, args or None,
+                           timeout=timeout)
+
+    # -- start ----------------------------------------------------------
+
+    def start_mirror(self):
+        """Set the parameters and start the disk copy (if any)."""
+        self.was_running = self._qmp('query-status')['status'] == 'running'
+        initial = qemu_migration_params.initial_qmp(self.policy,
+                                                    self.bandwidth)
+        for command, args in initial:
+            self._qmp(command, args)
+        if not self.block:
+            return                # shared storage: no disk copy
+        for command, args in mirror_commands(self.spec, self.endpoint,
+                                             self.backed, self.bandwidth):
+            self._qmp(command, args, timeout=60.0)
+            if command == 'blockdev-add':
+                self.nodes.append(args['node-name'])
+            else:
+                self.jobs.append(args['job-id'])
+
+    def _jobs(self):
+        """Our mirror jobs as query-jobs reports them, by id."""
+        return {j['id']: j for j in self._qmp('query-jobs')
+                if j['id'] in self.jobs}
+
+    def mirror_ready(self):
+        """True once every mirror job is ready; HypervisorError if one
+        failed or vanished."""
+        jobs = self._jobs()
+        for jid in self.jobs:
+            job = jobs.get(jid)
+            if job is None:
+                raise base.HypervisorError('disk copy %s vanished' % jid)
+            if job.get('error') or job['status'] in ('aborting',
+                                                     'concluded', 'null'):
+                raise base.HypervisorError('disk copy %s failed: %s' % (
+                    jid, job.get('error') or job['status']))
+        return all(jobs[j]['status'] == 'ready' for j in self.jobs)
+
+    def start_memory(self):
+        self._qmp('migrate', {'uri': self.endpoint.uri})
+        self.memory_started = True
+
+    # -- watch ----------------------------------------------------------
+
+    def poll(self):
+        info = self._qmp('query-migrate') if self.memory_started else {}
+        jobs = [j for j in self._qmp('query-block-jobs')
+                if j.get('device') in self.jobs]
+        snap = snapshot_from(info, jobs)
+        if not self.memory_started:
+            snap.status = 'mirroring'
+        return snap
+
+    def apply(self, step):
+        for command, args in qemu_migration_params.qmp_for_step(step):
+            if command == 'migrate_cancel':
+                self.cancel()
+            else:
+                self._qmp(command, args)
+
+    def force_complete(self):
+        """Make the migration converge now: post-copy when the policy
+        enabled it and memory is moving, else stop the vCPUs (the guest
+        runs again on the destination, or on the source if it fails)."""
+        if self.memory_started and getattr(self.policy, 'wants_postcopy',
+                                           False):
+            self._qmp('migrate-start-postcopy')
+            return 'postcopy'
+        self._qmp('stop')
+        self.paused_by_us = True
+        return 'paused'
+
+    # -- end ------------------------------------------------------------
+
+    def _end_jobs(self, force, timeout=JOB_END_TIMEOUT):
+        """Cancel our mirror jobs (soft: finish the copy of a ready job;
+        force: abandon it), wait until they conclude, dismiss them.
+        Returns the errors they ended with."""
+        errors = []
+        for jid in self.jobs:
+            try:
+                self._qmp('block-job-cancel', {'device': jid, 'force': force})
+            except qmp.QMPError as e:
+                LOG.debug('block-job-cancel %s: %s', jid, e)
+        deadline = time.monotonic() + timeout
+        pending = list(self.jobs)
+        while pending:
+            jobs = self._jobs()
+            for jid in list(pending):
+                job = jobs.get(jid)
+                if job is None:
+                    pending.remove(jid)
+                elif job['status'] == 'concluded':
+                    if job.get('error'):
+                        errors.append('%s: %s' % (jid, job['error']))
+                    try:
+                        self._qmp('job-dismiss', {'id': jid})
+                    except qmp.QMPError as e:
+                        LOG.debug('job-dismiss %s: %s', jid, e)
+                    pending.remove(jid)
+            if pending and time.monotonic() > deadline:
+                errors.append('disk copy jobs %s did not end within %.0f s'
+                              % (', '.join(pending), timeout))
+                break
+            if pending:
+                time.sleep(POLL)
+        for node in self.nodes:
+            try:
+                self._qmp('blockdev-del', {'node-name': node})
+            except qmp.QMPError as e:
+                LOG.debug('blockdev-del %s: %s', node, e)
+        self.jobs, self.nodes = [], []
+        return errors
+
+    def finish(self):
+        """After QEMU reported 'completed': complete the disk copies
+        (soft cancel of ready mirrors). HypervisorError if one failed - the
+        destination's disks are then not trustworthy."""
+        errors = self._end_jobs(force=False)
+        if errors:
+            raise base.HypervisorError('disk copy did not complete: %s'
+                                       % '; '.join(errors))
+
+    def cancel(self):
+        """Stop everything; the guest keeps running here. Idempotent."""
+        self.cancelled = True
+        if self.hyp.pid(self.vmdir) is None:
+            return
+        if self.memory_started:
+            try:
+                self._qmp('migrate_cancel')
+            except base.HypervisorError as e:
+                LOG.warning('migrate_cancel on %s: %s', self.vmdir.uuid, e)
+            deadline = time.monotonic() + JOB_END_TIMEOUT
+            while time.monotonic() < deadline:
+                status = self._qmp('query-migrate').get('status')
+                if status in FINAL or status is None:
+                    break
+                time.sleep(POLL)
+        self._end_jobs(force=True)
+        self.resume_guest()
+
+    def resume_guest(self):
+        """Run the vCPUs again if the migration (or force_complete) left
+        them stopped while the guest was running before."""
+        status = self._qmp('query-status')['status']
+        if status != 'running' and (self.was_running or self.paused_by_us):
+            self._qmp('cont')
+            self.paused_by_us = False

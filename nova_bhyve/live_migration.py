@@ -1,0 +1,651 @@
+"""Live migration: Nova's steps, on the source and the destination.
+
+The hypervisor mechanics are the backend's (``Hypervisor.prepare_incoming``,
+``finish_incoming``, ``migrate_to`` -> ``MigrationHandle``; QEMU:
+hypervisor/qemu_migration.py). This module maps Nova's calls onto them,
+reports progress into Nova's migration record and drives the convergence
+policy. See docs/migration.md, "Live migration".
+
+migrate_data
+------------
+The object Nova hands between the computes goes through nova-conductor,
+which never imports nova_bhyve, so it must be a class Nova registers. It is
+``nova.objects.migrate_data.LibvirtLiveMigrateData``, chosen because the
+compute manager keys its cleanup on it (``_live_migration_cleanup_flags``:
+only for this class - and HyperV's - does it call ``cleanup`` on the source
+after success and ``rollback_live_migration_at_destination`` after a
+failure, with ``destroy_disks`` derived from ``is_shared_instance_path`` /
+``is_shared_block_storage``). Fields used:
+
+* ``filename``: the shared-storage probe file the destination creates in its
+  instances path (the source looks for it in its own);
+* ``is_shared_instance_path``, ``is_shared_block_storage`` (False: local
+  disks), ``block_migration``, ``disk_over_commit``,
+  ``instance_relative_path`` (the instance's uuid directory);
+* ``serial_listen_addr``, ``graphics_listen_addr_vnc``: the destination's
+  console addresses (informational, as in libvirt);
+* ``target_connect_addr``: what the source connects to. libvirt puts the
+  destination's address there; the QEMU backend needs ports as well (the
+  memory stream and the NBD server of a block migration), so the field
+  carries the backend's endpoint as JSON (``Endpoint.to_json``), filled in
+  by the destination's ``pre_live_migration``;
+* ``migration``: set by Nova on the source; progress goes there.
+
+Block migration needs the source's VM spec on the destination (the device
+model must be identical): it travels in the ``disk_info`` string the
+source's ``get_instance_disk_info`` returns, which Nova passes to the
+destination's ``pre_live_migration`` for block migrations only.
+"""
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid as uuidlib
+
+from nova import exception
+from nova.objects import migrate_data as migrate_data_obj
+from nova.virt import driver as virt_driver
+from oslo_log import log as logging
+from oslo_utils import units
+
+from nova_bhyve import conf
+from nova_bhyve import configdrive
+from nova_bhyve import consoles
+from nova_bhyve import guest
+from nova_bhyve import migration_policy
+from nova_bhyve import storage
+from nova_bhyve import vdsk
+from nova_bhyve.hypervisor import base
+
+LOG = logging.getLogger(__name__)
+CONF = conf.CONF
+
+POLL = 0.5
+#: the migration record is saved every this many seconds
+RECORD_INTERVAL = 2.0
+#: marker file of a VM directory that holds an incoming migration
+INCOMING_MARKER = 'incoming'
+SHARED_PROBE_PREFIX = '.nova-bhyve-shared-'
+
+
+# -- convergence policy (nova_bhyve.migration_policy) ----------------------
+
+def default_policy(data_bytes, bandwidth_mibps):
+    return migration_policy.ConvergencePolicy.from_conf(
+        CONF.bhyve, data_bytes, bandwidth_mibps)
+
+
+#: callable(data_bytes, bandwidth_mibps) -> a policy with the
+#: ConvergencePolicy interface; replaceable (tests inject their own)
+policy_factory = default_policy
+
+
+def _progress(elapsed, snap):
+    return migration_policy.Progress(
+        elapsed=elapsed, rounds=snap.rounds,
+        memory_total=snap.memory_total,
+        memory_processed=snap.memory_processed,
+        memory_remaining=snap.memory_remaining,
+        dirty_rate=snap.dirty_rate, bandwidth=snap.bandwidth,
+        disk_remaining=snap.disk_remaining, cpu_throttle=snap.cpu_throttle)
+
+
+# -- addresses ------------------------------------------------------------
+
+def _bindable(address):
+    family = socket.AF_INET6 if ':' in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def inbound_address():
+    """[bhyve] live_migration_inbound_addr, else my_ip; 127.0.0.1 when
+    my_ip is not an address of this host (Nova's functional harness)."""
+    if CONF.bhyve.live_migration_inbound_addr:
+        return CONF.bhyve.live_migration_inbound_addr
+    if _bindable(CONF.my_ip):
+        return CONF.my_ip
+    LOG.warning('my_ip %s is not an address of this host; live migrations '
+                'come in on 127.0.0.1', CONF.my_ip)
+    return '127.0.0.1'
+
+
+def bandwidth_mibps():
+    """The cap for one migration. Nova's API passes no per-migration
+    bandwidth (os-migrateLive has host, block_migration, force), so it is
+    [bhyve] live_migration_bandwidth."""
+    return CONF.bhyve.live_migration_bandwidth
+
+
+# -- checks -----------------------------------------------------------------
+
+def dest_check(drv, instance, block_migration, disk_over_commit):
+    """Destination: what the source needs to decide (a probe file in our
+    instances path tells whether the source sees the same directory)."""
+    if not drv.hypervisor.supports_live_migration:
+        raise exception.MigrationPreCheckError(
+            reason='the %s backend cannot live-migrate' % drv.hypervisor.name)
+    os.makedirs(drv.instances_path, exist_ok=True)
+    name = SHARED_PROBE_PREFIX + uuidlib.uuid4().hex
+    with open(os.path.join(drv.instances_path, name), 'w'):
+        pass
+    data = migrate_data_obj.LibvirtLiveMigrateData()
+    data.filename = name
+    data.image_type = 'qcow2'
+    if block_migration is not None:     # None: 'auto', the source decides
+        data.block_migration = block_migration
+    data.disk_over_commit = bool(disk_over_commit)
+    data.disk_available_mb = None
+    data.is_shared_block_storage = False
+    data.graphics_listen_addr_vnc = (CONF.vnc.server_listen
+                                     if CONF.vnc.enabled else None)
+    data.graphics_listen_addr_spice = None
+    data.serial_listen_addr = (CONF.serial_console.proxyclient_address
+                               if CONF.serial_console.enabled else None)
+    data.serial_listen_ports = []
+    data.supported_perf_events = []
+    data.target_connect_addr = None
+    return data
+
+
+def cleanup_dest_check(drv, data):
+    name = getattr(data, 'filename', None) if data else None
+    if name and name.startswith(SHARED_PROBE_PREFIX):
+        try:
+            os.unlink(os.path.join(drv.instances_path, name))
+        except FileNotFoundError:
+            pass
+
+
+def source_check(drv, instance, data, block_device_info):
+    """Source: decide shared storage / block migration; refuse clearly what
+    cannot be live-migrated."""
+    shared = bool(data.filename) and os.path.exists(
+        os.path.join(drv.instances_path, data.filename))
+    data.is_shared_instance_path = shared
+    data.instance_relative_path = instance.uuid
+
+    def refuse(reason):
+        raise exception.MigrationPreCheckError(reason=reason)
+
+    if shared:
+        if data.obj_attr_is_set('block_migration') and data.block_migration:
+            raise exception.InvalidLocalStorage(
+                path=drv.instances_path,
+                reason='the instances path is shared with the destination: '
+                       'a block migration would copy the disks onto '
+                       'themselves')
+        data.block_migration = False
+    elif 'block_migration' not in data:
+        data.block_migration = True
+    elif not data.block_migration:
+        raise exception.InvalidSharedStorage(
+            path=drv.instances_path,
+            reason='the instance\'s disks are local to %s: use a block '
+                   'migration' % drv._host)
+    if virt_driver.block_device_info_get_mapping(block_device_info):
+        refuse('instances with volumes cannot be live-migrated by '
+               'nova-bhyve yet')
+    if configdrive.required(instance) and not shared:
+        refuse('instances with a config drive cannot be block-migrated by '
+               'nova-bhyve yet (the read-only config drive would have to be '
+               'copied before the destination starts)')
+    vmdir = drv._vmdir(instance)
+    if not drv.hypervisor.is_running(vmdir):
+        refuse('the instance\'s VM is not running')
+    return data
+
+
+def disk_info(drv, instance):
+    """The source's disks and VM spec, for the destination (JSON)."""
+    vmdir = drv._vmdir(instance)
+    spec = drv._load_spec(vmdir)
+    disks = []
+    for disk in spec.disks:
+        info = vdsk.info(disk.path) if os.path.exists(disk.path) else {}
+        disks.append({'path': disk.path, 'type': disk.format,
+                      'virt_disk_size': info.get('virtual_size', 0),
+                      'backing_file': info.get('backing_file') or '',
+                      'disk_size': _allocated(disk.path)})
+    return json.dumps({'vmdir': vmdir.path, 'spec': spec.to_json(),
+                       'disks': disks})
+
+
+def _allocated(path):
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+# -- destination ------------------------------------------------------------
+
+def _localize_spec(drv, context, instance, spec, source_dir, vmdir):
+    """The source's spec with this host's paths and free console ports."""
+    for disk in spec.disks:
+        if os.path.dirname(os.path.abspath(disk.path)) == \
+                os.path.abspath(source_dir):
+            disk.path = os.path.join(vmdir.path, os.path.basename(disk.path))
+    kernel, ramdisk = drv._fetch_kernel(context, instance.kernel_id,
+                                        instance.ramdisk_id)
+    if spec.boot.kernel:
+        spec.boot.kernel = kernel
+    if spec.boot.ramdisk:
+        spec.boot.ramdisk = ramdisk
+    c = spec.consoles
+    # keep the source's ports where they are free here (another host);
+    # never release the source's allocation (same host: same process)
+    if c.serial_port and not consoles.port_free(c.serial_host,
+                                                c.serial_port):
+        c.serial_host = c.serial_port = None
+    consoles.prepare(spec, drv.hypervisor)
+    return spec
+
+
+def _create_disks(drv, context, instance, spec, info):
+    """Empty disks the source mirrors into: overlays over this host's copy
+    of the same image (only the top layer moves), plain images otherwise.
+    Returns the indices of the overlay disks."""
+    from nova_bhyve.hypervisor import qemu_migration
+    backed = []
+    by_path = {os.path.basename(d['path']): d for d in info['disks']}
+    for i, disk in qemu_migration.migrated_disks(spec):
+        src = by_path[os.path.basename(disk.path)]
+        size = int(src['virt_disk_size'])
+        if src['backing_file'] and i == 0 and instance.image_ref:
+            base_path, base_fmt = storage.fetch_image(
+                context, instance.image_ref, drv.image_cache_dir)
+            vdsk.create(disk.path, 'qcow2', size, backing=base_path,
+                        backing_fmt=base_fmt)
+            backed.append(i)
+        else:
+            vdsk.create(disk.path, disk.format, size)
+    return backed
+
+
+def runtime_dir(vmdir):
+    """Shared instances path: the incoming VM's own pid file, sockets,
+    console log and spec, apart from the source VM's (which uses the same
+    instance directory until it is gone)."""
+    # short: unix socket paths are limited to 108 bytes; the name is also
+    # the marker VMDir.uuid gives pid checks, so it carries part of the uuid
+    return base.VMDir(os.path.join(vmdir.path, 'in-' + vmdir.uuid[:8]))
+
+
+def _incoming_policy(spec, info):
+    """The policy the source will make (same configuration, same data
+    estimate): the destination must enable what it wants too (post-copy)."""
+    data = spec.memory_mb * units.Mi
+    if info:
+        data += sum(int(d.get('disk_size') or 0) for d in info['disks'])
+    return policy_factory(data, bandwidth_mibps())
+
+
+def pre_live_migration(drv, context, instance, block_device_info,
+                       network_info, disk_info_json, data):
+    if data.is_shared_instance_path:
+        return _pre_live_migration_shared(drv, context, instance,
+                                          network_info, data)
+    if not data.block_migration or not disk_info_json:
+        raise exception.MigrationError(
+            reason='local disks need a block migration')
+    info = json.loads(disk_info_json)
+    spec = guest.VMSpec.from_json(info['spec'])
+    vmdir = drv._vmdir(instance, must_exist=False)
+    if os.path.exists(vmdir.path):
+        raise exception.DestinationDiskExists(path=vmdir.path)
+    os.makedirs(vmdir.path)
+    plugged = False
+    try:
+        open(os.path.join(vmdir.path, INCOMING_MARKER), 'w').close()
+        spec = _localize_spec(drv, context, instance, spec, info['vmdir'],
+                              vmdir)
+        backed = _create_disks(drv, context, instance, spec, info)
+        models = {n.mac: n.model for n in spec.nics}
+        plugged = True
+        spec.nics = drv.vifs.plug_all(instance, network_info)
+        for nic in spec.nics:
+            nic.model = models.get(nic.mac, nic.model)
+        drv._save_spec(spec, vmdir)
+        address = inbound_address()
+        endpoint = drv.hypervisor.prepare_incoming(
+            spec, vmdir, address, block=True,
+            policy=_incoming_policy(spec, info))
+    except Exception:
+        LOG.exception('preparing the live migration failed; removing what '
+                      'it made', instance=instance)
+        drv._remove(vmdir)
+        if plugged:
+            drv.vifs.unplug_all(instance, network_info)
+        raise
+    data.target_connect_addr = json.dumps(
+        {'endpoint': endpoint.to_json(), 'backed': backed})
+    LOG.info('waiting for the live migration on %s', endpoint.uri,
+             instance=instance)
+    return data
+
+
+def _pre_live_migration_shared(drv, context, instance, network_info, data):
+    """Shared instances path: the disks are already here; start the VM in
+    its own runtime directory inside the instance directory."""
+    vmdir = drv._vmdir(instance)
+    runtime = runtime_dir(vmdir)
+    spec = drv._load_spec(vmdir)
+    shutil.rmtree(runtime.path, ignore_errors=True)
+    os.makedirs(runtime.path)
+    plugged = False
+    try:
+        kernel, ramdisk = drv._fetch_kernel(context, instance.kernel_id,
+                                            instance.ramdisk_id)
+        if spec.boot.kernel:
+            spec.boot.kernel = kernel
+        if spec.boot.ramdisk:
+            spec.boot.ramdisk = ramdisk
+        c = spec.consoles
+        if c.serial_port and not consoles.port_free(c.serial_host,
+                                                    c.serial_port):
+            c.serial_host = c.serial_port = None
+        consoles.prepare(spec, drv.hypervisor)
+        models = {n.mac: n.model for n in spec.nics}
+        plugged = True
+        spec.nics = drv.vifs.plug_all(instance, network_info)
+        for nic in spec.nics:
+            nic.model = models.get(nic.mac, nic.model)
+        drv._save_spec(spec, runtime)
+        endpoint = drv.hypervisor.prepare_incoming(
+            spec, runtime, inbound_address(), block=False,
+            policy=_incoming_policy(spec, None))
+    except Exception:
+        LOG.exception('preparing the live migration failed; removing what '
+                      'it made', instance=instance)
+        try:
+            drv.hypervisor.kill(runtime)
+        finally:
+            shutil.rmtree(runtime.path, ignore_errors=True)
+        if plugged:
+            drv.vifs.unplug_all(instance, network_info)
+        raise
+    data.target_connect_addr = json.dumps(
+        {'endpoint': endpoint.to_json(), 'backed': []})
+    LOG.info('waiting for the live migration on %s (shared instances '
+             'path)', endpoint.uri, instance=instance)
+    return data
+
+
+#: the runtime files that move from runtime_dir() into the instance
+#: directory once the incoming VM is the instance's VM
+_RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
+                  'console.log', 'spec.json')
+
+
+def post_at_destination(drv, instance, network_info):
+    vmdir = drv._vmdir(instance)
+    runtime = runtime_dir(vmdir)
+    if os.path.isdir(runtime.path):
+        # shared instances path: the source VM is gone (post_live_migration
+        # on the source); the sockets keep working under their new names
+        drv.hypervisor.finish_incoming(runtime)
+        for name in _RUNTIME_FILES:
+            if os.path.exists(os.path.join(runtime.path, name)):
+                os.replace(os.path.join(runtime.path, name),
+                           os.path.join(vmdir.path, name))
+        shutil.rmtree(runtime.path, ignore_errors=True)
+    else:
+        drv.hypervisor.finish_incoming(vmdir)
+    try:
+        os.unlink(os.path.join(vmdir.path, INCOMING_MARKER))
+    except FileNotFoundError:
+        pass
+    drv.vifs.plug_all(instance, network_info)      # idempotent
+    drv._watcher.watch(vmdir)
+    LOG.info('live migration finished: the guest runs here',
+             instance=instance)
+
+
+def rollback_at_destination(drv, instance, network_info, destroy_disks):
+    """Kill the incoming VM, remove its directory, unplug its ports."""
+    vmdir = drv._vmdir_for_uuid(instance.uuid)
+    if os.path.isdir(vmdir.path):
+        if not os.path.exists(os.path.join(vmdir.path, INCOMING_MARKER)):
+            LOG.warning('rollback of a live migration: %s holds no incoming '
+                        'migration; left alone', vmdir.path,
+                        instance=instance)
+        else:
+            drv._remove(vmdir)
+    drv.vifs.unplug_all(instance, network_info)
+
+
+def is_incoming(vmdir):
+    return os.path.exists(os.path.join(vmdir.path, INCOMING_MARKER)) or \
+        os.path.isdir(runtime_dir(vmdir).path)
+
+
+def end_source_vm(drv, instance, data):
+    if not (data is not None and 'is_shared_instance_path' in data and
+            data.is_shared_instance_path):
+        return
+    vmdir = drv._vmdir_for_uuid(instance.uuid)
+    drv._watcher.unwatch(instance.uuid)
+    try:
+        consoles.release_serial(drv._load_spec(vmdir))
+    except (OSError, ValueError, TypeError):
+        pass
+    drv.hypervisor.kill(vmdir)
+    LOG.info('source VM ended after the live migration (shared instances '
+             'path: the directory stays)', instance=instance)
+
+
+def poison_incoming(endpoint):
+    """Make a destination QEMU still waiting for its migration give up and
+    exit: QEMU 7.2 exits when an incoming stream fails to load. Used when
+    Nova will not call rollback_live_migration_at_destination (shared
+    instances path)."""
+    if not endpoint.uri.startswith('tcp:'):
+        return
+    host, port = endpoint.uri[4:].rsplit(':', 1)
+    try:
+        with socket.create_connection((host.strip('[]'), int(port)),
+                                      timeout=5) as s:
+            s.sendall(b'not a migration stream\n' * 8)
+    except OSError as e:
+        LOG.debug('poisoning %s: %s', endpoint.uri, e)
+
+
+# -- source -------------------------------------------------------------------
+
+class _Abort(Exception):
+    def __init__(self, reason, status='failed'):
+        super().__init__(reason)
+        self.status = status
+
+
+class Migration:
+    """The source side of one live migration (runs in Nova's live
+    migration thread, inside driver.live_migration)."""
+
+    def __init__(self, drv, context, instance, dest, migrate_data):
+        self.drv = drv
+        self.context = context
+        self.instance = instance
+        self.dest = dest
+        self.data = migrate_data
+        self.vmdir = drv._vmdir(instance)
+        self.spec = drv._load_spec(self.vmdir)
+        self._requests = []
+        self._lock = threading.Lock()
+        self.handle = None
+        self._last_record = 0.0
+        self.downtime_ms = None
+
+    # requests from other threads (Nova's abort / force-complete RPCs)
+    def request(self, what):
+        with self._lock:
+            self._requests.append(what)
+
+    def _take_requests(self):
+        with self._lock:
+            reqs, self._requests = self._requests, []
+        return reqs
+
+    def _data_bytes(self):
+        total = self.spec.memory_mb * units.Mi
+        for disk in self.spec.disks:
+            if not disk.serial:
+                total += _allocated(disk.path)
+        return total
+
+    def run(self, post_method, recover_method, block_migration):
+        target = json.loads(self.data.target_connect_addr or '{}')
+        if 'endpoint' not in target:
+            raise exception.MigrationError(
+                reason='the destination sent no migration endpoint')
+        endpoint = self.drv.hypervisor.endpoint_from_json(target['endpoint'])
+        mibps = bandwidth_mibps()
+        policy = policy_factory(self._data_bytes(), mibps)
+        self.handle = self.drv.hypervisor.migrate_to(
+            self.vmdir, self.spec, endpoint, mibps * units.Mi, policy,
+            backed=target.get('backed', ()))
+        self.drv._watcher.unwatch(self.instance.uuid)
+        LOG.info('live migration to %s (%s) started: bandwidth cap %s, '
+                 'initial downtime %d ms, policy %s', self.dest,
+                 endpoint.uri, '%d MiB/s' % mibps if mibps else 'none',
+                 policy.initial_downtime_ms, type(policy).__name__,
+                 instance=self.instance)
+        t0 = time.monotonic()
+        try:
+            self._migrate(policy, t0)
+        except Exception as e:
+            status = getattr(e, 'status', 'failed')
+            LOG.error('live migration to %s %s: %s', self.dest,
+                      'cancelled' if status == 'cancelled' else 'failed', e,
+                      instance=self.instance)
+            self._give_up()
+            recover_method(self.context, self.instance, self.dest,
+                           self.data, migration_status=status)
+            return
+        LOG.info('live migration to %s completed in %.1f s (QEMU downtime '
+                 '%s ms; the guest runs again once the destination resumes '
+                 'it in post_live_migration_at_destination)', self.dest,
+                 time.monotonic() - t0, self.downtime_ms,
+                 instance=self.instance)
+        post_method(self.context, self.instance, self.dest, block_migration,
+                    self.data)
+
+    def _give_up(self):
+        try:
+            self.handle.cancel()
+        except Exception:
+            LOG.exception('cancelling the migration failed',
+                          instance=self.instance)
+        if self.data.is_shared_instance_path:
+            # Nova calls no rollback on the destination for shared storage:
+            # the waiting destination VM is made to exit, and its runtime
+            # directory (visible here) goes
+            poison_incoming(self.handle.endpoint)
+            runtime = runtime_dir(self.vmdir)
+            pid = runtime.read_pid()
+            if pid and not base.wait_for_exit(pid, 30, runtime.uuid):
+                LOG.warning('the destination VM %d did not exit', pid,
+                            instance=self.instance)
+            shutil.rmtree(runtime.path, ignore_errors=True)
+        if self.drv.hypervisor.pid(self.vmdir) is not None:
+            self.drv._watcher.watch(self.vmdir)
+        else:
+            LOG.error('the VM process is gone after the failed migration',
+                      instance=self.instance)
+
+    def _handle_requests(self):
+        for what in self._take_requests():
+            if what == 'abort':
+                raise _Abort('aborted on request', status='cancelled')
+            if what == 'force_complete':
+                how = self.handle.force_complete()
+                LOG.info('live migration forced to complete (%s)', how,
+                         instance=self.instance)
+
+    def _decide(self, policy, t0, snap, memory_phase):
+        for step in policy.decide(_progress(time.monotonic() - t0, snap)):
+            if step.kind == 'abort':
+                raise _Abort('convergence policy: ' + step.reason)
+            if not memory_phase:
+                continue
+            LOG.info('live migration: %s %s: %s', step.kind,
+                     '' if step.value is None else step.value, step.reason,
+                     instance=self.instance)
+            self.handle.apply(step)
+
+    def _alive(self):
+        if self.drv.hypervisor.pid(self.vmdir) is None:
+            raise _Abort('the VM process exited during the migration')
+
+    def _migrate(self, policy, t0):
+        h = self.handle
+        h.start_mirror()
+        while True:
+            self._alive()
+            self._handle_requests()
+            if h.mirror_ready():
+                break
+            snap = h.poll()
+            self._record(snap)
+            self._decide(policy, t0, snap, memory_phase=False)
+            time.sleep(POLL)
+        LOG.info('disks in sync after %.1f s; sending memory',
+                 time.monotonic() - t0, instance=self.instance)
+        h.start_memory()
+        while True:
+            self._alive()
+            self._handle_requests()
+            snap = h.poll()
+            self._record(snap)
+            if snap.status == 'completed':
+                break
+            if snap.status in ('failed', 'cancelled'):
+                raise _Abort('QEMU reports the migration %s: %s' % (
+                    snap.status, snap.error or 'no reason given'))
+            h.mirror_ready()          # raises when a disk copy failed
+            self._decide(policy, t0, snap, memory_phase=True)
+            time.sleep(POLL)
+        self._record(snap, force=True)
+        self.downtime_ms = snap.downtime_ms
+        h.finish()
+
+    def _record(self, snap, force=False):
+        """Progress into Nova's migration record (and the instance's
+        progress percentage), at most every RECORD_INTERVAL seconds."""
+        now = time.monotonic()
+        if not force and now - self._last_record < RECORD_INTERVAL:
+            return
+        self._last_record = now
+        migration = getattr(self.data, 'migration', None) \
+            if self.data.obj_attr_is_set('migration') else None
+        if migration is None:
+            return
+        migration.memory_total = snap.memory_total
+        migration.memory_processed = snap.memory_processed
+        migration.memory_remaining = snap.memory_remaining
+        migration.disk_total = snap.disk_total
+        migration.disk_processed = snap.disk_processed
+        migration.disk_remaining = snap.disk_remaining
+        try:
+            migration.save()
+        except Exception as e:
+            LOG.warning('cannot save the migration progress: %s', e,
+                        instance=self.instance)
+        total = snap.memory_total + snap.disk_total
+        if total:
+            done = snap.memory_processed + snap.disk_processed
+            progress = min(100, int(100 * done / total))
+            if snap.status == 'completed':
+                progress = 100
+            try:
+                self.instance.progress = progress
+                self.instance.save()
+            except Exception as e:
+                LOG.debug('instance progress not saved: %s', e)

@@ -1,0 +1,603 @@
+"""Live migration between two computes, through Nova's API, on real QEMU
+guests.
+
+Two nova-compute services run in this process ('compute' and 'compute2'),
+each with its own instances path and image cache, on this one machine: the
+migration streams (memory over TCP, disks over NBD) go over loopback.
+
+The guest prints ``tick N`` every second on its console and keeps a shell
+on its serial socket. A live migration must keep it running: the tick
+counter continues on the destination (it does not start again from 1) and
+the kernel's boot id stays the same.
+
+Faults are injected only where they cannot happen on their own here: a
+TCP proxy the test controls sits between the source and the destination
+(cut to simulate a network failure), the destination's VM process is
+killed by the test, the completion timeout is made short.
+"""
+import json
+import os
+import re
+import select
+import signal
+import socket
+import threading
+import time
+import urllib.parse
+
+import fixtures
+from nova import context as nova_context
+from nova import objects
+
+from nova_bhyve import live_migration
+from nova_bhyve import migration_policy
+
+import lifecycle_helpers
+import nova_harness
+
+BOOT_ID_RE = re.compile(r'BOOTID=([0-9a-f-]{36})')
+MIGRATION_TIMEOUT = 600
+
+
+def _console(vmdir):
+    try:
+        with open(os.path.join(vmdir, 'console.log'), errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:
+        return ''
+
+
+def _shell(vmdir, command, expect, timeout=120):
+    """Type ``command`` into the guest shell on ``vmdir``'s serial socket;
+    wait for ``expect`` (a regex) to show on that console; return the
+    match."""
+    before = len(re.findall(expect, _console(vmdir)))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(os.path.join(vmdir, 'serial.sock'))
+        s.sendall(b'\n' + command.encode() + b'\n')
+        deadline = time.monotonic() + timeout
+        while True:
+            found = re.findall(expect, _console(vmdir))
+            if len(found) > before:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError('%r printed no %r within %ds' % (
+                    command, expect, timeout))
+            time.sleep(0.3)
+
+
+def _last_tick(vmdir):
+    t = lifecycle_helpers.ticks(_console(vmdir))
+    return t[-1] if t else None
+
+
+def _wait_ticks(vmdir, above, timeout=120):
+    """Wait for a tick greater than ``above`` on ``vmdir``'s console; return
+    the ticks seen there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        t = lifecycle_helpers.ticks(_console(vmdir))
+        if t and t[-1] > above:
+            return t
+        if time.monotonic() > deadline:
+            raise AssertionError('no tick above %d on %s within %ds (%s)' % (
+                above, vmdir, timeout, t[-5:]))
+        time.sleep(0.3)
+
+
+class TCPProxy:
+    """Forwards connections from a local port to ``target``; ``cut()``
+    closes every connection and refuses new ones (a network failure)."""
+
+    def __init__(self, target_host, target_port):
+        self.target = (target_host, target_port)
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(('127.0.0.1', 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.conns = []
+        self.bytes = 0
+        self.is_cut = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.is_cut:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.is_cut:
+                client.close()
+                return
+            server = socket.create_connection(self.target)
+            with self._lock:
+                self.conns += [client, server]
+            threading.Thread(target=self._pump, args=(client, server),
+                             daemon=True).start()
+
+    def _pump(self, a, b):
+        peers = {a: b, b: a}
+        try:
+            while not self.is_cut:
+                ready, _, _ = select.select([a, b], [], [], 0.2)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    peers[s].sendall(data)
+                    self.bytes += len(data)
+        except OSError:
+            return
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def cut(self):
+        self.is_cut = True
+        self.listener.close()
+        with self._lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+
+
+class _LiveMigrationBase(nova_harness.MultiComputeMixin,
+                         nova_harness.BhyveFunctionalTestBase):
+
+    def setUp(self):
+        super().setUp()
+        self.compute2 = self.start_compute_with_own_path('compute2')
+        self.small_id = self._create_flavor(memory_mb=128, vcpu=1, disk=1,
+                                            ephemeral=0, name='nb.lm')
+        self.ctxt = nova_context.get_admin_context()
+        if os.environ.get('NOVA_BHYVE_LM_SHOW_LOG'):
+            # a failing cleanup makes the harness print the captured log
+            self.addCleanup(self.fail, 'NOVA_BHYVE_LM_SHOW_LOG is set')
+
+    def driver(self, host):
+        return self.computes[host].manager.driver
+
+    def boot(self):
+        image = lifecycle_helpers.ticking_image(self)
+        server = self._create_server(image_uuid=image['id'],
+                                     flavor_id=self.small_id,
+                                     networks='none', host='compute')
+        src = self.host_vmdir('compute', server)
+        self.wait_for_console(server, lifecycle_helpers.SHELL_READY)
+        _wait_ticks(src, 2)
+        return server
+
+    def vnc_port(self, server):
+        """The VNC port Nova's console API hands out for ``server``."""
+        body = {'remote_console': {'protocol': 'vnc', 'type': 'novnc'}}
+        url = self.api.api_post('/servers/%s/remote-consoles' % server['id'],
+                                body).body['remote_console']['url']
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(url).query)
+        if 'token' not in query:
+            query = urllib.parse.parse_qs(query['path'][0].lstrip('?'))
+        auth = objects.ConsoleAuthToken.validate(self.ctxt,
+                                                 query['token'][0])
+        return int(auth.port)
+
+    def boot_id(self, vmdir):
+        return _shell(vmdir, 'echo BOOTID=$(cat '
+                      '/proc/sys/kernel/random/boot_id)', BOOT_ID_RE)
+
+    def migrate(self, server, dest='compute2'):
+        self.api.post_server_action(server['id'], {'os-migrateLive': {
+            'host': dest, 'block_migration': 'auto'}})
+
+    def migration(self, server, statuses, timeout=MIGRATION_TIMEOUT):
+        """The server's live migration record once in one of
+        ``statuses``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            migs = objects.MigrationList.get_by_filters(
+                self.ctxt, {'instance_uuid': server['id'],
+                            'migration_type': 'live-migration'})
+            for m in migs:
+                if m.status in statuses:
+                    return m
+            if time.monotonic() > deadline:
+                self.fail('no live migration of %s in %s within %ds (%s)' % (
+                    server['id'], statuses, timeout,
+                    [m.status for m in migs]))
+            time.sleep(0.5)
+
+    def wait_memory_phase(self, server, timeout=MIGRATION_TIMEOUT):
+        """The running migration record once memory is being sent (the
+        disks are in sync)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            mig = self.migration(server, ('running',))
+            if mig.memory_processed:
+                return mig
+            if time.monotonic() > deadline:
+                self.fail('the migration sent no memory within %ds' % timeout)
+            time.sleep(0.5)
+
+    def wait_server(self, server, status, host, timeout=MIGRATION_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self._show_server(server)
+            if s['status'] == status and not s['OS-EXT-STS:task_state'] \
+                    and s['OS-EXT-SRV-ATTR:host'] == host:
+                return s
+            if time.monotonic() > deadline:
+                self.fail('server %s is %s/%s on %s, not %s on %s' % (
+                    server['id'], s['status'], s['OS-EXT-STS:task_state'],
+                    s['OS-EXT-SRV-ATTR:host'], status, host))
+            time.sleep(0.5)
+
+    def assert_clean(self, host, server):
+        """No VM process, directory or incoming leftovers on ``host``."""
+        vmdir = self.host_vmdir(host, server)
+        deadline = time.monotonic() + 60
+        while os.path.exists(vmdir) and time.monotonic() < deadline:
+            time.sleep(0.5)       # a rollback cast may still be running
+        self.assertFalse(os.path.exists(vmdir), '%s left %s' % (host, vmdir))
+        self.assertNotIn(server['id'],
+                         self.driver(host).list_instance_uuids())
+        for pid in _qemu_pids(server['id']):
+            with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                self.assertNotIn(vmdir.encode(), f.read())
+
+    def assert_still_on_source(self, server, boot_id, tick_before):
+        server = self.wait_server(server, 'ACTIVE', 'compute')
+        src = self.host_vmdir('compute', server)
+        self.assertIsNotNone(self.pid_in(src, server))
+        now = _last_tick(src)
+        ticks = _wait_ticks(src, now + 2)
+        self.assertGreater(ticks[-1], tick_before)
+        self.assertEqual(boot_id, self.boot_id(src))
+        self.assertNotIn(server['id'],
+                         self.driver('compute2').list_instance_uuids())
+        self.assert_clean('compute2', server)
+        return server
+
+
+def _running(pid):
+    """True while ``pid`` exists and is not a zombie (a daemonized QEMU's
+    parent is init, which may reap it late)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+def _qemu_pids(marker):
+    pids = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/cmdline' % name, 'rb') as f:
+                if marker.encode() in f.read():
+                    pids.append(int(name))
+        except OSError:
+            pass
+    return pids
+
+
+class TestLiveMigration(_LiveMigrationBase):
+
+    def test_block_migration_keeps_the_guest_running(self):
+        self.flags(enabled=True, server_listen='127.0.0.1',
+                   server_proxyclient_address='127.0.0.1', group='vnc')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        src_vnc = self.vnc_port(server)
+        boot_id = self.boot_id(src)
+        src_pid = self.pid_in(src, server)
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+
+        # the guest runs on compute2: same boot, the counter went on
+        self.assertIsNotNone(self.pid_in(dst, server))
+        ticks = _wait_ticks(dst, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before,
+                           'the tick counter started again: %s' % ticks[:5])
+        self.assertEqual(boot_id, self.boot_id(dst))
+        # its disk: an overlay over compute2's own image cache
+        from nova_bhyve import vdsk
+        info = vdsk.info(os.path.join(dst, 'disk'))
+        self.assertTrue(info['backing_file'].startswith(
+            self.compute_path('compute2') + '/_base/'))
+        # nothing left on compute
+        self.assertFalse(os.path.exists(src))
+        self.assertFalse(_running(src_pid))
+        self.assertNotIn(server['id'],
+                         self.driver('compute').list_instance_uuids())
+        # progress was reported into the migration record
+        self.assertGreater(mig.memory_total, 0)
+        self.assertGreater(mig.memory_processed, 0)
+        self.assertGreater(mig.disk_total, 0)
+        self.assertEqual(0, mig.disk_remaining)
+        # its VNC server: not on the port the source held during the
+        # migration (both computes are on this machine), and answering
+        dst_vnc = self.vnc_port(server)
+        self.assertNotEqual(src_vnc, dst_vnc)
+        with open(os.path.join(dst, 'spec.json')) as f:
+            self.assertEqual(dst_vnc, json.load(f)['consoles']['vnc_port'])
+        with socket.create_connection(('127.0.0.1', dst_vnc), timeout=30) \
+                as s:
+            s.settimeout(30)
+            self.assertRegex(s.recv(12), rb'^RFB 003\.00[0-9]\n')
+        # the destination watches it: a kill shows as SHUTOFF
+        os.kill(self.pid_in(dst, server), signal.SIGKILL)
+        self._wait_for_state_change(server, 'SHUTOFF')
+
+    def test_abort_keeps_the_guest_on_the_source(self):
+        # 1 MiB/s: the migration lasts long enough to be aborted
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        boot_id = self.boot_id(src)
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        self.api.delete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('cancelled', 'error', 'failed',
+                                      'completed'))
+        self.assertEqual('cancelled', mig.status)
+        self.assert_still_on_source(server, boot_id, tick_before)
+
+
+class _Unchanging:
+    """A convergence policy that never changes anything (so the migration
+    of a guest that dirties memory faster than the cap cannot converge on
+    its own)."""
+    initial_downtime_ms = 10
+    wants_postcopy = False
+    wants_auto_converge = False
+
+    def decide(self, progress):
+        return []
+
+
+class TestForceComplete(_LiveMigrationBase):
+
+    def test_force_complete_finishes_a_migration_that_cannot_converge(self):
+        self.flags(live_migration_bandwidth=4, group='bhyve')
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.live_migration.policy_factory',
+            lambda data, bw: _Unchanging()))
+        self.assertIsNot(live_migration.policy_factory,
+                         live_migration.default_policy)
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        boot_id = self.boot_id(src)
+        # keep dirtying 8 MiB of page cache as fast as the guest can
+        _shell(src, 'dd if=/dev/urandom of=/tmp/r bs=1M count=8 2>/dev/null;'
+               ' (while :; do cp /tmp/r /tmp/r2; done) & echo DIRTY=ON',
+               'DIRTY=ON')
+        tick_before = _last_tick(src)
+
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        # several pre-copy rounds and still running: it does not converge
+        time.sleep(15)
+        mig = self.migration(server, ('running',))
+        self.assertGreater(mig.memory_remaining, 0)
+        self.api.force_complete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(dst, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(dst))
+        self.assertFalse(os.path.exists(src))
+
+
+class TestLiveMigrationFaults(_LiveMigrationBase):
+    """Each fault leaves the guest running on the source, the migration
+    failed, and nothing of the instance on the destination."""
+
+    def setUp(self):
+        super().setUp()
+        # 1 MiB/s: the migration lasts long enough for the fault
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        self.server = self.boot()
+        self.src = self.host_vmdir('compute', self.server)
+        self.dst = self.host_vmdir('compute2', self.server)
+        self.boot_id_before = self.boot_id(self.src)
+        self.tick_before = _last_tick(self.src)
+
+    def assert_failed_on_source(self):
+        mig = self.migration(self.server, ('failed', 'error', 'cancelled',
+                                           'completed'))
+        self.assertIn(mig.status, ('failed', 'error'))
+        self.assert_still_on_source(self.server, self.boot_id_before,
+                                    self.tick_before)
+        return mig
+
+    def proxied(self):
+        """Route the memory and the disk streams through TCP proxies the
+        test controls; returns {'memory': proxy, 'disk': proxy}."""
+        hyp = self.driver('compute2').hypervisor
+        real = hyp.prepare_incoming
+        proxies = {}
+
+        def prepare_incoming(spec, vmdir, address, block, policy=None):
+            ep = real(spec, vmdir, address, block, policy)
+            host, port = ep.uri[len('tcp:'):].rsplit(':', 1)
+            proxies['memory'] = TCPProxy(host, int(port))
+            proxies['disk'] = TCPProxy(ep.nbd_host, ep.nbd_port)
+            self.addCleanup(proxies['memory'].cut)
+            self.addCleanup(proxies['disk'].cut)
+            ep.uri = 'tcp:127.0.0.1:%d' % proxies['memory'].port
+            ep.nbd_host, ep.nbd_port = '127.0.0.1', proxies['disk'].port
+            return ep
+        self.useFixture(_PatchAttr(hyp, 'prepare_incoming',
+                                   prepare_incoming))
+        return proxies
+
+    def test_destination_vm_killed(self):
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        pid = self.pid_in(self.dst, self.server)
+        self.assertIsNotNone(pid)
+        os.kill(pid, signal.SIGKILL)
+        self.assert_failed_on_source()
+
+    def test_network_cut_during_memory_phase(self):
+        proxies = self.proxied()
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        self.assertGreater(proxies['memory'].bytes, 0)
+        proxies['memory'].cut()
+        proxies['disk'].cut()
+        self.assert_failed_on_source()
+
+    def test_disk_copy_failing(self):
+        """The disk stream breaks while the disks are being copied (before
+        any memory is sent)."""
+        proxies = self.proxied()
+        self.migrate(self.server)
+        deadline = time.monotonic() + MIGRATION_TIMEOUT
+        while proxies.get('disk') is None or proxies['disk'].bytes < 65536:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+        mig = self.migration(self.server, ('running',))
+        self.assertEqual(0, mig.memory_processed)
+        proxies['disk'].cut()
+        self.assert_failed_on_source()
+
+    def test_completion_timeout(self):
+        """[bhyve] live_migration_completion_timeout (seconds per GiB of
+        data) reached: the policy aborts the migration."""
+        self.flags(live_migration_completion_timeout=8, group='bhyve')
+        self.migrate(self.server)
+        mig = self.assert_failed_on_source()
+        self.assertGreater(mig.memory_remaining + mig.disk_remaining, 0)
+
+    def test_destination_compute_restarted(self):
+        """nova-compute on the destination restarts during the memory
+        phase. Nothing there is needed until Nova's post step (the incoming
+        VM runs detached; the restarted driver finds it by its directory's
+        'incoming' marker and leaves it alone), so the migration completes:
+        the guest runs on compute2, same boot, the counter went on. A test
+        policy raises the allowed downtime only once the restart is done
+        (a 'downtime' step through the policy interface), so the migration
+        cannot finish before."""
+        policy = _DowntimeWhenTold()
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.live_migration.policy_factory',
+            lambda data, bw: policy))
+        self.flags(live_migration_bandwidth=4, group='bhyve')
+        self.migrate(self.server)
+        self.wait_memory_phase(self.server)
+        self.restart_compute_with_own_path('compute2')
+        self.assertIsNotNone(self.pid_in(self.dst, self.server))
+        policy.go = True
+        mig = self.migration(self.server, ('failed', 'error', 'cancelled',
+                                           'completed'))
+        self.assertEqual('completed', mig.status)
+        self.assertTrue(policy.applied)
+        self.wait_server(self.server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(self.dst, self.tick_before + 1)
+        self.assertGreater(ticks[0], self.tick_before)
+        self.assertEqual(self.boot_id_before, self.boot_id(self.dst))
+        self.assertFalse(os.path.exists(self.src))
+
+
+class TestSharedInstancesPath(_LiveMigrationBase):
+    """Both computes use the same instances path (as over NFS): no disk
+    copy; the incoming VM keeps its runtime files in its own directory
+    until it takes over."""
+
+    def start_compute_with_own_path(self, host):
+        self.flags(instances_path=self.instances_path)
+        self.compute_path('compute')
+        self._compute_paths[host] = self.instances_path
+        with self._node_uuid_of(host):
+            return self._start_compute(host)
+
+    def test_live_migration_without_disk_copy(self):
+        server = self.boot()
+        vmdir = self.host_vmdir('compute', server)
+        disk = os.path.join(vmdir, 'disk')
+        inode = os.stat(disk).st_ino
+        boot_id = self.boot_id(vmdir)
+        src_pid = self.pid_in(vmdir, server)
+        tick_before = _last_tick(vmdir)
+
+        self.migrate(server)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        self.assertEqual(0, mig.disk_total)          # nothing copied
+        self.assertEqual(inode, os.stat(disk).st_ino)  # the same file
+        pid = self.pid_in(vmdir, server)
+        self.assertIsNotNone(pid)
+        self.assertNotEqual(src_pid, pid)
+        self.assertFalse(_running(src_pid))
+        ticks = _wait_ticks(vmdir, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(vmdir))
+        self.assertEqual(['console.log', 'control.sock', 'disk',
+                          'events.sock', 'serial.sock', 'spec.json',
+                          'vm.pid'],
+                         sorted(n for n in os.listdir(vmdir)
+                                if not n.startswith('supervisor')))
+
+    def test_abort_removes_the_incoming_vm(self):
+        self.flags(live_migration_bandwidth=1, group='bhyve')
+        server = self.boot()
+        vmdir = self.host_vmdir('compute', server)
+        boot_id = self.boot_id(vmdir)
+        tick_before = _last_tick(vmdir)
+        self.migrate(server)
+        mig = self.wait_memory_phase(server)
+        runtime = os.path.join(vmdir, 'in-' + server['id'][:8])
+        with open(os.path.join(runtime, 'vm.pid')) as f:
+            dest_pid = int(f.read())
+        self.api.delete_migration(server['id'], mig.id)
+        mig = self.migration(server, ('cancelled', 'error', 'failed',
+                                      'completed'))
+        self.assertEqual('cancelled', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute')
+        self.assertFalse(os.path.exists(runtime))
+        self.assertFalse(_running(dest_pid))
+        ticks = _wait_ticks(vmdir, _last_tick(vmdir) + 1)
+        self.assertGreater(ticks[-1], tick_before)
+        self.assertEqual(boot_id, self.boot_id(vmdir))
+
+
+class _DowntimeWhenTold(_Unchanging):
+    """Allows 5 s of downtime once ``go`` is set (test policy)."""
+    go = False
+    applied = False
+
+    def decide(self, progress):
+        if self.go and not self.applied:
+            self.applied = True
+            return [migration_policy.Step('downtime', 5000,
+                                        'test: the restart is done')]
+        return []
+
+
+class _PatchAttr(fixtures.Fixture):
+    def __init__(self, obj, name, value):
+        self.obj, self.name, self.value = obj, name, value
+
+    def _setUp(self):
+        old = getattr(self.obj, self.name)
+        setattr(self.obj, self.name, self.value)
+        self.addCleanup(setattr, self.obj, self.name, old)

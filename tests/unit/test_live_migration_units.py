@@ -1,0 +1,189 @@
+"""The pure parts of live migration: the incoming QEMU's command line, the
+QMP sequences on both sides, the mapping of QEMU's counters onto progress,
+the fallback convergence policy and the source's refusals.
+
+The real migrations run in tests/functional/test_live_migration.py; here
+nothing runs QEMU.
+"""
+import types
+
+import pytest
+
+from nova import exception
+from nova.objects import migrate_data as migrate_data_obj
+
+from nova_bhyve import guest
+from nova_bhyve import live_migration
+from nova_bhyve.hypervisor import qemu_migration
+
+UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
+
+
+def spec():
+    return guest.VMSpec(
+        uuid=UUID, name='instance-1', vcpus=1, memory_mb=128,
+        disks=[guest.Disk(path='/i/%s/disk' % UUID),
+               guest.Disk(path='/i/%s/disk.config' % UUID, format='raw',
+                          device='cdrom', readonly=True),
+               guest.Disk(path='/dev/sdb', format='raw', serial='vol-1')])
+
+
+def test_incoming_argv_appends_defer_and_stays_stopped():
+    argv = ['qemu-system-x86_64', '-m', '128M']
+    assert qemu_migration.incoming_argv(argv) == argv + [
+        '-S', '-incoming', 'defer']
+
+
+def test_only_own_writable_disks_are_migrated():
+    assert [i for i, _ in qemu_migration.migrated_disks(spec())] == [0]
+
+
+def test_incoming_commands_block():
+    cmds = qemu_migration.incoming_commands(spec(), '10.0.0.2', 49152,
+                                            10809, block=True)
+    assert cmds == [
+        ('nbd-server-start', {'addr': {'type': 'inet', 'data': {
+            'host': '10.0.0.2', 'port': '10809'}}}),
+        ('nbd-server-add', {'device': 'disk0', 'name': 'disk0',
+                            'writable': True}),
+        ('migrate-incoming', {'uri': 'tcp:10.0.0.2:49152'}),
+    ]
+
+
+def test_incoming_commands_ipv6_without_block():
+    cmds = qemu_migration.incoming_commands(spec(), 'fd00::2', 49152, None,
+                                            block=False)
+    assert cmds == [('migrate-incoming', {'uri': 'tcp:[fd00::2]:49152'})]
+
+
+def test_mirror_commands_top_for_overlays_full_otherwise():
+    ep = qemu_migration.Endpoint(uri='tcp:h:1', nbd_host='h', nbd_port=2)
+    add, mirror = qemu_migration.mirror_commands(spec(), ep, backed={0},
+                                                 speed=1048576)
+    assert add == ('blockdev-add', {
+        'driver': 'nbd', 'node-name': 'mig-disk0',
+        'server': {'type': 'inet', 'host': 'h', 'port': '2'},
+        'export': 'disk0'})
+    assert mirror == ('blockdev-mirror', {
+        'job-id': 'nb-mirror-disk0', 'device': 'disk0',
+        'target': 'mig-disk0', 'sync': 'top', 'auto-dismiss': False,
+        'speed': 1048576})
+    _, mirror = qemu_migration.mirror_commands(spec(), ep, backed=(),
+                                               speed=0)
+    assert mirror[1]['sync'] == 'full' and 'speed' not in mirror[1]
+
+
+def test_endpoint_json_round_trip():
+    ep = qemu_migration.Endpoint(uri='tcp:h:1', nbd_host='h', nbd_port=2)
+    assert qemu_migration.Endpoint.from_json(ep.to_json()) == ep
+
+
+def test_snapshot_maps_qemu_counters():
+    info = {'status': 'active', 'ram': {
+        'total': 1000, 'transferred': 600, 'remaining': 400,
+        'dirty-pages-rate': 10, 'page-size': 4096, 'mbps': 8.0,
+        'dirty-sync-count': 3}, 'downtime': 42,
+        'cpu-throttle-percentage': 20}
+    jobs = [{'device': 'nb-mirror-disk0', 'len': 100, 'offset': 70},
+            {'device': 'nb-mirror-disk1', 'len': 50, 'offset': 50}]
+    snap = qemu_migration.snapshot_from(info, jobs)
+    assert (snap.memory_total, snap.memory_processed,
+            snap.memory_remaining) == (1000, 600, 400)
+    assert snap.dirty_rate == 40960
+    assert snap.bandwidth == 1e6
+    assert snap.rounds == 3 and snap.downtime_ms == 42
+    assert (snap.disk_total, snap.disk_processed,
+            snap.disk_remaining) == (150, 120, 30)
+    progress = live_migration._progress(12.5, snap)
+    assert progress.elapsed == 12.5 and progress.disk_remaining == 30
+    assert progress.cpu_throttle == 20
+    assert type(progress).__module__ == 'nova_bhyve.migration_policy'
+
+
+def test_default_policy_is_the_convergence_policy():
+    from nova_bhyve import migration_policy
+    policy = live_migration.default_policy(1024 ** 3, 0)
+    assert isinstance(policy, migration_policy.ConvergencePolicy)
+
+
+class _Drv:
+    def __init__(self, tmp_path):
+        self.instances_path = str(tmp_path)
+        self._host = 'src'
+        self.hypervisor = types.SimpleNamespace(
+            supports_live_migration=True, name='qemu',
+            is_running=lambda vmdir: True)
+
+    def _vmdir(self, instance):
+        return None
+
+
+def _instance(config_drive=False):
+    return types.SimpleNamespace(uuid=UUID, config_drive=config_drive,
+                                 metadata={}, system_metadata={})
+
+
+def test_dest_check_returns_a_class_nova_registers(tmp_path):
+    drv = _Drv(tmp_path)
+    data = live_migration.dest_check(drv, _instance(), None, False)
+    assert isinstance(data, migrate_data_obj.LibvirtLiveMigrateData)
+    assert 'block_migration' not in data      # 'auto': the source decides
+    assert (tmp_path / data.filename).exists()
+    live_migration.cleanup_dest_check(drv, data)
+    assert not (tmp_path / data.filename).exists()
+
+
+def test_source_check_decides_block_migration(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_migration.configdrive, 'required',
+                        lambda inst: False)
+    src = _Drv(tmp_path / 'src')
+    dst = _Drv(tmp_path / 'dst')
+    (tmp_path / 'src').mkdir()
+    data = live_migration.dest_check(dst, _instance(), None, False)
+    data = live_migration.source_check(src, _instance(), data, None)
+    assert data.block_migration is True
+    assert data.is_shared_instance_path is False
+    # block_migration=False on local disks is refused
+    data = live_migration.dest_check(dst, _instance(), False, False)
+    with pytest.raises(exception.InvalidSharedStorage):
+        live_migration.source_check(src, _instance(), data, None)
+
+
+def test_source_check_shared_instances_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_migration.configdrive, 'required',
+                        lambda inst: True)
+    src = _Drv(tmp_path)
+    data = live_migration.dest_check(src, _instance(), None, False)
+    data = live_migration.source_check(src, _instance(), data, None)
+    assert data.is_shared_instance_path is True
+    assert data.block_migration is False    # nothing to copy
+    # a block migration over shared storage is refused
+    data = live_migration.dest_check(src, _instance(), True, False)
+    with pytest.raises(exception.InvalidLocalStorage):
+        live_migration.source_check(src, _instance(), data, None)
+
+
+def test_source_check_refusals(tmp_path, monkeypatch):
+    src = _Drv(tmp_path)
+    dst = _Drv(tmp_path / 'dst')
+    monkeypatch.setattr(live_migration.configdrive, 'required',
+                        lambda inst: True)
+    data = live_migration.dest_check(dst, _instance(), None, False)
+    with pytest.raises(exception.MigrationPreCheckError,
+                       match='config drive'):
+        live_migration.source_check(src, _instance(), data, None)
+    monkeypatch.setattr(live_migration.configdrive, 'required',
+                        lambda inst: False)
+    bdi = {'block_device_mapping': [{'connection_info': {}}]}
+    with pytest.raises(exception.MigrationPreCheckError, match='volumes'):
+        live_migration.source_check(src, _instance(), data, bdi)
+
+
+def test_incoming_policy_matches_the_sources_estimate(monkeypatch):
+    seen = []
+    monkeypatch.setattr(live_migration, 'policy_factory',
+                        lambda data, bw: seen.append((data, bw)) or 'p')
+    monkeypatch.setattr(live_migration, 'bandwidth_mibps', lambda: 7)
+    info = {'disks': [{'disk_size': 4096}, {'disk_size': 0}]}
+    assert live_migration._incoming_policy(spec(), info) == 'p'
+    assert seen == [(128 * 1024 * 1024 + 4096, 7)]
