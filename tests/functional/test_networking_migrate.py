@@ -113,12 +113,10 @@ class TestPortFollowsColdMigration(nova_harness.MultiComputeMixin,
         shell = nethelpers.GuestShell(os.path.join(
             self.host_vmdir(host, server), 'serial.sock'))
         try:
-            # kernel messages (link up...) off the console: they would cut
-            # into the shell's output
-            shell.check('dmesg -n 1')
             self.assertEqual(port['mac_address'],
                              shell.check('cat /sys/class/net/eth0/address'))
-            self.configure(shell, port)
+            # the address comes from the config drive's network_data.json
+            self.assert_configured(server, shell, port)
             self.assert_pings(shell, NET + '.254')
         finally:
             shell.close()
