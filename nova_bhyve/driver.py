@@ -597,6 +597,8 @@ class BhyveDriver(driver.ComputeDriver):
             raise exception.InstanceFaultRollback(
                 inner_exception=exception.ResizeError(
                     reason='moving the disks to %s failed: %s' % (dest, e)))
+        # the destination connects the volumes again (finish_migration)
+        _disconnect_volumes(block_device_info)
         if dest_compute != self._host:
             # the destination plugs the ports again (finish_migration)
             self.vifs.unplug_all(instance, network_info)
@@ -626,6 +628,12 @@ class BhyveDriver(driver.ComputeDriver):
                                              instance.ramdisk_id)
         spec = guest.build(instance, image_meta, root, kernel, ramdisk)
         spec.hotplug_ports = self.hypervisor.hotplug_ports
+        if configdrive.required(instance):
+            # made again here: the metadata (network_data.json) is this
+            # host's view of the ports
+            spec.disks.append(configdrive.build(
+                context, instance, vmdir.path, network_info=network_info))
+        spec.disks.extend(_connect_volumes(block_device_info))
         if instance.flavor.root_gb:
             storage.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
         network.validate(network_info)
@@ -692,6 +700,7 @@ class BhyveDriver(driver.ComputeDriver):
                 self._remove(vmdir)
             cold_migration.restore_kept(vmdir.path)
         vmdir = self._vmdir(instance)
+        _connect_volumes(block_device_info)     # the kept spec names them
         self._plug_vifs_and_wait(instance, network_info)   # idempotent
         if not power_on:
             self.hypervisor.discard_saved_state(vmdir)
@@ -925,6 +934,22 @@ def _refuse_unsupported(instance, network_info, block_device_info):
         raise exception.InvalidInput(
             reason='ephemeral and swap disks are not supported by '
                    'nova-bhyve yet; use a flavor without them')
+
+
+def _connect_volumes(block_device_info):
+    """Connect the instance's volumes on this host; their guest.Disks."""
+    return [volumes.connect(bdm['connection_info'])
+            for bdm in driver.block_device_info_get_mapping(
+                block_device_info)]
+
+
+def _disconnect_volumes(block_device_info):
+    for bdm in driver.block_device_info_get_mapping(block_device_info):
+        try:
+            volumes.disconnect(bdm['connection_info'])
+        except Exception as e:
+            LOG.warning('disconnecting volume %s: %s',
+                        volumes.volume_id(bdm['connection_info']), e)
 
 
 def _vif_plug_failed(event_name, instance):

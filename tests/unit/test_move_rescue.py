@@ -215,7 +215,9 @@ def _instance(root_gb=1, kernel_id=None):
                             extra_specs={})
     return objects.Instance(uuid=UUID, id=42, flavor=flavor,
                             image_ref='img-1', kernel_id=kernel_id,
-                            ramdisk_id=None, host='a', node='a')
+                            ramdisk_id=None, host='a', node='a',
+                            config_drive='', launched_at=None,
+                            system_metadata={})
 
 
 def _image_meta():
@@ -408,3 +410,38 @@ def test_finish_migration_refuses_flavor_larger_than_this_host(bhyve_env):
     assert 'vCPUs, but this host has only' in str(e.value)
     assert not plug.called and not start.called
     assert sorted(before) == sorted(os.listdir(vmdir.path))
+
+
+def test_volumes_follow_a_cold_migration(bhyve_env, tmp_path):
+    """The destination connects the instance's volumes again (os-brick's
+    local connector on a real file) and puts them in the new spec after
+    the root disk; the source disconnects them; a revert connects them on
+    the source again."""
+    vol = tmp_path / 'vol.raw'
+    vol.write_bytes(b'\0' * 1024 * 1024)
+    vol_id = 'c0ffee00-0000-4000-8000-000000000001'
+    conn = {'driver_volume_type': 'local',
+            'data': {'device_path': str(vol), 'volume_id': vol_id},
+            'serial': vol_id}
+    bdi = {'block_device_mapping': [{'connection_info': conn,
+                                     'mount_device': '/dev/vdb'}]}
+    src = _driver(bhyve_env / 'a', 'a')
+    dst = _driver(bhyve_env / 'b', 'b')
+    inst = _instance()
+    _spawned(src, inst)
+    with mock.patch.object(driver, '_migration_dest_compute',
+                           return_value='b'), \
+            mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
+                              return_value=False), \
+            mock.patch.object(bhyve.supervisor, 'spawn'), \
+            mock.patch.object(driver.volumes, 'disconnect') as disconnect:
+        info = src.migrate_disk_and_power_off(
+            None, inst, CONF.my_ip, _instance(2).flavor, None,
+            block_device_info=bdi)
+        assert [c.args[0] for c in disconnect.call_args_list] == [conn]
+        dst.finish_migration(None, None, inst, info, None, _image_meta(),
+                             True, {}, block_device_info=bdi,
+                             power_on=False)
+    spec = dst._load_spec(dst._vmdir_for_uuid(UUID))
+    assert [d.serial for d in spec.disks] == [None, vol_id]
+    assert spec.disks[1].path == str(vol)
