@@ -18,6 +18,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'native' / 'fuzz'))
@@ -36,15 +37,18 @@ def section(results, minutes, timeout, load_before, load_after, cmdline):
     lines = [
         '## Fuzzing',
         '',
-        'Produced by `%s` on %s (%s; ASan+UBSan, `-O1`).  Targets run one '
-        'after the other, one process each; per-input timeout %d s, RSS '
-        'limit 2 GiB.  Load average %s before, %s after: the 2-CPU VM is '
-        'shared, so exec/s is only indicative.  cov = edges covered, '
-        'ft = libFuzzer features; "seeds" is at the end of loading the '
-        'qemu-img seed corpus (`native/fuzz/make-corpus.sh`) and the '
-        'corpus grown by earlier runs of the same work directory.' % (
-            cmdline, datetime.date.today().isoformat(), _clang_version(),
-            timeout, load_before, load_after),
+        textwrap.fill(
+            'Produced by `%s` on %s (%s; ASan+UBSan, `-O1`).  Targets run '
+            'one after the other, one process each; per-input timeout %d s, '
+            'RSS limit 2 GiB.  Load average %s before, %s after: the 2-CPU '
+            'VM is shared, so exec/s is only indicative.  cov = edges '
+            'covered, ft = libFuzzer features; "seeds" is at the end of '
+            'loading the qemu-img seed corpus (`native/fuzz/make-corpus.sh`) '
+            'and the corpus grown by earlier runs of the same work '
+            'directory.' % (
+                cmdline, datetime.date.today().isoformat(),
+                _clang_version(), timeout, load_before, load_after),
+            width=76),
         '',
         '| target | minutes | runs | exec/s | cov (seeds -> end) | '
         'ft (seeds -> end) | corpus units | peak RSS MiB | findings |',
