@@ -35,6 +35,7 @@ import pathlib
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import time
 
@@ -206,6 +207,24 @@ def test_qcow2(writer, tmp_path, cluster):
     # 512-byte clusters: a new refcount block every ~35 pwrites
     img.crash_loop('qcow2-%d' % cluster,
                    sweep=SWEEP * 5 // 2 if cluster == 512 else SWEEP)
+
+
+def _refcount_table_clusters(path):
+    with open(path, 'rb') as f:
+        return struct.unpack('>I', f.read(60)[56:60])[0]
+
+
+def test_qcow2_refcount_table_growth(writer, tmp_path):
+    """512-byte clusters filled to just below what one refcount table
+    cluster covers (8 MiB of file): the sweep's writes move the refcount
+    table to a bigger one (new table, new refcount blocks, header)."""
+    path = tmp_path / 'img.qcow2'
+    vdsk.create(str(path), 'qcow2', SIZE, cluster_size=512)
+    img = Image(writer, tmp_path, 'qcow2', path, discard=512)
+    img.init(fill=8000 << 10)
+    assert _refcount_table_clusters(path) == 1
+    img.crash_loop('qcow2-rt-growth', iterations=ITERATIONS // 4)
+    assert _refcount_table_clusters(path) > 1
 
 
 def test_qcow2_lazy_refcounts(writer, tmp_path):
