@@ -4,8 +4,16 @@ setuptools runs this from the project root (cffi_modules in setup.py); it
 also works when imported from elsewhere, so paths are derived from this
 file and made relative to the working directory when they can be, as
 setuptools prefers relative source paths.
+
+VDSK_SANITIZE=1 in the environment builds an ASan+UBSan variant (for the
+test suite only: it needs the sanitizer runtimes preloaded into Python,
+see tools/run-tests).  Run as a script, this builds the module into the
+directory given as the argument (default: the working directory):
+
+    VDSK_SANITIZE=1 python native/vdsk_build.py native/_build/asan-python
 """
 import os
+import sys
 
 import cffi
 
@@ -15,6 +23,8 @@ _VDSK = os.path.join(_HERE, 'vdsk')
 
 def _path(*parts):
     p = os.path.join(_VDSK, *parts)
+    if __name__ == '__main__':
+        return p        # ffibuilder.compile() works in its tmpdir
     rel = os.path.relpath(p)
     return p if rel.startswith('..') else rel
 
@@ -142,6 +152,13 @@ SOURCES = ['vdsk.c', 'raw.c', 'qcow2.c', 'qcow2_cluster.c', 'qcow2_refcount.c',
            'qcow2_snapshot.c', 'qcow2_check.c', 'qcow2_rebase.c', 'vmdk.c',
            'vmdk_desc.c', 'vdi.c', 'vhd.c', 'rangelock.c', 'ops.c', 'bench.c']
 
+# -fno-sanitize-recover: any UBSan finding aborts, as ASan's do;
+# -fno-wrapv undoes Python's -fwrapv, which hides signed overflow from UBSan
+SANITIZE_FLAGS = ['-O1', '-g', '-fno-omit-frame-pointer', '-fno-wrapv',
+                  '-fsanitize=address,undefined',
+                  '-fno-sanitize-recover=undefined']
+SANITIZE = os.environ.get('VDSK_SANITIZE', '') not in ('', '0')
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
@@ -151,9 +168,12 @@ ffibuilder.set_source(
     include_dirs=[_path('include'), _path()],
     depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
              _path('qcow2.h'), _path('vmdk_impl.h'), _path('rangelock.h')],
-    extra_compile_args=['-Wall', '-Wextra'],
+    extra_compile_args=['-Wall', '-Wextra'] +
+    (SANITIZE_FLAGS if SANITIZE else []),
+    extra_link_args=SANITIZE_FLAGS if SANITIZE else [],
     libraries=['z', 'zstd', 'pthread'],
 )
 
 if __name__ == '__main__':
-    ffibuilder.compile(verbose=True)
+    ffibuilder.compile(tmpdir=sys.argv[1] if len(sys.argv) > 1 else '.',
+                       verbose=True)

@@ -205,28 +205,30 @@ qcow2_set_refcount(struct vdsk *d, uint64_t host, uint64_t val)
 	if (rbo == 0) {
 		if (val == 0)
 			return 0;
-		/* New refcount block at the end of the file. */
+		/*
+		 * New refcount block at the end of the file.  Its own
+		 * refcount is on disk before the refcount table points to
+		 * it (in the block itself if it covers itself), so a crash
+		 * in between leaks the cluster instead of leaving a
+		 * referenced cluster with refcount 0.
+		 */
 		rbo = q->next_free;
 		if (rbo >= MAX_HOST_OFFSET)
 			return vdsk_error(EFBIG, "%s: image file too large",
 			    d->path);
 		q->next_free += q->cs;
+		self = rbo >> q->cluster_bits;
+		if ((self >> q->rb_bits) != idx &&
+		    (r = qcow2_set_refcount(d, rbo, 1)) < 0)
+			return r;
 		if ((r = qcow2_cache_get(d, &q->rbc, rbo, 1, &b)) < 0)
 			return r;
+		if ((self >> q->rb_bits) == idx)
+			rb_set(q, b, self & ((1ULL << q->rb_bits) - 1), 1,
+			    &boff, &blen);
 		if ((r = vdsk_pwrite(d, b, q->cs, rbo, "refcount block")) < 0)
 			return r;
 		if ((r = rt_set(d, idx, rbo)) < 0)
-			return r;
-		self = rbo >> q->cluster_bits;
-		if ((self >> q->rb_bits) == idx) {
-			rb_set(q, b, self & ((1ULL << q->rb_bits) - 1), 1,
-			    &boff, &blen);
-			r = vdsk_pwrite(d, b + boff, blen, rbo + boff,
-			    "refcount");
-		} else {
-			r = qcow2_set_refcount(d, rbo, 1);
-		}
-		if (r < 0)
 			return r;
 	}
 	/* the recursion above may have evicted it: look it up again */

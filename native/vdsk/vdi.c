@@ -7,8 +7,9 @@
  * per 1 MiB block: the index of the block in the data area, 0xffffffff
  * unallocated, 0xfffffffe discarded = zeroes) and the data area at
  * offset_data.  New blocks are appended at index blocks_allocated; the
- * block is written whole (zero-filled), then its map entry, then the
- * header's allocated count, so `qemu-img check` stays clean.
+ * block is written whole (zero-filled), then its map entry together with
+ * the header's allocated count (see map_and_count()), so `qemu-img check`
+ * stays clean even after a crash.
  */
 #define _GNU_SOURCE
 #include <sys/random.h>
@@ -61,6 +62,7 @@ struct vdi {
 	uint64_t offset_data;
 	uint32_t *bmap;
 	uint8_t *bbuf;                  /* one block, for allocation */
+	uint8_t hdr[512];               /* the header sector as read */
 };
 
 static uint32_t
@@ -114,6 +116,7 @@ vdi_open(struct vdsk *d)
 	d->priv = v;
 	if ((r = vdsk_pread(d, h, sizeof(h), 0, "VDI header")) < 0)
 		return r;
+	memcpy(v->hdr, h, sizeof(h));
 	if (le32(h + H_SIG) != VDI_SIGNATURE)
 		return vdsk_error(EINVAL, "%s: not a VDI image", d->path);
 	if (le32(h + H_VERSION) != VDI_VERSION)
@@ -221,12 +224,51 @@ vdi_read(struct vdsk *d, void *buf, uint64_t off, size_t len)
 	return 0;
 }
 
+/*
+ * Map block blk to data block idx and count it in the header.  qemu-img
+ * check calls a count that differs from the map a corruption, and qemu
+ * allocates its next block at the count, so a count left too low by a
+ * crash would make it reuse a block in use.  With the usual layout (the
+ * map right after the header sector) and the entry within the first
+ * 4 KiB, both go in one pwrite within one page, which a crash (SIGKILL)
+ * cannot tear: the header from the count to its end, then the map up to
+ * the entry.  Otherwise the count goes first: a crash between the two
+ * writes leaves it one too high, which wastes a block at worst.
+ */
+static int
+map_and_count(struct vdsk *d, uint64_t blk, uint32_t idx)
+{
+	struct vdi *v = d->priv;
+	uint8_t buf[4096 - H_ALLOCATED], e[4], cnt[4];
+	uint64_t i, end = v->offset_bmap + (blk + 1) * 4;
+	int r;
+
+	le32_put(e, idx);
+	le32_put(cnt, v->allocated + 1);
+	if (v->offset_bmap == sizeof(v->hdr) && end <= 4096) {
+		memcpy(buf, v->hdr + H_ALLOCATED, sizeof(v->hdr) - H_ALLOCATED);
+		memcpy(buf, cnt, 4);
+		for (i = 0; i < blk; i++)
+			le32_put(buf + sizeof(v->hdr) - H_ALLOCATED + i * 4,
+			    v->bmap[i]);
+		memcpy(buf + sizeof(v->hdr) - H_ALLOCATED + blk * 4, e, 4);
+		r = vdsk_pwrite(d, buf, (size_t)(end - H_ALLOCATED),
+		    H_ALLOCATED, "VDI header and block map");
+	} else if ((r = vdsk_pwrite(d, cnt, 4, H_ALLOCATED,
+	    "VDI header")) == 0) {
+		r = vdsk_pwrite(d, e, 4, v->offset_bmap + blk * 4,
+		    "VDI block map");
+	}
+	if (r == 0)
+		memcpy(v->hdr + H_ALLOCATED, cnt, 4);
+	return r;
+}
+
 static int
 alloc_block(struct vdsk *d, uint64_t blk, const uint8_t *data, uint32_t in,
     size_t n)
 {
 	struct vdi *v = d->priv;
-	uint8_t e[4], cnt[4];
 	uint32_t idx = v->next_index;
 	int r;
 
@@ -240,12 +282,7 @@ alloc_block(struct vdsk *d, uint64_t blk, const uint8_t *data, uint32_t in,
 	if ((r = vdsk_pwrite(d, v->bbuf, VDI_BLOCK,
 	    v->offset_data + (uint64_t)idx * VDI_BLOCK, "data")) < 0)
 		return r;
-	le32_put(e, idx);
-	if ((r = vdsk_pwrite(d, e, 4, v->offset_bmap + blk * 4,
-	    "VDI block map")) < 0)
-		return r;
-	le32_put(cnt, v->allocated + 1);
-	if ((r = vdsk_pwrite(d, cnt, 4, H_ALLOCATED, "VDI header")) < 0)
+	if ((r = map_and_count(d, blk, idx)) < 0)
 		return r;
 	v->bmap[blk] = idx;
 	v->allocated++;

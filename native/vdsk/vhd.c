@@ -316,9 +316,10 @@ zero_stale(struct vdsk *d, uint64_t from, uint64_t to)
 }
 
 /*
- * New block at the old end of the data (where the footer was): bitmap,
- * then the footer after the block, then the BAT entry.  Until the BAT
- * entry is written the block is only leaked space.
+ * New block at the old end of the data (where the footer was): first the
+ * footer after the block, then the bitmap over the old footer, then the
+ * BAT entry, so the file ends with a footer whenever a crash stops this.
+ * Until the BAT entry is written the block is only leaked space.
  */
 static int
 alloc_block(struct vdsk *d, uint64_t blk)
@@ -332,8 +333,8 @@ alloc_block(struct vdsk *d, uint64_t blk)
 		return vdsk_error(EFBIG, "%s: VHD file too large", d->path);
 	end = at + v->bitmap_size + v->block_size;
 	if ((r = zero_stale(d, at + v->bitmap_size, end)) < 0 ||
-	    (r = write_ones_bitmap(d, at)) < 0 ||
-	    (r = vdsk_pwrite(d, v->footer, FOOTER_LEN, end, "VHD footer")) < 0)
+	    (r = vdsk_pwrite(d, v->footer, FOOTER_LEN, end, "VHD footer")) < 0 ||
+	    (r = write_ones_bitmap(d, at)) < 0)
 		return r;
 	be32_put(e, (uint32_t)(at / 512));
 	if ((r = vdsk_pwrite(d, e, 4, v->bat_offset + blk * 4, "VHD BAT")) < 0)
