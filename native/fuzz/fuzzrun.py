@@ -11,6 +11,7 @@ import argparse
 import os
 import pathlib
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -125,15 +126,21 @@ def run_target(target, seeds, workdir, seconds, timeout=20,
            '-print_final_stats=1',
            str(corpus), str(seed_dir)]
     res = Result(target, seconds)
+    # Started from a small sh, not from this process: Linux carries a
+    # process's peak RSS across execve, so a fuzzer exec'd straight from a
+    # big pytest process would start "using" pytest's RSS and trip
+    # -rss_limit_mb at once.  Its own session, killed as a group on timeout.
+    proc = subprocess.Popen(['/bin/sh', '-c', '"$@" & wait $!', 'sh'] + cmd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, errors='replace', env=_env(tmpdir),
+                            start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True,
-                           errors='replace', env=_env(tmpdir),
-                           timeout=seconds + timeout + 120)
-        res.log, rc = p.stderr + p.stdout, p.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stderr or b''
-        res.log = out.decode('utf-8', 'replace') if isinstance(
-            out, bytes) else out
+        out, err = proc.communicate(timeout=seconds + timeout + 120)
+        res.log, rc = err + out, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        res.log = err or ''
         rc = -1
         res.findings.append(Finding(target, None, 'libFuzzer did not stop '
                                     'in time\n' + res.log[-4000:]))
