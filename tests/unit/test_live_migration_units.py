@@ -5,6 +5,8 @@ the fallback convergence policy and the source's refusals.
 The real migrations run in tests/functional/test_live_migration.py; here
 nothing runs QEMU.
 """
+import os
+import shutil
 import types
 
 import pytest
@@ -187,3 +189,33 @@ def test_incoming_policy_matches_the_sources_estimate(monkeypatch):
     info = {'disks': [{'disk_size': 4096}, {'disk_size': 0}]}
     assert live_migration._incoming_policy(spec(), info) == 'p'
     assert seen == [(128 * 1024 * 1024 + 4096, 7)]
+
+
+def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
+        tmp_path):
+    """Issue 5's 'unplug on migration rollback' for live migration: the
+    incoming VM's directory goes and every port's device is deleted
+    (device operations recorded, not run)."""
+    from unittest import mock
+    from nova.network import model
+    from nova_bhyve import network
+    from nova_bhyve.hypervisor import base
+
+    uuid = 'a0a0a0a0-0000-4000-8000-000000000002'
+    vmdir = base.VMDir(str(tmp_path / uuid))
+    os.makedirs(vmdir.path)
+    open(os.path.join(vmdir.path, live_migration.INCOMING_MARKER),
+         'w').close()
+    impl = mock.Mock()
+    drv = types.SimpleNamespace(
+        _vmdir_for_uuid=lambda u: vmdir,
+        _remove=mock.Mock(side_effect=lambda d: shutil.rmtree(d.path)),
+        vifs=network.VifPlugger(impl=impl))
+    vifs = [model.VIF(id='5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e', type='tap',
+                      address='fa:16:3e:11:22:33', vnic_type='normal',
+                      devname='tap5e1c1a83-8d')]
+    live_migration.rollback_at_destination(
+        drv, types.SimpleNamespace(uuid=uuid), vifs, True)
+    drv._remove.assert_called_once_with(vmdir)
+    assert not os.path.exists(vmdir.path)
+    impl.delete.assert_called_once_with('tap5e1c1a83-8d')
