@@ -232,6 +232,14 @@ def _localize_spec(drv, context, instance, spec, source_dir, vmdir):
         if os.path.dirname(os.path.abspath(disk.path)) == \
                 os.path.abspath(source_dir):
             disk.path = os.path.join(vmdir.path, os.path.basename(disk.path))
+    _local_boot_and_consoles(drv, context, instance, spec)
+    return spec
+
+
+def _local_boot_and_consoles(drv, context, instance, spec):
+    """This host's kernel/ramdisk copies; the source's console ports where
+    they are free here (another host), new ones otherwise - never
+    releasing the source's allocation (same host: same process)."""
     kernel, ramdisk = drv._fetch_kernel(context, instance.kernel_id,
                                         instance.ramdisk_id)
     if spec.boot.kernel:
@@ -239,13 +247,10 @@ def _localize_spec(drv, context, instance, spec, source_dir, vmdir):
     if spec.boot.ramdisk:
         spec.boot.ramdisk = ramdisk
     c = spec.consoles
-    # keep the source's ports where they are free here (another host);
-    # never release the source's allocation (same host: same process)
     if c.serial_port and not consoles.port_free(c.serial_host,
                                                 c.serial_port):
         c.serial_host = c.serial_port = None
     consoles.prepare(spec, drv.hypervisor)
-    return spec
 
 
 def _create_disks(drv, context, instance, spec, info):
@@ -341,17 +346,7 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     os.makedirs(runtime.path)
     plugged = False
     try:
-        kernel, ramdisk = drv._fetch_kernel(context, instance.kernel_id,
-                                            instance.ramdisk_id)
-        if spec.boot.kernel:
-            spec.boot.kernel = kernel
-        if spec.boot.ramdisk:
-            spec.boot.ramdisk = ramdisk
-        c = spec.consoles
-        if c.serial_port and not consoles.port_free(c.serial_host,
-                                                    c.serial_port):
-            c.serial_host = c.serial_port = None
-        consoles.prepare(spec, drv.hypervisor)
+        _local_boot_and_consoles(drv, context, instance, spec)
         models = {n.mac: n.model for n in spec.nics}
         plugged = True
         spec.nics = drv.vifs.plug_all(instance, network_info)
