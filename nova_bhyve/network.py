@@ -38,6 +38,7 @@ there, as root. os-vif's own calls go through its own oslo.privsep context
 import os
 import sys
 import threading
+import time
 
 from nova import exception
 from oslo_concurrency import processutils
@@ -168,9 +169,18 @@ class _Linux:
         execute('ip', 'link', 'set', 'dev', dev, 'up')
 
     def delete(self, dev):
-        if self.exists(dev):
+        # "ip link del" can fail while the kernel still tears down the
+        # device of a VM that just exited: retry, and say so if it stays
+        for _ in range(10):
+            if not self.exists(dev):
+                return
             execute('ip', 'link', 'del', 'dev', dev,
                     check_exit_code=[0, 1, 2])
+            if not self.exists(dev):
+                return
+            time.sleep(0.2)
+        raise processutils.ProcessExecutionError(
+            description='%s still exists after ip link del' % dev)
 
     def ensure_bridge(self, bridge):
         if not self.exists(bridge):
