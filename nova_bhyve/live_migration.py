@@ -45,6 +45,7 @@ import time
 import uuid as uuidlib
 
 from nova import exception
+from nova.compute import vm_states
 from nova.objects import migrate_data as migrate_data_obj
 from nova.virt import driver as virt_driver
 from oslo_log import log as logging
@@ -68,6 +69,9 @@ RECORD_INTERVAL = 2.0
 #: marker file of a VM directory that holds an incoming migration
 INCOMING_MARKER = 'incoming'
 SHARED_PROBE_PREFIX = '.nova-bhyve-shared-'
+#: migration statuses (MigrationHandle.poll) after the post-copy link
+#: broke: the backend waits for a recovery, the guest is split
+POSTCOPY_BROKEN = ('postcopy-paused', 'postcopy-recover')
 
 
 # -- convergence policy (nova_bhyve.migration_policy) ----------------------
@@ -465,6 +469,11 @@ class _Abort(Exception):
         self.status = status
 
 
+class _PostcopyBroken(Exception):
+    """The migration failed after the switch to post-copy: the guest's
+    memory is split between the hosts, there is nothing to roll back to."""
+
+
 class Migration:
     """The source side of one live migration (runs in Nova's live
     migration thread, inside driver.live_migration)."""
@@ -482,6 +491,10 @@ class Migration:
         self.handle = None
         self._last_record = 0.0
         self.downtime_ms = None
+        #: monotonic times of the post-copy switch (None: pre-copy only)
+        #: and of the end of the memory stream
+        self.switched_at = None
+        self.completed_at = None
 
     # requests from other threads (Nova's abort / force-complete RPCs)
     def request(self, what):
@@ -520,7 +533,13 @@ class Migration:
         t0 = time.monotonic()
         try:
             self._migrate(policy, t0)
+        except _PostcopyBroken as e:
+            self._split(e)
+            return
         except Exception as e:
+            if self.switched_at is not None:
+                self._split(e)
+                return
             status = getattr(e, 'status', 'failed')
             LOG.error('live migration to %s %s: %s', self.dest,
                       'cancelled' if status == 'cancelled' else 'failed', e,
@@ -536,6 +555,41 @@ class Migration:
                  instance=self.instance)
         post_method(self.context, self.instance, self.dest, block_migration,
                     self.data)
+
+    def _split(self, error):
+        """A failure past the post-copy switch. Neither host holds the whole
+        guest: no rollback (Nova's would kill the destination VM, which
+        holds the pages the guest wrote since the switch) and no post step.
+        Both QEMU processes are left as they are, for QEMU's post-copy
+        recovery or an operator; the instance goes to ERROR, the migration
+        record to 'error'."""
+        LOG.error('live migration to %s failed after the switch to '
+                  'post-copy: %s. The guest\'s memory is split between this '
+                  'host and %s and cannot be rolled back; both VM processes '
+                  'are left running (QEMU postcopy-paused: recoverable with '
+                  'migrate-recover on the destination and migrate resume=true '
+                  'here while both live). The instance is set to ERROR.',
+                  self.dest, error, self.dest, instance=self.instance)
+        migration = self._migration_record()
+        if migration is not None:
+            try:
+                migration.status = 'error'
+                migration.save()
+            except Exception as e:
+                LOG.warning('cannot save the migration status: %s', e,
+                            instance=self.instance)
+        try:
+            self.instance.vm_state = vm_states.ERROR
+            self.instance.task_state = None
+            self.instance.save()
+        except Exception:
+            LOG.exception('cannot set the instance to ERROR',
+                          instance=self.instance)
+
+    def _migration_record(self):
+        if not self.data.obj_attr_is_set('migration'):
+            return None
+        return getattr(self.data, 'migration', None)
 
     def _give_up(self):
         try:
@@ -563,6 +617,11 @@ class Migration:
     def _handle_requests(self):
         for what in self._take_requests():
             if what == 'abort':
+                if self.switched_at is not None:
+                    LOG.warning('abort requested after the switch to '
+                                'post-copy: refused (the guest runs on the '
+                                'destination already)', instance=self.instance)
+                    continue
                 raise _Abort('aborted on request', status='cancelled')
             if what == 'force_complete':
                 how = self.handle.force_complete()
@@ -606,15 +665,57 @@ class Migration:
             self._record(snap)
             if snap.status == 'completed':
                 break
+            if snap.status in POSTCOPY_BROKEN:
+                raise _PostcopyBroken(
+                    'QEMU reports %s: the post-copy link to the destination '
+                    'broke' % snap.status)
+            if snap.status == 'postcopy-active' and self.switched_at is None:
+                self._switchover(t0)
+                continue
             if snap.status in ('failed', 'cancelled'):
                 raise _Abort('QEMU reports the migration %s: %s' % (
                     snap.status, snap.error or 'no reason given'))
             h.mirror_ready()          # raises when a disk copy failed
             self._decide(policy, t0, snap, memory_phase=True)
             time.sleep(POLL)
+        self.completed_at = time.monotonic()
         self._record(snap, force=True)
         self.downtime_ms = snap.downtime_ms
-        h.finish()
+        if self.switched_at is not None:
+            LOG.info('post-copy: all memory on the destination %.1f s after '
+                     'the switch', self.completed_at - self.switched_at,
+                     instance=self.instance)
+        else:
+            h.finish()
+
+    def _switchover(self, t0):
+        """The source is in postcopy-active: disks in sync, then the guest
+        runs on the destination while the rest of its memory follows."""
+        self.switched_at = time.monotonic()
+        LOG.info('switched to post-copy after %.1f s: completing the disk '
+                 'copy, then resuming the guest on %s',
+                 self.switched_at - t0, self.dest, instance=self.instance)
+        migration = self._migration_record()
+        if migration is not None:
+            try:
+                migration.status = 'running (post-copy)'
+                migration.save()
+            except Exception as e:
+                LOG.warning('cannot save the migration status: %s', e,
+                            instance=self.instance)
+        try:
+            failure = self.handle.switchover()
+        except base.HypervisorError as e:
+            raise _PostcopyBroken(str(e))
+        if failure:
+            LOG.warning('post-copy: the guest was not resumed on %s right '
+                        'away (%s); it runs once Nova\'s post step reaches '
+                        'the destination', self.dest, failure,
+                        instance=self.instance)
+        else:
+            LOG.info('post-copy: the guest runs on %s %.1f s after the '
+                     'switch', self.dest, time.monotonic() - self.switched_at,
+                     instance=self.instance)
 
     def _record(self, snap, force=False):
         """Progress into Nova's migration record (and the instance's
