@@ -135,6 +135,7 @@ def dest_check(drv, instance, block_migration, disk_over_commit):
     if not drv.hypervisor.supports_live_migration:
         raise exception.MigrationPreCheckError(
             reason='the %s backend cannot live-migrate' % drv.hypervisor.name)
+    _backend_check(drv, None, bool(block_migration))
     os.makedirs(drv.instances_path, exist_ok=True)
     name = SHARED_PROBE_PREFIX + uuidlib.uuid4().hex
     with open(os.path.join(drv.instances_path, name), 'w'):
@@ -156,6 +157,21 @@ def dest_check(drv, instance, block_migration, disk_over_commit):
     data.supported_perf_events = []
     data.target_connect_addr = None
     return data
+
+
+def _backend_check(drv, vmdir, block):
+    """What the backend cannot do for this migration, as Nova's pre-check
+    error (bhyve: memory only, no bandwidth cap, ...)."""
+    hyp = drv.hypervisor
+    if block and not hyp.supports_block_migration:
+        raise exception.MigrationPreCheckError(
+            reason='the %s backend cannot copy disks during a live '
+                   'migration (block migration): the instances path must be '
+                   'shared with the destination' % hyp.name)
+    try:
+        hyp.check_live_migration(vmdir, block, bandwidth_mibps())
+    except (NotImplementedError, base.HypervisorError) as e:
+        raise exception.MigrationPreCheckError(reason=str(e))
 
 
 def cleanup_dest_check(drv, data):
@@ -203,6 +219,7 @@ def source_check(drv, instance, data, block_device_info):
     vmdir = drv._vmdir(instance)
     if not drv.hypervisor.is_running(vmdir):
         refuse('the instance\'s VM is not running')
+    _backend_check(drv, vmdir, bool(data.block_migration))
     return data
 
 
@@ -382,12 +399,6 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     return data
 
 
-#: the runtime files that move from runtime_dir() into the instance
-#: directory once the incoming VM is the instance's VM
-_RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
-                  'console.log', 'spec.json')
-
-
 def post_at_destination(drv, instance, network_info):
     vmdir = drv._vmdir(instance)
     runtime = runtime_dir(vmdir)
@@ -395,11 +406,8 @@ def post_at_destination(drv, instance, network_info):
         # shared instances path: the source VM is gone (post_live_migration
         # on the source); the sockets keep working under their new names
         drv.hypervisor.finish_incoming(runtime)
-        for name in _RUNTIME_FILES:
-            if os.path.exists(os.path.join(runtime.path, name)):
-                os.replace(os.path.join(runtime.path, name),
-                           os.path.join(vmdir.path, name))
-        shutil.rmtree(runtime.path, ignore_errors=True)
+        if drv.hypervisor.adopt_incoming(runtime, vmdir):
+            shutil.rmtree(runtime.path, ignore_errors=True)
     else:
         drv.hypervisor.finish_incoming(vmdir)
     try:
@@ -450,7 +458,7 @@ def poison_incoming(endpoint):
     exit: QEMU 7.2 exits when an incoming stream fails to load. Used when
     Nova will not call rollback_live_migration_at_destination (shared
     instances path)."""
-    if not endpoint.uri.startswith('tcp:'):
+    if not getattr(endpoint, "uri", "").startswith("tcp:"):
         return
     host, port = endpoint.uri[4:].rsplit(':', 1)
     try:
@@ -617,6 +625,12 @@ class Migration:
     def _handle_requests(self):
         for what in self._take_requests():
             if what == 'abort':
+                if not self.handle.can_cancel:
+                    LOG.warning('abort requested: refused, the %s backend '
+                                'cannot cancel a running live migration',
+                                self.drv.hypervisor.name,
+                                instance=self.instance)
+                    continue
                 if self.switched_at is not None:
                     LOG.warning('abort requested after the switch to '
                                 'post-copy: refused (the guest runs on the '
@@ -624,11 +638,26 @@ class Migration:
                     continue
                 raise _Abort('aborted on request', status='cancelled')
             if what == 'force_complete':
-                how = self.handle.force_complete()
+                try:
+                    how = self.handle.force_complete()
+                except NotImplementedError as e:
+                    LOG.warning('force complete refused: %s', e,
+                                instance=self.instance)
+                    continue
                 LOG.info('live migration forced to complete (%s)', how,
                          instance=self.instance)
 
     def _decide(self, policy, t0, snap, memory_phase):
+        if not self.handle.reports_progress:
+            # status only: no counters for the policy; its completion
+            # timeout still ends the wait (the backend cannot cancel: the
+            # rollback on the destination ends the migration there)
+            limit = getattr(policy, 'completion_timeout_s', 0)
+            if limit and time.monotonic() - t0 > limit:
+                raise _Abort('not finished within the completion timeout '
+                             'of %.0f s (the %s backend reports no '
+                             'progress)' % (limit, self.drv.hypervisor.name))
+            return
         for step in policy.decide(_progress(time.monotonic() - t0, snap)):
             if step.kind == 'abort':
                 raise _Abort('convergence policy: ' + step.reason)
@@ -662,7 +691,8 @@ class Migration:
             self._alive()
             self._handle_requests()
             snap = h.poll()
-            self._record(snap)
+            if h.reports_progress:
+                self._record(snap)
             if snap.status == 'completed':
                 break
             if snap.status in POSTCOPY_BROKEN:
@@ -679,7 +709,8 @@ class Migration:
             self._decide(policy, t0, snap, memory_phase=True)
             time.sleep(POLL)
         self.completed_at = time.monotonic()
-        self._record(snap, force=True)
+        if h.reports_progress:
+            self._record(snap, force=True)
         self.downtime_ms = snap.downtime_ms
         if self.switched_at is not None:
             LOG.info('post-copy: all memory on the destination %.1f s after '

@@ -300,6 +300,7 @@ class QemuHypervisor(base.Hypervisor):
     # -- live migration: see qemu_migration --------------------------------
 
     supports_live_migration = True
+    supports_block_migration = True
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,
