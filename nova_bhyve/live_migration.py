@@ -535,7 +535,8 @@ class Migration:
         self.drv._watcher.unwatch(self.instance.uuid)
         LOG.info('live migration to %s (%s) started: bandwidth cap %s, '
                  'initial downtime %d ms, policy %s', self.dest,
-                 endpoint.uri, '%d MiB/s' % mibps if mibps else 'none',
+                 getattr(endpoint, 'uri', endpoint),
+                 '%d MiB/s' % mibps if mibps else 'none',
                  policy.initial_downtime_ms, type(policy).__name__,
                  instance=self.instance)
         t0 = time.monotonic()
