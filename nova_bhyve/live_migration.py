@@ -557,10 +557,13 @@ class Migration:
             recover_method(self.context, self.instance, self.dest,
                            self.data, migration_status=status)
             return
-        LOG.info('live migration to %s completed in %.1f s (QEMU downtime '
-                 '%s ms; the guest runs again once the destination resumes '
-                 'it in post_live_migration_at_destination)', self.dest,
+        LOG.info('live migration to %s completed in %.1f s (downtime '
+                 'reported by the hypervisor: %s ms; %s)', self.dest,
                  time.monotonic() - t0, self.downtime_ms,
+                 'post-copy: the guest runs on the destination already'
+                 if self.switched_at is not None else
+                 'the guest runs again once the destination resumes it in '
+                 'post_live_migration_at_destination',
                  instance=self.instance)
         post_method(self.context, self.instance, self.dest, block_migration,
                     self.data)
