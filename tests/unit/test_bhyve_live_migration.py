@@ -21,7 +21,6 @@ from unittest import mock
 import pytest
 
 from nova import exception
-from nova.objects import migrate_data as migrate_data_obj
 
 from nova_bhyve import conf
 from nova_bhyve import guest

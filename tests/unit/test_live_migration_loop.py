@@ -10,7 +10,6 @@ recorders.
 """
 import types
 
-import pytest
 
 from nova.compute import vm_states
 
