@@ -10,7 +10,6 @@ recorders.
 """
 import types
 
-
 from nova.compute import vm_states
 
 from nova_bhyve import live_migration
