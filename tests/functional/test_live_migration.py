@@ -499,6 +499,55 @@ class TestPostCopy(_LiveMigrationBase):
         self.assertFalse(os.path.exists(src))
 
 
+class TestPostCopyNetworkCut(_LiveMigrationBase):
+
+    def test_cut_after_the_switch_leaves_the_instance_in_error(self):
+        """The memory stream is cut (the test's TCP proxy) after the switch
+        to post-copy, while the guest already runs on compute2: QEMU goes
+        postcopy-paused, nothing can be rolled back, so the migration ends
+        in 'error', the instance in ERROR, and both VM processes are left
+        alive (for QEMU's recovery or an operator). The test stops them by
+        PID."""
+        self.flags(live_migration_bandwidth=1,
+                   live_migration_fallback='post-copy',
+                   live_migration_downtime_max=100,
+                   live_migration_completion_timeout=0, group='bhyve')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        _shell(src, 'dd if=/dev/urandom of=/tmp/r bs=1M count=16 '
+               '2>/dev/null; (while :; do cp /tmp/r /tmp/r2; done) & '
+               'echo DIRTY=ON', 'DIRTY=ON')
+        proxies = TestLiveMigrationFaults.proxied(self)
+        self.migrate(server)
+        self.migration(server, ('running (post-copy)', 'completed',
+                                'error', 'failed'))
+        time.sleep(1)
+        pids = [self.pid_in(src, server), self.pid_in(dst, server)]
+        for pid in pids:
+            self.assertIsNotNone(pid)
+            self.addCleanup(_kill, pid)
+        proxies['memory'].cut()
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('error', mig.status)
+        s = self._show_server(server)
+        deadline = time.monotonic() + 60
+        while s['status'] != 'ERROR' and time.monotonic() < deadline:
+            time.sleep(0.5)
+            s = self._show_server(server)
+        self.assertEqual('ERROR', s['status'])
+        self.assertEqual('compute', s['OS-EXT-SRV-ATTR:host'])
+        for pid in pids:
+            self.assertTrue(_running(pid), 'VM process %d ended' % pid)
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class TestLiveMigrationFaults(_LiveMigrationBase):
     """Each fault leaves the guest running on the source, the migration
     failed, and nothing of the instance on the destination."""
