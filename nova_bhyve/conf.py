@@ -40,6 +40,12 @@ OPTS = [
                help='bhyve(8) binary.'),
     cfg.StrOpt('bhyvectl_path', default='/usr/sbin/bhyvectl',
                help='bhyvectl(8) binary.'),
+    cfg.BoolOpt('bhyve_wired_memory', default=False,
+                help='Start bhyve guests with wired (non-pageable) memory '
+                     '(bhyve_config memory.wired=true). bhyve live migration '
+                     '(FreeBSD-UPB prototype) needs it on the source; a VM '
+                     'started without it is refused. Not exercised on '
+                     'FreeBSD.'),
     cfg.StrOpt('bhyve_bootrom',
                default='/usr/local/share/uefi-firmware/BHYVE_UEFI.fd',
                help='UEFI firmware (sysutils/edk2 or bhyve-firmware) used '

@@ -45,6 +45,7 @@ import time
 import uuid as uuidlib
 
 from nova import exception
+from nova.compute import vm_states
 from nova.objects import migrate_data as migrate_data_obj
 from nova.virt import driver as virt_driver
 from oslo_log import log as logging
@@ -68,6 +69,9 @@ RECORD_INTERVAL = 2.0
 #: marker file of a VM directory that holds an incoming migration
 INCOMING_MARKER = 'incoming'
 SHARED_PROBE_PREFIX = '.nova-bhyve-shared-'
+#: migration statuses (MigrationHandle.poll) after the post-copy link
+#: broke: the backend waits for a recovery, the guest is split
+POSTCOPY_BROKEN = ('postcopy-paused', 'postcopy-recover')
 
 
 # -- convergence policy (nova_bhyve.migration_policy) ----------------------
@@ -131,6 +135,7 @@ def dest_check(drv, instance, block_migration, disk_over_commit):
     if not drv.hypervisor.supports_live_migration:
         raise exception.MigrationPreCheckError(
             reason='the %s backend cannot live-migrate' % drv.hypervisor.name)
+    _backend_check(drv, None, bool(block_migration))
     os.makedirs(drv.instances_path, exist_ok=True)
     name = SHARED_PROBE_PREFIX + uuidlib.uuid4().hex
     with open(os.path.join(drv.instances_path, name), 'w'):
@@ -152,6 +157,21 @@ def dest_check(drv, instance, block_migration, disk_over_commit):
     data.supported_perf_events = []
     data.target_connect_addr = None
     return data
+
+
+def _backend_check(drv, vmdir, block):
+    """What the backend cannot do for this migration, as Nova's pre-check
+    error (bhyve: memory only, no bandwidth cap, ...)."""
+    hyp = drv.hypervisor
+    if block and not hyp.supports_block_migration:
+        raise exception.MigrationPreCheckError(
+            reason='the %s backend cannot copy disks during a live '
+                   'migration (block migration): the instances path must be '
+                   'shared with the destination' % hyp.name)
+    try:
+        hyp.check_live_migration(vmdir, block, bandwidth_mibps())
+    except (NotImplementedError, base.HypervisorError) as e:
+        raise exception.MigrationPreCheckError(reason=str(e))
 
 
 def cleanup_dest_check(drv, data):
@@ -199,6 +219,7 @@ def source_check(drv, instance, data, block_device_info):
     vmdir = drv._vmdir(instance)
     if not drv.hypervisor.is_running(vmdir):
         refuse('the instance\'s VM is not running')
+    _backend_check(drv, vmdir, bool(data.block_migration))
     return data
 
 
@@ -373,12 +394,6 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     return data
 
 
-#: the runtime files that move from runtime_dir() into the instance
-#: directory once the incoming VM is the instance's VM
-_RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
-                  'console.log', 'spec.json')
-
-
 def post_at_destination(drv, instance, network_info):
     vmdir = drv._vmdir(instance)
     runtime = runtime_dir(vmdir)
@@ -386,11 +401,8 @@ def post_at_destination(drv, instance, network_info):
         # shared instances path: the source VM is gone (post_live_migration
         # on the source); the sockets keep working under their new names
         drv.hypervisor.finish_incoming(runtime)
-        for name in _RUNTIME_FILES:
-            if os.path.exists(os.path.join(runtime.path, name)):
-                os.replace(os.path.join(runtime.path, name),
-                           os.path.join(vmdir.path, name))
-        shutil.rmtree(runtime.path, ignore_errors=True)
+        if drv.hypervisor.adopt_incoming(runtime, vmdir):
+            shutil.rmtree(runtime.path, ignore_errors=True)
     else:
         drv.hypervisor.finish_incoming(vmdir)
     try:
@@ -441,7 +453,7 @@ def poison_incoming(endpoint):
     exit: QEMU 7.2 exits when an incoming stream fails to load. Used when
     Nova will not call rollback_live_migration_at_destination (shared
     instances path)."""
-    if not endpoint.uri.startswith('tcp:'):
+    if not getattr(endpoint, "uri", "").startswith("tcp:"):
         return
     host, port = endpoint.uri[4:].rsplit(':', 1)
     try:
@@ -458,6 +470,11 @@ class _Abort(Exception):
     def __init__(self, reason, status='failed'):
         super().__init__(reason)
         self.status = status
+
+
+class _PostcopyBroken(Exception):
+    """The migration failed after the switch to post-copy: the guest's
+    memory is split between the hosts, there is nothing to roll back to."""
 
 
 class Migration:
@@ -477,6 +494,10 @@ class Migration:
         self.handle = None
         self._last_record = 0.0
         self.downtime_ms = None
+        #: monotonic times of the post-copy switch (None: pre-copy only)
+        #: and of the end of the memory stream
+        self.switched_at = None
+        self.completed_at = None
 
     # requests from other threads (Nova's abort / force-complete RPCs)
     def request(self, what):
@@ -509,13 +530,20 @@ class Migration:
         self.drv._watcher.unwatch(self.instance.uuid)
         LOG.info('live migration to %s (%s) started: bandwidth cap %s, '
                  'initial downtime %d ms, policy %s', self.dest,
-                 endpoint.uri, '%d MiB/s' % mibps if mibps else 'none',
+                 getattr(endpoint, 'uri', endpoint),
+                 '%d MiB/s' % mibps if mibps else 'none',
                  policy.initial_downtime_ms, type(policy).__name__,
                  instance=self.instance)
         t0 = time.monotonic()
         try:
             self._migrate(policy, t0)
+        except _PostcopyBroken as e:
+            self._split(e)
+            return
         except Exception as e:
+            if self.switched_at is not None:
+                self._split(e)
+                return
             status = getattr(e, 'status', 'failed')
             LOG.error('live migration to %s %s: %s', self.dest,
                       'cancelled' if status == 'cancelled' else 'failed', e,
@@ -524,13 +552,51 @@ class Migration:
             recover_method(self.context, self.instance, self.dest,
                            self.data, migration_status=status)
             return
-        LOG.info('live migration to %s completed in %.1f s (QEMU downtime '
-                 '%s ms; the guest runs again once the destination resumes '
-                 'it in post_live_migration_at_destination)', self.dest,
+        LOG.info('live migration to %s completed in %.1f s (downtime '
+                 'reported by the hypervisor: %s ms; %s)', self.dest,
                  time.monotonic() - t0, self.downtime_ms,
+                 'post-copy: the guest runs on the destination already'
+                 if self.switched_at is not None else
+                 'the guest runs again once the destination resumes it in '
+                 'post_live_migration_at_destination',
                  instance=self.instance)
         post_method(self.context, self.instance, self.dest, block_migration,
                     self.data)
+
+    def _split(self, error):
+        """A failure past the post-copy switch. Neither host holds the whole
+        guest: no rollback (Nova's would kill the destination VM, which
+        holds the pages the guest wrote since the switch) and no post step.
+        Both QEMU processes are left as they are, for QEMU's post-copy
+        recovery or an operator; the instance goes to ERROR, the migration
+        record to 'error'."""
+        LOG.error('live migration to %s failed after the switch to '
+                  'post-copy: %s. The guest\'s memory is split between this '
+                  'host and %s and cannot be rolled back; both VM processes '
+                  'are left running (QEMU postcopy-paused: recoverable with '
+                  'migrate-recover on the destination and migrate resume=true '
+                  'here while both live). The instance is set to ERROR.',
+                  self.dest, error, self.dest, instance=self.instance)
+        migration = self._migration_record()
+        if migration is not None:
+            try:
+                migration.status = 'error'
+                migration.save()
+            except Exception as e:
+                LOG.warning('cannot save the migration status: %s', e,
+                            instance=self.instance)
+        try:
+            self.instance.vm_state = vm_states.ERROR
+            self.instance.task_state = None
+            self.instance.save()
+        except Exception:
+            LOG.exception('cannot set the instance to ERROR',
+                          instance=self.instance)
+
+    def _migration_record(self):
+        if not self.data.obj_attr_is_set('migration'):
+            return None
+        return getattr(self.data, 'migration', None)
 
     def _give_up(self):
         try:
@@ -558,13 +624,39 @@ class Migration:
     def _handle_requests(self):
         for what in self._take_requests():
             if what == 'abort':
+                if not self.handle.can_cancel:
+                    LOG.warning('abort requested: refused, the %s backend '
+                                'cannot cancel a running live migration',
+                                self.drv.hypervisor.name,
+                                instance=self.instance)
+                    continue
+                if self.switched_at is not None:
+                    LOG.warning('abort requested after the switch to '
+                                'post-copy: refused (the guest runs on the '
+                                'destination already)', instance=self.instance)
+                    continue
                 raise _Abort('aborted on request', status='cancelled')
             if what == 'force_complete':
-                how = self.handle.force_complete()
+                try:
+                    how = self.handle.force_complete()
+                except NotImplementedError as e:
+                    LOG.warning('force complete refused: %s', e,
+                                instance=self.instance)
+                    continue
                 LOG.info('live migration forced to complete (%s)', how,
                          instance=self.instance)
 
     def _decide(self, policy, t0, snap, memory_phase):
+        if not self.handle.reports_progress:
+            # status only: no counters for the policy; its completion
+            # timeout still ends the wait (the backend cannot cancel: the
+            # rollback on the destination ends the migration there)
+            limit = getattr(policy, 'completion_timeout_s', 0)
+            if limit and time.monotonic() - t0 > limit:
+                raise _Abort('not finished within the completion timeout '
+                             'of %.0f s (the %s backend reports no '
+                             'progress)' % (limit, self.drv.hypervisor.name))
+            return
         for step in policy.decide(_progress(time.monotonic() - t0, snap)):
             if step.kind == 'abort':
                 raise _Abort('convergence policy: ' + step.reason)
@@ -598,18 +690,62 @@ class Migration:
             self._alive()
             self._handle_requests()
             snap = h.poll()
-            self._record(snap)
+            if h.reports_progress:
+                self._record(snap)
             if snap.status == 'completed':
                 break
+            if snap.status in POSTCOPY_BROKEN:
+                raise _PostcopyBroken(
+                    'QEMU reports %s: the post-copy link to the destination '
+                    'broke' % snap.status)
+            if snap.status == 'postcopy-active' and self.switched_at is None:
+                self._switchover(t0)
+                continue
             if snap.status in ('failed', 'cancelled'):
                 raise _Abort('QEMU reports the migration %s: %s' % (
                     snap.status, snap.error or 'no reason given'))
             h.mirror_ready()          # raises when a disk copy failed
             self._decide(policy, t0, snap, memory_phase=True)
             time.sleep(POLL)
-        self._record(snap, force=True)
+        self.completed_at = time.monotonic()
+        if h.reports_progress:
+            self._record(snap, force=True)
         self.downtime_ms = snap.downtime_ms
-        h.finish()
+        if self.switched_at is not None:
+            LOG.info('post-copy: all memory on the destination %.1f s after '
+                     'the switch', self.completed_at - self.switched_at,
+                     instance=self.instance)
+        else:
+            h.finish()
+
+    def _switchover(self, t0):
+        """The source is in postcopy-active: disks in sync, then the guest
+        runs on the destination while the rest of its memory follows."""
+        self.switched_at = time.monotonic()
+        LOG.info('switched to post-copy after %.1f s: completing the disk '
+                 'copy, then resuming the guest on %s',
+                 self.switched_at - t0, self.dest, instance=self.instance)
+        migration = self._migration_record()
+        if migration is not None:
+            try:
+                migration.status = 'running (post-copy)'
+                migration.save()
+            except Exception as e:
+                LOG.warning('cannot save the migration status: %s', e,
+                            instance=self.instance)
+        try:
+            failure = self.handle.switchover()
+        except base.HypervisorError as e:
+            raise _PostcopyBroken(str(e))
+        if failure:
+            LOG.warning('post-copy: the guest was not resumed on %s right '
+                        'away (%s); it runs once Nova\'s post step reaches '
+                        'the destination', self.dest, failure,
+                        instance=self.instance)
+        else:
+            LOG.info('post-copy: the guest runs on %s %.1f s after the '
+                     'switch', self.dest, time.monotonic() - self.switched_at,
+                     instance=self.instance)
 
     def _record(self, snap, force=False):
         """Progress into Nova's migration record (and the instance's

@@ -269,6 +269,29 @@ class Hypervisor(abc.ABC):
 
     #: prepare_incoming/finish_incoming/migrate_to work on this backend
     supports_live_migration = False
+    #: prepare_incoming(block=True) works: the disks can be copied
+    supports_block_migration = False
+
+    def check_live_migration(self, vmdir, block, bandwidth_mibps):
+        """Pre-check: raise NotImplementedError (with the reason) for what
+        this backend cannot do for this migration; ``vmdir``: the source VM
+        (None on the destination)."""
+
+    #: the files of an incoming VM's runtime directory that become the
+    #: instance's (shared instances path, see adopt_incoming)
+    RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
+                     'console.log', 'spec.json')
+
+    def adopt_incoming(self, runtime, vmdir):
+        """Shared instances path: the migrated VM runs from ``runtime`` (a
+        VMDir inside ``vmdir``); make it the instance's VM. Default: move
+        its files (the sockets keep working under their new names). Returns
+        True when ``runtime`` can be removed."""
+        for name in self.RUNTIME_FILES:
+            if os.path.exists(os.path.join(runtime.path, name)):
+                os.replace(os.path.join(runtime.path, name),
+                           os.path.join(vmdir.path, name))
+        return True
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
         """Start the VM of ``spec`` waiting for a live migration on
@@ -305,6 +328,12 @@ class MigrationHandle(abc.ABC):
     step the policy decides; ``finish()`` once completed, ``cancel()`` to
     give up (the guest keeps running on the source), ``force_complete()``.
     """
+
+    #: poll() reports counters (memory, disk, passes): the convergence
+    #: policy can run; False: status only, no steps
+    reports_progress = True
+    #: cancel() can stop a running migration
+    can_cancel = True
 
     @abc.abstractmethod
     def start_mirror(self):

@@ -103,6 +103,8 @@ def render_config(spec, vmdir):
     tree['uuid'] = spec.uuid
     tree['cpus'] = str(spec.vcpus)
     tree['memory.size'] = '%dM' % spec.memory_mb
+    if CONF.bhyve.bhyve_wired_memory:
+        tree['memory.wired'] = 'true'      # live migration needs it
     tree['acpi_tables'] = 'true'           # ACPI power button for SIGTERM
     tree['destroy_on_poweroff'] = 'true'   # release vmm memory on exit 1
     tree['rtc.use_localtime'] = 'false'    # RTC in UTC, as Nova guests expect
@@ -328,6 +330,74 @@ class BhyveHypervisor(base.Hypervisor):
                 'bhyve for %s ended at once: %s (status %s), see %s' % (
                     spec.uuid, status.get('outcome'), status.get('status'),
                     os.path.join(vmdir.path, supervisor.LOGFILE)))
+
+    # -- live migration: see bhyve_migration (never run on FreeBSD) -------
+
+    supports_block_migration = False
+
+    def migration_support(self):
+        """What this host's bhyvectl can do (its usage text, read once)."""
+        from nova_bhyve.hypervisor import bhyve_migration
+        if getattr(self, '_migration_support', None) is None:
+            self._migration_support = bhyve_migration.detect_support(
+                self.bhyvectl)
+        return self._migration_support
+
+    @property
+    def supports_live_migration(self):
+        return self.migration_support().live
+
+    def check_live_migration(self, vmdir, block, bandwidth_mibps):
+        """Refuse (NotImplementedError, with the reason) what the prototype
+        cannot do: no live support, a block migration, a bandwidth cap; on
+        the source (``vmdir`` given) a VM without wired memory."""
+        from nova_bhyve.hypervisor import bhyve_migration
+        support = self.migration_support()
+        bhyve_migration.refuse_unsupported(support, block, bandwidth_mibps)
+        if vmdir is not None:
+            try:
+                with open(self.config_path(vmdir)) as f:
+                    tree = parse_config(f.read())
+            except OSError as e:
+                raise base.HypervisorError('no bhyve config for %s: %s'
+                                           % (vmdir.uuid, e))
+            bhyve_migration.check_request(support, True, 0, tree)
+
+    def prepare_incoming(self, spec, vmdir, address, block, policy=None):
+        from nova_bhyve.hypervisor import bhyve_migration
+        return bhyve_migration.prepare_incoming(
+            self, self.migration_support(), spec, vmdir, address, block)
+
+    def endpoint_from_json(self, text):
+        from nova_bhyve.hypervisor import bhyve_migration
+        return bhyve_migration.Endpoint.from_json(text)
+
+    def finish_incoming(self, vmdir):
+        from nova_bhyve.hypervisor import bhyve_migration
+        bhyve_migration.finish_incoming(self, vmdir)
+
+    def migrate_to(self, vmdir, spec, endpoint, bandwidth, policy,
+                   backed=()):
+        from nova_bhyve.hypervisor import bhyve_migration
+        return bhyve_migration.BhyveOutgoing(
+            self, self.migration_support(), vmdir, endpoint, bandwidth)
+
+    def adopt_incoming(self, runtime, vmdir):
+        """Shared instances path: the migrated bhyve's supervisor keeps
+        writing into ``runtime`` (its directory for life), so the instance
+        directory gets symlinks to its files instead of the files; the next
+        start of the VM in ``vmdir`` replaces them with its own."""
+        for name in (supervisor.SUPERVISOR_PIDFILE, supervisor.VM_PIDFILE,
+                     supervisor.EXIT_STATUS, supervisor.LOGFILE,
+                     supervisor.CONSOLE_LOG, CONFIG_FILE, 'spec.json'):
+            link = os.path.join(vmdir.path, name)
+            try:
+                os.unlink(link)
+            except FileNotFoundError:
+                pass
+            os.symlink(os.path.join(os.path.basename(runtime.path), name),
+                       link)
+        return False          # keep ``runtime``
 
     def power_state(self, vmdir):
         if self.pid(vmdir) or self.supervisor_pid(vmdir):

@@ -46,11 +46,22 @@ raises NotImplementedError for each, :meth:`BhyveMigration.progress` and
 report: when bhyve has not finished within it, :meth:`BhyveMigration.wait`
 raises HypervisorError, but the prototype cannot stop the transfer.
 
-The functions and the class below are hypervisor-neutral plumbing's bhyve
-half; the lead wires them into hypervisor/base.py's migration interface.
+Wiring into hypervisor/base.py's live migration interface
+(BhyveHypervisor.prepare_incoming / finish_incoming / migrate_to ->
+:class:`BhyveOutgoing`): memory only, so a bhyve live migration needs a
+shared instances path (a block migration is refused at the pre-checks);
+``supports_live_migration`` is claimed only when bhyvectl lists
+``--migrate-live=``. The destination's bhyve runs the guest by itself when
+the transfer ends (there is no ``-S``): ``finish_incoming`` only checks that
+it runs. :class:`BhyveOutgoing` reports no progress and cannot cancel, so the
+orchestration runs no convergence steps for it and refuses abort and force
+complete (``reports_progress`` / ``can_cancel`` False).
 """
+import dataclasses
 import ipaddress
+import json
 import re
+import socket
 import signal
 import subprocess
 import time
@@ -196,18 +207,7 @@ class BhyveMigration:
         the guest may still be paused or copying on the source."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not base.process_alive(self.vm_pid, self.vmdir.uuid):
-                if self.supervisor_pid:
-                    base.wait_for_exit(self.supervisor_pid, 30,
-                                       self.vmdir.uuid, poll=POLL)
-                status = supervisor.read_exit_status(self.vmdir.path)
-                if status is not None and status.get('status') != 0:
-                    raise base.HypervisorError(
-                        'bhyve of instance %s exited with status %s during '
-                        'the migration, see %s' % (
-                            self.vmdir.uuid, status.get('status'),
-                            self.vmdir.path))
-                self.done = True
+            if self.finished():
                 return True
             time.sleep(POLL)
         raise base.HypervisorError(
@@ -215,6 +215,23 @@ class BhyveMigration:
             'migration prototype reports no progress and cannot be '
             'cancelled; see %s' % (self.vmdir.uuid, timeout,
                                    self.vmdir.path))
+
+    def finished(self):
+        """True once the source bhyve has exited with status 0 (migrated),
+        False while it runs; HypervisorError when it exited otherwise."""
+        if base.process_alive(self.vm_pid, self.vmdir.uuid):
+            return False
+        if self.supervisor_pid:
+            base.wait_for_exit(self.supervisor_pid, 30, self.vmdir.uuid,
+                               poll=POLL)
+        status = supervisor.read_exit_status(self.vmdir.path)
+        if status is not None and status.get('status') != 0:
+            raise base.HypervisorError(
+                'bhyve of instance %s exited with status %s during the '
+                'migration, see %s' % (self.vmdir.uuid, status.get('status'),
+                                       self.vmdir.path))
+        self.done = True
+        return True
 
     def failed(self):
         """Give the supervisor its reboot semantics back when the source
@@ -239,6 +256,148 @@ class BhyveMigration:
         raise NotImplementedError('bhyve migration ' + why)
 
     def cancel(self):
+        raise NotImplementedError(
+            'bhyve migration cannot cancel a migration once bhyvectl '
+            'started it')
+
+
+# -- the base.Hypervisor live migration interface -------------------------
+
+@dataclasses.dataclass
+class Endpoint:
+    """Where the source's bhyvectl sends the VM (JSON: Nova's
+    migrate_data)."""
+    host: str
+    port: int
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(**json.loads(text))
+
+
+def _free_port(host):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def refuse_unsupported(support, block=False, bandwidth_mibps=0):
+    """What the prototype cannot do, refused before anything starts (the
+    pre-checks and both ends call it). NotImplementedError with the
+    reason."""
+    check_request(support, True, bandwidth_mibps, {'memory.wired': 'true'})
+    if block:
+        raise NotImplementedError(
+            'bhyve live migration moves memory only (FreeBSD-UPB '
+            'prototype): the instance\'s disks must be on an instances path '
+            'shared with the destination; a block migration is not possible')
+
+
+def prepare_incoming(hyp, support, spec, vmdir, address, block):
+    """Destination: start bhyve with the VM's config and ``-R ADDR,PORT``
+    (first start only: a guest reboot later starts it without) under the
+    supervisor; return the Endpoint. ``address`` is this host's inbound
+    address: the prototype binds INADDR_ANY and only resolves the host part,
+    so the inbound address is given."""
+    refuse_unsupported(support, block)
+    if hyp.vmm_exists(spec.name):
+        raise base.HypervisorError(
+            'a bhyve VM named %s already exists on this host' % spec.name)
+    _endpoint(support, address, 1)        # IPv4 only: refused before
+    port = _free_port(address)
+    ep = Endpoint(host=address, port=port)
+    tree = bhyve.render_config(spec, vmdir)
+    path = bhyve.write_config(tree, hyp.config_path(vmdir))
+    argv = incoming_argv(hyp, support, path, address, port)
+    base_argv, first = argv[:-2], argv[-2:]
+    try:
+        supervisor.spawn(vmdir.path, base_argv, policy='bhyve',
+                         first_run_args=first,
+                         console_device=bhyve.nmdm_pair(spec.uuid)[1],
+                         console_keep_bytes=bhyve.CONF.bhyve
+                         .console_log_keep_bytes)
+    except RuntimeError as e:
+        raise base.HypervisorError(str(e))
+    if hyp.pid(vmdir) is None:
+        status = supervisor.read_exit_status(vmdir.path)
+        raise base.HypervisorError(
+            'the incoming bhyve for %s ended at once (%s), see %s' % (
+                spec.uuid, status, vmdir.path))
+    return ep
+
+
+def finish_incoming(hyp, vmdir):
+    """Destination: bhyve runs the guest itself once the transfer ended;
+    check that it is running."""
+    if hyp.pid(vmdir) is None:
+        raise base.HypervisorError(
+            'the incoming bhyve of %s is not running after the migration, '
+            'see %s' % (vmdir.uuid, vmdir.path))
+
+
+class BhyveOutgoing(base.MigrationHandle):
+    """base.MigrationHandle over BhyveMigration: no disk copy, one bhyvectl
+    request, then the source bhyve's exit is the only signal."""
+
+    reports_progress = False
+    can_cancel = False
+
+    def __init__(self, hyp, support, vmdir, endpoint, bandwidth):
+        self.hyp = hyp
+        self.support = support
+        self.vmdir = vmdir
+        self.endpoint = endpoint
+        self.bandwidth = bandwidth
+        self.migration = None
+        self.status = 'none'
+        self.error = None
+        mibps = max(1, int(bandwidth) // (1024 * 1024)) if bandwidth else 0
+        refuse_unsupported(support, bandwidth_mibps=mibps)
+
+    def start_mirror(self):
+        """Nothing to copy (shared storage)."""
+
+    def mirror_ready(self):
+        return True
+
+    def start_memory(self):
+        self.migration = BhyveMigration.start(
+            self.hyp, self.support, self.vmdir, self.endpoint.host,
+            self.endpoint.port, live=True)
+        self.status = 'active'
+
+    def poll(self):
+        """Status only (the prototype reports no counters): 'active' while
+        the source bhyve runs, then 'completed' or 'failed'."""
+        from nova_bhyve.hypervisor import qemu_migration   # Snapshot
+        if self.migration is not None and self.status == 'active':
+            try:
+                if self.migration.finished():
+                    self.status = 'completed'
+            except base.HypervisorError as e:
+                self.status, self.error = 'failed', str(e)
+        return qemu_migration.Snapshot(status=self.status, error=self.error)
+
+    def apply(self, step):
+        BhyveMigration.apply(None, step)
+
+    def force_complete(self):
+        raise NotImplementedError(
+            'bhyve migration cannot be forced to complete (the prototype '
+            'stops the guest after a fixed number of rounds by itself)')
+
+    def finish(self):
+        """Nothing to end: no disk copy."""
+
+    def cancel(self):
+        if self.migration is None:
+            return               # bhyvectl not run yet: nothing started
+        if self.migration.done:
+            return
+        self.migration.failed()
         raise NotImplementedError(
             'bhyve migration cannot cancel a migration once bhyvectl '
             'started it')

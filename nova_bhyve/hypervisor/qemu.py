@@ -17,6 +17,7 @@ from nova_bhyve.hypervisor import accel
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor import qemu_blockjob
 from nova_bhyve.hypervisor import qemu_migration
+from nova_bhyve.hypervisor import qemu_postcopy
 from nova_bhyve.hypervisor import qemu_state
 from nova_bhyve.hypervisor import qemu_stats
 from nova_bhyve.hypervisor import qmp
@@ -249,6 +250,7 @@ class QemuHypervisor(base.Hypervisor):
                 LOG.debug('system_powerdown for %s: %s', vmdir.uuid, e)
 
     def kill(self, vmdir):
+        qemu_postcopy.close(vmdir)
         pid = vmdir.read_pid()
         base.kill_and_wait(pid, vmdir.uuid)
         for path in (vmdir.pidfile, vmdir.control, vmdir.events,
@@ -298,6 +300,7 @@ class QemuHypervisor(base.Hypervisor):
     # -- live migration: see qemu_migration --------------------------------
 
     supports_live_migration = True
+    supports_block_migration = True
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,

@@ -23,6 +23,12 @@ Source (``OutgoingMigration``):
    wait until every job is ready;
 3. ``migrate`` to the destination's URI; ``poll()`` reads ``query-migrate``
    and ``query-block-jobs``;
+   Post-copy (the policy's fallback): once QEMU reports
+   ``postcopy-active`` (vCPUs stopped here), ``switchover()`` completes the
+   mirrors as in 4. and asks the destination to run the guest now
+   (qemu_postcopy: the resume listener); memory keeps coming on demand
+   until ``completed``. A post-copy migration cannot be cancelled: the
+   guest's state is split between the hosts (``cancel()`` refuses);
 4. once QEMU reports ``completed`` (vCPUs stopped, memory sent):
    ``block-job-cancel`` of each ready mirror (for a ready mirror this means
    "finish the copy, do not pivot"), wait for the jobs to conclude without
@@ -40,6 +46,7 @@ from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor import qemu_migration_params
+from nova_bhyve.hypervisor import qemu_postcopy
 from nova_bhyve.hypervisor import qmp
 
 LOG = logging.getLogger(__name__)
@@ -50,6 +57,11 @@ JOB_END_TIMEOUT = 120.0
 INCOMING_TIMEOUT = 60.0
 #: migration statuses after which QEMU does nothing more
 FINAL = ('completed', 'failed', 'cancelled')
+#: statuses of a migration past the post-copy switch
+POSTCOPY = ('postcopy-active', 'postcopy-paused', 'postcopy-recover')
+#: the post-copy link broke: QEMU waits for a recovery, the guest's memory
+#: is split between the hosts
+POSTCOPY_BROKEN = ('postcopy-paused', 'postcopy-recover')
 
 
 def export_name(index):
@@ -111,6 +123,12 @@ class Endpoint:
     uri: str                       # memory stream, e.g. tcp:10.0.0.2:49152
     nbd_host: str = None           # disk stream (block migration)
     nbd_port: int = None
+    resume_port: int = None        # post-copy resume listener
+    resume_token: str = None
+
+    @property
+    def host(self):
+        return self.uri[len('tcp:'):].rsplit(':', 1)[0].strip('[]')
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -136,18 +154,29 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
         for command, args in first + incoming_commands(
                 spec, host, mig_port, nbd_port, block):
             qmp.execute(vmdir.control, command, args, timeout=timeout)
-    except base.HypervisorError:
+        resume_port = resume_token = None
+        if policy is not None and policy.wants_postcopy:
+            resume_port, resume_token = qemu_postcopy.listen(vmdir, host)
+    except (base.HypervisorError, OSError):
         hyp.kill(vmdir)
         raise
     return Endpoint(uri='tcp:' + _hostport(host, mig_port),
-                    nbd_host=host if block else None, nbd_port=nbd_port)
+                    nbd_host=host if block else None, nbd_port=nbd_port,
+                    resume_port=resume_port, resume_token=resume_token)
 
 
 def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
     """Destination, after the source finished: the memory stream must have
-    completed; stop the NBD server and run the guest."""
-    info = qmp.execute(vmdir.control, 'query-migrate')
-    status = info.get('status')
+    completed; stop the NBD server and run the guest (unless a post-copy
+    switchover already runs it). The source saw 'completed' first: the
+    destination may need a moment to say so too."""
+    qemu_postcopy.close(vmdir)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+        if status != 'postcopy-active' or time.monotonic() > deadline:
+            break
+        time.sleep(POLL)
     if status != 'completed':
         raise base.HypervisorError(
             'the incoming migration of %s is %s, not completed' % (
@@ -156,8 +185,10 @@ def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
         qmp.execute(vmdir.control, 'nbd-server-stop')
     except qmp.QMPError as e:
         LOG.debug('nbd-server-stop on %s: %s', vmdir.uuid, e)
-    qmp.execute(vmdir.control, 'cont', timeout=timeout)
     state = qmp.execute(vmdir.control, 'query-status')['status']
+    if state != 'running':
+        qmp.execute(vmdir.control, 'cont', timeout=timeout)
+        state = qmp.execute(vmdir.control, 'query-status')['status']
     if state != 'running':
         raise base.HypervisorError('instance %s is %s after the migration'
                                    % (vmdir.uuid, state))
@@ -246,6 +277,7 @@ class OutgoingMigration(base.MigrationHandle):
         self.nodes = []              # NBD target nodes we added
         self.jobs = []               # mirror jobs we started
         self.memory_started = False
+        self.postcopy = False        # switchover() done
         self.paused_by_us = False
         self.cancelled = False
         self.was_running = False
@@ -318,6 +350,8 @@ class OutgoingMigration(base.MigrationHandle):
         """Make the migration converge now: post-copy when the policy
         enabled it and memory is moving, else stop the vCPUs (the guest
         runs again on the destination, or on the source if it fails)."""
+        if self.postcopy:
+            return 'postcopy'        # already switched
         if self.memory_started and getattr(self.policy, 'wants_postcopy',
                                            False):
             self._qmp('migrate-start-postcopy')
@@ -377,11 +411,46 @@ class OutgoingMigration(base.MigrationHandle):
             raise base.HypervisorError('disk copy did not complete: %s'
                                        % '; '.join(errors))
 
+    def switchover(self):
+        """QEMU reports postcopy-active (the vCPUs here are stopped, the
+        disks no longer change): complete the disk copies, then ask the
+        destination to run the guest while memory still comes on demand.
+        Returns None, or the reason the destination did not resume the
+        guest (it then runs at finish_incoming: correct, only later).
+        HypervisorError if a disk copy failed: the guest can then run on
+        neither host (see docs/migration.md, "Post-copy")."""
+        self.postcopy = True
+        errors = self._end_jobs(force=False)
+        if errors:
+            raise base.HypervisorError(
+                'disk copy did not complete after the switch to post-copy: '
+                '%s' % '; '.join(errors))
+        if not self.endpoint.resume_port:
+            return 'the destination opened no resume listener'
+        try:
+            qemu_postcopy.request_resume(self.endpoint.host,
+                                         self.endpoint.resume_port,
+                                         self.endpoint.resume_token)
+        except base.HypervisorError as e:
+            return str(e)
+        return None
+
     def cancel(self):
-        """Stop everything; the guest keeps running here. Idempotent."""
-        self.cancelled = True
+        """Stop everything; the guest keeps running here. Idempotent.
+        Refused past the post-copy switch (the destination holds part of
+        the guest's state: cancelling would lose the guest)."""
+        if self.postcopy:
+            raise base.HypervisorError(
+                'a migration in post-copy cannot be cancelled')
         if self.hyp.pid(self.vmdir) is None:
+            self.cancelled = True
             return
+        if self.memory_started and self._qmp('query-migrate').get(
+                'status') in POSTCOPY:
+            self.postcopy = True
+            raise base.HypervisorError(
+                'a migration in post-copy cannot be cancelled')
+        self.cancelled = True
         if self.memory_started:
             try:
                 self._qmp('migrate_cancel')

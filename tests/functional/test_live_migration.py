@@ -405,6 +405,149 @@ class TestForceComplete(_LiveMigrationBase):
         self.assertFalse(os.path.exists(src))
 
 
+class TickWatch:
+    """Samples the tick counter on the consoles of both hosts every 0.1 s
+    (a host-side clock): when each new tick first showed, and where."""
+
+    def __init__(self, vmdirs):
+        self.vmdirs = vmdirs
+        self.seen = []          # (monotonic time, tick, vmdir), ascending
+        self.stopped = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        top = None
+        while not self.stopped:
+            for vmdir in self.vmdirs:
+                t = _last_tick(vmdir)
+                if t is not None and (top is None or t > top):
+                    top = t
+                    self.seen.append((time.monotonic(), t, vmdir))
+            time.sleep(0.1)
+
+    def stop(self):
+        self.stopped = True
+        self._thread.join()
+
+    def largest_gap(self, start, end):
+        """The longest time (s) between two new ticks within start..end."""
+        times = [t for t, _, _ in self.seen if start <= t <= end]
+        return max(b - a for a, b in zip(times, times[1:]))
+
+    def first_on(self, vmdir):
+        return next(t for t, _, where in self.seen if where == vmdir)
+
+
+class TestPostCopy(_LiveMigrationBase):
+
+    def test_post_copy_runs_the_guest_on_the_destination_early(self):
+        """A guest that dirties memory faster than the 1 MiB/s cap cannot
+        converge; with live_migration_fallback = post-copy the policy
+        switches, the source completes the disk copy and the destination
+        runs the guest at once, fetching the rest of its memory on demand.
+        The guest ticks on the destination before the memory stream ends,
+        and no gap between ticks is anywhere near as long as the post-copy
+        phase."""
+        self.flags(live_migration_bandwidth=1,
+                   live_migration_fallback='post-copy',
+                   live_migration_downtime_max=100,
+                   live_migration_completion_timeout=0, group='bhyve')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        boot_id = self.boot_id(src)
+        # 16 MiB rewritten as fast as the guest can: the pages left for
+        # post-copy take well over 10 s at the cap (the guest's first
+        # faults after the switch stall it for a few seconds whatever the
+        # cap: the post-copy phase must be long against that)
+        _shell(src, 'dd if=/dev/urandom of=/tmp/r bs=1M count=16 '
+               '2>/dev/null; (while :; do cp /tmp/r /tmp/r2; done) & '
+               'echo DIRTY=ON', 'DIRTY=ON')
+        tick_before = _last_tick(src)
+        watch = TickWatch([src, dst])
+        self.addCleanup(watch.stop)
+
+        self.migrate(server)
+        deadline = time.monotonic() + MIGRATION_TIMEOUT
+        handle = None
+        while handle is None:
+            handle = self.driver('compute')._live_migrations.get(
+                server['id'])
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+        self.migration(server, ('running (post-copy)', 'completed',
+                                'error', 'failed'))
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(dst, tick_before + 3)
+        watch.stop()
+
+        self.assertIsNotNone(handle.switched_at, 'no switch to post-copy')
+        postcopy = handle.completed_at - handle.switched_at
+        first_dst = watch.first_on(dst)
+        gap = watch.largest_gap(handle.switched_at - 10, first_dst + 5)
+        print('post-copy phase %.1f s; first tick on the destination %.1f s '
+              'after the switch; largest gap between ticks %.1f s' % (
+                  postcopy, first_dst - handle.switched_at, gap))
+        # the guest ran on the destination while memory was still coming
+        self.assertLess(first_dst, handle.completed_at)
+        self.assertLess(gap, postcopy / 2)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(dst))
+        self.assertFalse(os.path.exists(src))
+
+
+class TestPostCopyNetworkCut(_LiveMigrationBase):
+
+    def test_cut_after_the_switch_leaves_the_instance_in_error(self):
+        """The memory stream is cut (the test's TCP proxy) after the switch
+        to post-copy, while the guest already runs on compute2: QEMU goes
+        postcopy-paused, nothing can be rolled back, so the migration ends
+        in 'error', the instance in ERROR, and both VM processes are left
+        alive (for QEMU's recovery or an operator). The test stops them by
+        PID."""
+        self.flags(live_migration_bandwidth=1,
+                   live_migration_fallback='post-copy',
+                   live_migration_downtime_max=100,
+                   live_migration_completion_timeout=0, group='bhyve')
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        _shell(src, 'dd if=/dev/urandom of=/tmp/r bs=1M count=16 '
+               '2>/dev/null; (while :; do cp /tmp/r /tmp/r2; done) & '
+               'echo DIRTY=ON', 'DIRTY=ON')
+        proxies = TestLiveMigrationFaults.proxied(self)
+        self.migrate(server)
+        self.migration(server, ('running (post-copy)', 'completed',
+                                'error', 'failed'))
+        time.sleep(1)
+        pids = [self.pid_in(src, server), self.pid_in(dst, server)]
+        for pid in pids:
+            self.assertIsNotNone(pid)
+            self.addCleanup(_kill, pid)
+        proxies['memory'].cut()
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('error', mig.status)
+        s = self._show_server(server)
+        deadline = time.monotonic() + 60
+        while s['status'] != 'ERROR' and time.monotonic() < deadline:
+            time.sleep(0.5)
+            s = self._show_server(server)
+        self.assertEqual('ERROR', s['status'])
+        self.assertEqual('compute', s['OS-EXT-SRV-ATTR:host'])
+        for pid in pids:
+            self.assertTrue(_running(pid), 'VM process %d ended' % pid)
+
+
+def _kill(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 class TestLiveMigrationFaults(_LiveMigrationBase):
     """Each fault leaves the guest running on the source, the migration
     failed, and nothing of the instance on the destination."""

@@ -113,8 +113,9 @@ class _Drv:
         self.instances_path = str(tmp_path)
         self._host = 'src'
         self.hypervisor = types.SimpleNamespace(
-            supports_live_migration=True, name='qemu',
-            is_running=lambda vmdir: True)
+            supports_live_migration=True, supports_block_migration=True,
+            name='qemu', is_running=lambda vmdir: True,
+            check_live_migration=lambda vmdir, block, bw: None)
 
     def _vmdir(self, instance):
         return None

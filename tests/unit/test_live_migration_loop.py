@@ -1,0 +1,169 @@
+"""The source's orchestration loop (live_migration.Migration.run) with a
+scripted MigrationHandle: what it does for a handle without progress or
+cancel (bhyve) and for a post-copy migration whose link breaks.
+
+The handle is scripted (a list of statuses) because these are the paths a
+real QEMU reaches only through faults the functional tests cannot time
+(postcopy-paused after the switch); QEMU's own behaviour there is checked
+in tests/interop/test_qemu_postcopy.py. Nova's post / recover callbacks are
+recorders.
+"""
+import types
+
+from nova.compute import vm_states
+
+from nova_bhyve import live_migration
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu_migration
+
+
+class Scripted(base.MigrationHandle):
+    def __init__(self, statuses, reports_progress=True, can_cancel=True):
+        self.statuses = list(statuses)
+        self.reports_progress = reports_progress
+        self.can_cancel = can_cancel
+        self.calls = []
+        self.endpoint = types.SimpleNamespace()
+
+    def start_mirror(self):
+        self.calls.append('start_mirror')
+
+    def mirror_ready(self):
+        return True
+
+    def start_memory(self):
+        self.calls.append('start_memory')
+
+    def poll(self):
+        status = self.statuses.pop(0) if len(self.statuses) > 1 \
+            else self.statuses[0]
+        return qemu_migration.Snapshot(status=status, rounds=1)
+
+    def apply(self, step):
+        self.calls.append(('apply', step.kind))
+
+    def force_complete(self):
+        raise NotImplementedError('no force')
+
+    def switchover(self):
+        self.calls.append('switchover')
+
+    def finish(self):
+        self.calls.append('finish')
+
+    def cancel(self):
+        self.calls.append('cancel')
+        if not self.can_cancel:
+            raise NotImplementedError('no cancel')
+
+
+class NoPolicy:
+    initial_downtime_ms = 50
+    wants_postcopy = False
+    wants_auto_converge = False
+    completion_timeout_s = 0
+
+    def decide(self, progress):
+        raise AssertionError('the policy must not run without progress')
+
+
+class Saved(types.SimpleNamespace):
+    def save(self):
+        self.saves = getattr(self, 'saves', 0) + 1
+
+
+def migration(handle, monkeypatch, policy):
+    monkeypatch.setattr(live_migration, 'POLL', 0)
+    monkeypatch.setattr(live_migration, 'policy_factory',
+                        lambda data, bw: policy)
+    monkeypatch.setattr(live_migration, 'bandwidth_mibps', lambda: 0)
+    # __init__ bypassed: it reads the instance directory, none here
+    m = live_migration.Migration.__new__(live_migration.Migration)
+    hyp = types.SimpleNamespace(
+        name='test', pid=lambda vmdir: 1,
+        endpoint_from_json=lambda text: types.SimpleNamespace(uri=text),
+        migrate_to=lambda *a, **k: handle)
+    watcher = types.SimpleNamespace(unwatch=lambda uuid: None,
+                                    watch=lambda vmdir: None)
+    m.drv = types.SimpleNamespace(hypervisor=hyp, _watcher=watcher)
+    m.context = None
+    m.instance = Saved(uuid='u', vm_state=vm_states.ACTIVE,
+                       task_state='migrating', progress=0)
+    m.dest = 'dst'
+    record = Saved(status='running')
+    m.data = types.SimpleNamespace(
+        target_connect_addr='{"endpoint": "E"}', migration=record,
+        is_shared_instance_path=False,
+        obj_attr_is_set=lambda name: name == 'migration')
+    m.vmdir = types.SimpleNamespace(uuid='u')
+    m.spec = types.SimpleNamespace(memory_mb=1, disks=[])
+    import threading
+    m._requests, m._lock = [], threading.Lock()
+    m.handle = None
+    m._last_record = 0.0
+    m.downtime_ms = m.switched_at = m.completed_at = None
+    return m, record
+
+
+def run(m):
+    called = []
+    m.run(lambda *a: called.append('post'),
+          lambda *a, **k: called.append(('recover', k)), False)
+    return called
+
+
+def test_handle_without_progress_or_cancel(monkeypatch):
+    """bhyve: no policy steps, abort and force complete refused (logged),
+    the migration completes."""
+    h = Scripted(['active'] * 5 + ['completed'], reports_progress=False,
+                 can_cancel=False)
+    m, record = migration(h, monkeypatch, NoPolicy())
+    m.request('abort')
+    m.request('force_complete')
+    assert run(m) == ['post']
+    assert 'cancel' not in h.calls and h.calls[-1] == 'finish'
+
+
+def test_handle_without_progress_times_out(monkeypatch):
+    h = Scripted(['active'], reports_progress=False, can_cancel=False)
+    policy = NoPolicy()
+    policy.completion_timeout_s = 0.05
+    m, record = migration(h, monkeypatch, policy)
+    called = run(m)
+    assert called[0][0] == 'recover'
+    assert 'cancel' in h.calls
+
+
+def test_post_copy_link_broken_is_not_rolled_back(monkeypatch):
+    h = Scripted(['postcopy-active', 'postcopy-active', 'postcopy-paused'])
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    real = m._switchover
+
+    def switchover(t0):
+        real(t0)
+        m.request('abort')             # after the switch: refused
+    m._switchover = switchover
+    assert run(m) == []                # neither post nor recover
+    assert h.calls == ['start_mirror', 'start_memory', 'switchover']
+    assert record.status == 'error'
+    assert m.instance.vm_state == vm_states.ERROR
+    assert m.instance.task_state is None
+    assert m.switched_at is not None
+
+
+def test_post_copy_completes_without_finish(monkeypatch):
+    """After switchover() the mirrors are already complete: finish() is not
+    called again; the migration record went through 'running (post-copy)'."""
+    h = Scripted(['active', 'postcopy-active', 'postcopy-active',
+                  'completed'])
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    statuses = []
+    record.save = lambda: statuses.append(record.status)
+    assert run(m) == ['post']
+    assert 'running (post-copy)' in statuses
+    assert h.calls == ['start_mirror', 'start_memory', 'switchover']
+    assert m.completed_at >= m.switched_at

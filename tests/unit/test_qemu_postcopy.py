@@ -1,0 +1,179 @@
+"""The QMP sequence of the post-copy switchover, on both sides.
+
+QEMU is replaced by a recorder of QMP commands (qmp.execute) answering what
+a real QEMU 7.2 answers at that point of a migration (the real behaviour is
+checked in tests/interop/test_qemu_postcopy.py and, through Nova,
+tests/functional/test_live_migration.py TestPostCopy). The resume request
+travels over a real loopback socket to a real ResumeListener.
+"""
+import types
+
+import pytest
+
+from nova_bhyve import guest
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor import qemu_migration
+from nova_bhyve.hypervisor import qemu_postcopy
+from nova_bhyve.hypervisor import qmp
+
+UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
+
+
+class FakeQEMU:
+    """Records (socket, command, args); ``state``: per socket path, the
+    migration status and run state it reports."""
+
+    def __init__(self):
+        self.calls = []
+        self.state = {}
+
+    def execute(self, path, command, args=None, timeout=30.0):
+        self.calls.append((path, command, args))
+        st = self.state[path]
+        if command == 'query-migrate':
+            return {'status': st['migration']}
+        if command == 'query-status':
+            return {'status': st['run']}
+        if command == 'cont':
+            st['run'] = 'running'
+        if command == 'query-jobs':
+            return [{'id': j, 'status': 'concluded'} for j in st['jobs']]
+        if command == 'job-dismiss':
+            st['jobs'].remove(args['id'])
+        return {}
+
+    def commands(self, path):
+        return [c for p, c, _ in self.calls if p == path]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = FakeQEMU()
+    monkeypatch.setattr(qmp, 'execute', f.execute)
+    return f
+
+
+def vmdir(tmp_path, name):
+    d = base.VMDir(str(tmp_path / name / UUID))
+    return d
+
+
+def test_switchover_completes_mirrors_then_resumes_destination(tmp_path,
+                                                                fake):
+    src, dst = vmdir(tmp_path, 'src'), vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'postcopy-active',
+                               'run': 'paused', 'jobs': []}
+    fake.state[src.control] = {'migration': 'postcopy-active',
+                               'run': 'finish-migrate',
+                               'jobs': ['nb-mirror-disk0']}
+    port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        ep = qemu_migration.Endpoint(uri='tcp:127.0.0.1:4444',
+                                     nbd_host='127.0.0.1', nbd_port=5555,
+                                     resume_port=port, resume_token=token)
+        spec = guest.VMSpec(uuid=UUID, name='instance-1', vcpus=1,
+                            memory_mb=128,
+                            disks=[guest.Disk(path='/i/%s/disk' % UUID)])
+        out = qemu_migration.OutgoingMigration(
+            types.SimpleNamespace(pid=lambda v: 1), src, spec, ep, 0,
+            types.SimpleNamespace(wants_postcopy=True))
+        out.memory_started = True
+        out.jobs, out.nodes = ['nb-mirror-disk0'], ['mig-disk0']
+        assert out.switchover() is None
+    finally:
+        qemu_postcopy.close(dst)
+    # source: soft cancel = complete the ready mirror, then drop the node
+    assert fake.commands(src.control) == [
+        'block-job-cancel', 'query-jobs', 'job-dismiss', 'blockdev-del']
+    assert fake.calls[0][2] == {'device': 'nb-mirror-disk0', 'force': False}
+    # destination, only after the source's mirror ended
+    assert fake.commands(dst.control) == [
+        'query-migrate', 'nbd-server-stop', 'query-status', 'cont',
+        'query-status']
+    last_src = max(i for i, c in enumerate(fake.calls) if c[0] == src.control)
+    first_dst = min(i for i, c in enumerate(fake.calls)
+                    if c[0] == dst.control)
+    assert last_src < first_dst
+    assert fake.state[dst.control]['run'] == 'running'
+    # a post-copy migration cannot be cancelled any more
+    with pytest.raises(base.HypervisorError, match='post-copy'):
+        out.cancel()
+    assert out.force_complete() == 'postcopy'
+    assert 'migrate_cancel' not in fake.commands(src.control)
+
+
+def test_resume_refused_before_the_switch(tmp_path, fake):
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'active', 'run': 'inmigrate',
+                               'jobs': []}
+    port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        with pytest.raises(base.HypervisorError, match='not in post-copy'):
+            qemu_postcopy.request_resume('127.0.0.1', port, token)
+    finally:
+        qemu_postcopy.close(dst)
+    assert fake.commands(dst.control) == ['query-migrate']
+
+
+def test_resume_with_a_wrong_token_does_nothing(tmp_path, fake):
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'postcopy-active',
+                               'run': 'paused', 'jobs': []}
+    port, _ = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        with pytest.raises(base.HypervisorError, match='wrong token'):
+            qemu_postcopy.request_resume('127.0.0.1', port, 'f' * 32)
+    finally:
+        qemu_postcopy.close(dst)
+    assert fake.calls == []
+
+
+def test_switchover_without_listener_leaves_the_resume_to_nova(tmp_path,
+                                                              fake):
+    """Destination nova-compute restarted (no listener): not an error, the
+    guest runs at post_live_migration_at_destination."""
+    src = vmdir(tmp_path, 'src')
+    fake.state[src.control] = {'migration': 'postcopy-active',
+                               'run': 'finish-migrate', 'jobs': []}
+    port, token = qemu_postcopy.listen(vmdir(tmp_path, 'gone'), '127.0.0.1')
+    qemu_postcopy.close(vmdir(tmp_path, 'gone'))
+    ep = qemu_migration.Endpoint(uri='tcp:127.0.0.1:4444',
+                                 resume_port=port, resume_token=token)
+    out = qemu_migration.OutgoingMigration(
+        types.SimpleNamespace(pid=lambda v: 1), src, None, ep, 0, None)
+    assert 'cannot reach the destination' in out.switchover()
+
+
+def test_finish_incoming_after_post_copy_does_not_cont_again(tmp_path,
+                                                             fake):
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'completed', 'run': 'running',
+                               'jobs': []}
+    qemu_migration.finish_incoming(None, dst)
+    assert fake.commands(dst.control) == [
+        'query-migrate', 'nbd-server-stop', 'query-status']
+
+
+def test_finish_incoming_pre_copy_runs_the_guest(tmp_path, fake):
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'completed', 'run': 'paused',
+                               'jobs': []}
+    qemu_migration.finish_incoming(None, dst)
+    assert fake.commands(dst.control) == [
+        'query-migrate', 'nbd-server-stop', 'query-status', 'cont',
+        'query-status']
+
+
+def test_cancel_refused_when_qemu_already_switched(tmp_path, fake):
+    """The policy's postcopy step was applied but the loop has not seen
+    postcopy-active yet: cancel must not migrate_cancel."""
+    src = vmdir(tmp_path, 'src')
+    fake.state[src.control] = {'migration': 'postcopy-paused',
+                               'run': 'finish-migrate', 'jobs': []}
+    out = qemu_migration.OutgoingMigration(
+        types.SimpleNamespace(pid=lambda v: 1), src, None,
+        qemu_migration.Endpoint(uri='tcp:h:1'), 0, None)
+    out.memory_started = True
+    with pytest.raises(base.HypervisorError, match='cannot be cancelled'):
+        out.cancel()
+    assert fake.commands(src.control) == ['query-migrate']
