@@ -382,7 +382,7 @@ class LiveMigrationBench(unittest.TestCase):
                         dst.control, 'query-status')['status']
                     with open(dst.console_log, 'rb') as f:
                         case['destination_console_tail'] = f.read()[
-                            -300:].decode(errors='replace')
+                            -2500:].decode(errors='replace')
             else:
                 handle.cancel()
             if hasattr(ctl, 'decisions'):
