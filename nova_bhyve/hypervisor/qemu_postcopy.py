@@ -3,7 +3,7 @@
 QEMU 7.2 keeps a destination started with ``-S`` paused when the source
 switches to post-copy (``migrate-start-postcopy``): both sides report
 ``postcopy-active``, the destination's run state is ``paused`` (checked by
-experiment, and tests/interop/test_qemu_postcopy.py). Without ``-S`` it
+experiment, and tests/interop/test_qemu_postcopy_interop.py). Without ``-S`` it
 would start the guest at the switch, before the source has finished copying
 the disks - so ``-S`` stays, and the destination is told to run the guest
 once the disks are in sync:
