@@ -14,8 +14,9 @@ found it as guest kernel crashes after the switchover (docs/migration.md,
 Two real ``qemu-system-x86_64 -accel tcg`` processes (source, and a
 destination with ``-S -incoming defer``) migrate over a unix socket at a
 1 MiB/s cap with a 1 ms downtime limit. The guest is the boot sector of
-test_qemu_migration_policy.py without its TLB flush: it rewrites 512 KiB with a counter in a loop, in
-real mode, so its TLB entries live for the whole run. It cannot
+test_qemu_migration_policy.py without its TLB flush: it rewrites 512 KiB
+with a counter in a loop, in real mode, so its TLB entries live for the
+whole run. It cannot
 converge; after a few dirty-bitmap syncs the source is stopped (the
 migration then completes) - unless QEMU lost the writes, then it sees
 nothing dirty and completes by itself;
