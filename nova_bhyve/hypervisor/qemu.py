@@ -65,7 +65,7 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             '-uuid', spec.uuid,
             '-machine', _opts('q35', accel=accelerator),
             '-smp', str(spec.vcpus),
-            '-m', '%dM' % spec.memory_mb,
+            '-m', memory_size(spec.memory_mb, accelerator),
             '-nodefaults', '-no-user-config',
             '-display', 'none',
             '-chardev', _serial_chardev(spec, vmdir),
@@ -146,6 +146,28 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
                  '-vnc', '%s:%d,to=%d' % (host, display,
                                           display + VNC_DISPLAY_SPAN)]
     return argv
+
+
+#: KiB taken off the guest's RAM under TCG (see memory_size)
+TCG_RAM_SHORTFALL_KIB = 8
+
+
+def memory_size(memory_mb, accelerator):
+    """The ``-m`` value. Under TCG, 8 KiB short of ``memory_mb``: QEMU
+    before 9.0 (QEMU commit 03bfc2188f, "physmem: Fix migration dirty
+    bitmap coherency with TCG memory access") loses guest writes during a
+    live migration when the RAM block's size is a multiple of 256 KiB
+    (64 pages; every size in MiB is): its fast path for such blocks clears
+    the dirty bits without resetting the TCG TLB, so stores through TLB
+    entries made before the clear are not seen as dirty and the destination
+    gets stale pages (guest kernels crash after the switchover). A size
+    that is not such a multiple takes QEMU's per-page path, which resets
+    the TLB. Source and destination must use the same size: both render
+    it from the spec and the accelerator. docs/migration.md, "TCG: lost
+    writes in QEMU before 9.0"."""
+    if accelerator == 'tcg':
+        return '%dK' % (memory_mb * 1024 - TCG_RAM_SHORTFALL_KIB)
+    return '%dM' % memory_mb
 
 
 def _serial_chardev(spec, vmdir):

@@ -83,7 +83,9 @@ def stats(pid, control, spec):
         'pid': pid,
         'uptime': process_start_seconds_ago(pid),
         'cpus': sorted(cpus, key=lambda c: c[0]),
-        'memory_max_mb': mem['base-memory'] // _MiB,
+        # rounded up: under TCG the guest has 8 KiB less than its flavor
+        # (qemu.memory_size)
+        'memory_max_mb': -(-mem['base-memory'] // _MiB),
         'memory_used_mb': rss // _MiB if rss is not None else None,
         'disks': blockstats(control, spec.disks),
         'nics': [],
