@@ -577,14 +577,7 @@ class Migration:
                   'migrate-recover on the destination and migrate resume=true '
                   'here while both live). The instance is set to ERROR.',
                   self.dest, error, self.dest, instance=self.instance)
-        migration = self._migration_record()
-        if migration is not None:
-            try:
-                migration.status = 'error'
-                migration.save()
-            except Exception as e:
-                LOG.warning('cannot save the migration status: %s', e,
-                            instance=self.instance)
+        self._set_migration_status('error')
         try:
             self.instance.vm_state = vm_states.ERROR
             self.instance.task_state = None
@@ -592,6 +585,19 @@ class Migration:
         except Exception:
             LOG.exception('cannot set the instance to ERROR',
                           instance=self.instance)
+
+    def _set_migration_status(self, status):
+        """Nova's migration record gets ``status`` (best effort: a failure
+        to save is logged, the migration goes on)."""
+        migration = self._migration_record()
+        if migration is None:
+            return
+        try:
+            migration.status = status
+            migration.save()
+        except Exception as e:
+            LOG.warning('cannot save the migration status: %s', e,
+                        instance=self.instance)
 
     def _migration_record(self):
         if not self.data.obj_attr_is_set('migration'):
@@ -725,14 +731,7 @@ class Migration:
         LOG.info('switched to post-copy after %.1f s: completing the disk '
                  'copy, then resuming the guest on %s',
                  self.switched_at - t0, self.dest, instance=self.instance)
-        migration = self._migration_record()
-        if migration is not None:
-            try:
-                migration.status = 'running (post-copy)'
-                migration.save()
-            except Exception as e:
-                LOG.warning('cannot save the migration status: %s', e,
-                            instance=self.instance)
+        self._set_migration_status('running (post-copy)')
         try:
             failure = self.handle.switchover()
         except base.HypervisorError as e:

@@ -83,9 +83,9 @@ class HostNet:
         sh('ip', 'link', 'set', name, 'up')
         return name
 
-    def namespace_on(self, bridge, cidr):
-        """A network namespace with ``cidr`` on a veth whose peer is on
-        ``bridge``: the 'host-side' address the guests ping."""
+    def _namespace(self, cidr, attach):
+        """A network namespace with ``cidr`` on a veth; ``attach(outer)``
+        puts the veth's host end where it belongs. Returns (ns, outer)."""
         s = suffix()
         ns, outer, inner = 'nbtn' + s, 'nbtv' + s, 'nbtp' + s
         sh('ip', 'netns', 'add', ns)
@@ -93,29 +93,26 @@ class HostNet:
         sh('ip', 'link', 'add', outer, 'type', 'veth', 'peer', 'name', inner)
         self.links.append(outer)
         sh('ip', 'link', 'set', inner, 'netns', ns)
-        sh('ip', 'link', 'set', outer, 'master', bridge, 'up')
+        attach(outer)
         sh('ip', 'netns', 'exec', ns, 'ip', 'addr', 'add', cidr, 'dev', inner)
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
         sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
-        return ns
+        return ns, outer
+
+    def namespace_on(self, bridge, cidr):
+        """A network namespace with ``cidr`` on a veth whose peer is on
+        ``bridge``: the 'host-side' address the guests ping."""
+        return self._namespace(cidr, lambda outer: sh(
+            'ip', 'link', 'set', outer, 'master', bridge, 'up'))[0]
 
     def namespace_on_ovs(self, ovs, bridge, cidr):
         """A network namespace with ``cidr`` on a veth whose peer is a port
         of the OVS ``bridge`` (a system port: the userspace datapath reads
         it with a packet socket)."""
-        s = suffix()
-        ns, outer, inner = 'nbtn' + s, 'nbtv' + s, 'nbtp' + s
-        sh('ip', 'netns', 'add', ns)
-        self.netns.append(ns)
-        sh('ip', 'link', 'add', outer, 'type', 'veth', 'peer', 'name', inner)
-        self.links.append(outer)
-        sh('ip', 'link', 'set', inner, 'netns', ns)
-        sh('ip', 'link', 'set', outer, 'up')
-        ovs.vsctl('add-port', bridge, outer)
-        sh('ip', 'netns', 'exec', ns, 'ip', 'addr', 'add', cidr, 'dev', inner)
-        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', inner, 'up')
-        sh('ip', 'netns', 'exec', ns, 'ip', 'link', 'set', 'lo', 'up')
-        return ns, outer
+        def attach(outer):
+            sh('ip', 'link', 'set', outer, 'up')
+            ovs.vsctl('add-port', bridge, outer)
+        return self._namespace(cidr, attach)
 
     def bridge_ports(self, bridge):
         return sorted(_names(sh('ip', '-br', 'link', 'show', 'master',

@@ -49,6 +49,16 @@ class TestVifPluggedEvents(nova_harness.BhyveFunctionalTestBase):
             'name': 'network-vif-plugged', 'server_uuid': server['id'],
             'tag': port['id'], 'status': status}])
 
+    def _assert_aborted_leaving_nothing(self, server, port):
+        server = self._wait_for_state_change(server, 'ERROR')
+        # Nova's own wording for VirtualInterfaceCreateException (as with
+        # the libvirt driver): the build is aborted, not rescheduled
+        self.assertIn('Failed to allocate the network(s), not rescheduling',
+                      server['fault']['message'])
+        self.assertEqual([], nova_harness.leftovers(
+            server['id'], [self.instances_path], port_ids=[port['id']]))
+        self._delete_server(server)
+
     def test_guest_starts_only_after_the_event(self):
         self.flags(vif_plugging_timeout=300)
         port = self._down_port('10.251.9.11')
@@ -70,14 +80,7 @@ class TestVifPluggedEvents(nova_harness.BhyveFunctionalTestBase):
         self.flags(vif_plugging_timeout=2, vif_plugging_is_fatal=True)
         port = self._down_port('10.251.9.12')
         server = self._post(port)
-        server = self._wait_for_state_change(server, 'ERROR')
-        # Nova's own wording for VirtualInterfaceCreateException (as with
-        # the libvirt driver): the build is aborted, not rescheduled
-        self.assertIn('Failed to allocate the network(s), not rescheduling',
-                      server['fault']['message'])
-        self.assertEqual([], nova_harness.leftovers(
-            server['id'], [self.instances_path], port_ids=[port['id']]))
-        self._delete_server(server)
+        self._assert_aborted_leaving_nothing(server, port)
 
     def test_failed_event_aborts_the_build(self):
         self.flags(vif_plugging_timeout=300, vif_plugging_is_fatal=True)
@@ -85,14 +88,7 @@ class TestVifPluggedEvents(nova_harness.BhyveFunctionalTestBase):
         server = self._post(port)
         self._wait_for_tap(port)
         self._event(server, port, status='failed')
-        server = self._wait_for_state_change(server, 'ERROR')
-        # Nova's own wording for VirtualInterfaceCreateException (as with
-        # the libvirt driver): the build is aborted, not rescheduled
-        self.assertIn('Failed to allocate the network(s), not rescheduling',
-                      server['fault']['message'])
-        self.assertEqual([], nova_harness.leftovers(
-            server['id'], [self.instances_path], port_ids=[port['id']]))
-        self._delete_server(server)
+        self._assert_aborted_leaving_nothing(server, port)
 
     def test_timeout_not_fatal_boots_anyway(self):
         self.flags(vif_plugging_timeout=2, vif_plugging_is_fatal=False)
