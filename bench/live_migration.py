@@ -16,7 +16,7 @@ live_migration.POLL s, live_migration._progress -> controller.decide ->
 handle.apply), with one of three controllers:
 
 * ``policy``: nova_bhyve.migration_policy.ConvergencePolicy.from_conf with the
-  defaults of [bhyve] (50..500 ms in 5 steps, fallback auto-converge,
+  defaults of [bhyve] (300..500 ms in 5 steps, fallback auto-converge,
   completion timeout 800 s/GiB);
 * ``qemu``: QEMU's defaults: downtime-limit 300 ms, no auto-converge, nothing
   changes during the migration;

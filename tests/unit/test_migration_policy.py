@@ -80,6 +80,39 @@ def test_medium_rate_beats_both_baselines():
     assert ours.outcome == 'completed' and ours.elapsed * 10 < libvirt.elapsed
 
 
+# the benchmark's converging case: 16 MiB/s into a 32 MiB/s cap (rho 0.5)
+BENCH16 = dict(memory=GiB, dirty_rate=16 * MiB, bandwidth=32 * MiB,
+               working_set=512 * MiB)
+
+
+def default_policy():
+    from nova_bhyve import conf
+    conf.register_opts(conf.CONF) if 'bhyve' not in conf.CONF else None
+    return mp.ConvergencePolicy.from_conf(conf.CONF.bhyve, GiB, 0)
+
+
+@pytest.mark.parametrize('guest', [BENCH16, IDLE, SLOW],
+                         ids=['bench16', 'idle', 'slow'])
+def test_defaults_never_slower_than_either_baseline(guest):
+    """With its default options the policy finishes a converging migration
+    no later than QEMU's 300 ms or the libvirt stepping."""
+    r = sim.simulate(default_policy(), max_time=2000, **guest)
+    qemu = sim.simulate(sim.QemuDefaults(), max_time=2000, **guest)
+    libvirt = sim.simulate(sim.LibvirtStepping(GiB), max_time=2000, **guest)
+    assert r.outcome == qemu.outcome == libvirt.outcome == 'completed'
+    assert r.elapsed <= min(qemu.elapsed, libvirt.elapsed) + 1e-6
+    assert r.max_downtime_limit <= 500 and r.downtime_ms <= 500
+
+
+def test_a_lower_start_costs_what_the_model_says():
+    """live_migration_downtime = 50 instead of 300 at rho 0.5: the
+    documented price, about (300 - 50) / (1 - 0.5) ms = 0.5 s."""
+    low = sim.simulate(policy(initial=50), **BENCH16)
+    high = sim.simulate(policy(initial=300), **BENCH16)
+    assert low.downtime_ms <= 50 < high.downtime_ms <= 300
+    assert 0.3 < low.elapsed - high.elapsed < 0.7
+
+
 def test_high_rate_auto_converge_throttles_in_steps_and_converges():
     r = sim.simulate(policy('auto-converge'), **HIGH)
     assert r.outcome == 'completed'
