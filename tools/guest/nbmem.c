@@ -3,7 +3,7 @@
  * test guest (built static by tools/build-test-guest into the initramfs as
  * /bin/nbmem). Used by the migration tests and benchmarks.
  *
- *   nbmem RATE_MIB_S SIZE_MIB [TICK_MS]
+ *   nbmem RATE_MIB_S SIZE_MIB [TICK_MS [check]]
  *
  * Allocates SIZE_MIB MiB, touches all of it once, then writes one 8-byte
  * word into successive 4 KiB pages of the buffer (wrapping around), RATE_MIB_S
@@ -27,6 +27,17 @@
  * then exit 0. Bad arguments: a usage line on stderr, exit 2; no memory:
  * exit 1.
  *
+ * check: keep a shadow copy of every value written and compare the whole
+ * buffer with it after each full pass over the buffer and at the stop - the
+ * oracle for "memory written while the guest migrated arrived intact" (a
+ * hypervisor that loses a write leaves a page with an older value). The
+ * start line then also has check=1 and buf=<address> (for a test that
+ * corrupts the buffer on purpose through /proc/PID/mem); the stop line has
+ * checked=<pages compared> corrupt=<pages that differed>. A difference
+ * prints up to 8 lines
+ *   NBMEM-CORRUPT page=<index> want=<value written> got=<value found>
+ * and ends the program (stop line, exit 3).
+ *
  * RATE_MIB_S may be 0 (ticks only). When the guest cannot keep up (e.g. a
  * slow TCG guest), pages are written as fast as it can and NBMEM-STOP tells
  * the rate reached (dirtied_mib / elapsed_ms).
@@ -47,6 +58,8 @@
 #define NS 1000000000ULL
 /* pages written between two looks at the clock */
 #define BATCH 64
+/* NBMEM-CORRUPT lines printed at most */
+#define MAX_REPORTS 8
 
 static volatile sig_atomic_t stop_requested;
 
@@ -88,6 +101,32 @@ static void emit(const char *buf, size_t len)
     }
 }
 
+/* compare every page's first word with what was written into it; print the
+ * first differences; return how many pages differ */
+static uint64_t verify(const unsigned char *buf, const uint64_t *shadow,
+                       uint64_t npages, uint64_t *checked)
+{
+    uint64_t bad = 0, got;
+    char line[128];
+    int len;
+
+    for (uint64_t p = 0; p < npages; p++) {
+        memcpy(&got, buf + p * PAGE, sizeof(got));
+        if (got == shadow[p])
+            continue;
+        if (bad++ < MAX_REPORTS) {
+            len = snprintf(line, sizeof(line),
+                           "NBMEM-CORRUPT page=%llu want=%llu got=%llu\n",
+                           (unsigned long long)p,
+                           (unsigned long long)shadow[p],
+                           (unsigned long long)got);
+            emit(line, (size_t)len);
+        }
+    }
+    *checked += npages;
+    return bad;
+}
+
 static int parse(const char *s, unsigned long min, unsigned long max,
                  unsigned long *out)
 {
@@ -108,18 +147,22 @@ int main(int argc, char **argv)
 {
     unsigned long rate, size_mib, tick_ms = 10;
     uint64_t npages, cursor = 0, written = 0, seq = 0, value = 1;
-    uint64_t start, tick_ns, next_tick, now;
+    uint64_t start, tick_ns, next_tick, now, checked = 0, corrupt = 0;
+    uint64_t *shadow = NULL;
+    int check = 0;
     double pages_per_ns;
     unsigned char *buf;
-    char line[128];
+    char line[256];
     struct sigaction sa;
     int len;
 
-    if (argc < 3 || argc > 4 ||
+    if (argc == 5 && strcmp(argv[4], "check") == 0)
+        check = 1;
+    if (argc < 3 || argc > 4 + check ||
         parse(argv[1], 0, 1UL << 20, &rate) ||
         parse(argv[2], 1, 1UL << 20, &size_mib) ||
-        (argc == 4 && parse(argv[3], 1, 60000, &tick_ms))) {
-        fprintf(stderr, "usage: nbmem RATE_MIB_S SIZE_MIB [TICK_MS]\n"
+        (argc >= 4 && parse(argv[3], 1, 60000, &tick_ms))) {
+        fprintf(stderr, "usage: nbmem RATE_MIB_S SIZE_MIB [TICK_MS [check]]\n"
                 "  RATE_MIB_S 0..1048576, SIZE_MIB 1..1048576, "
                 "TICK_MS 1..60000 (default 10)\n");
         return 2;
@@ -132,9 +175,19 @@ int main(int argc, char **argv)
                 strerror(errno));
         return 1;
     }
+    if (check) {
+        shadow = calloc((size_t)npages, sizeof(*shadow));
+        if (shadow == NULL) {
+            fprintf(stderr, "nbmem: cannot allocate the check copy\n");
+            return 1;
+        }
+    }
     /* commit every page now: the dirtying later changes resident pages */
-    for (uint64_t p = 0; p < npages; p++)
+    for (uint64_t p = 0; p < npages; p++) {
         memcpy(buf + p * PAGE, &value, sizeof(value));
+        if (check)
+            shadow[p] = value;
+    }
 
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;
@@ -145,7 +198,11 @@ int main(int argc, char **argv)
 
     len = snprintf(line, sizeof(line),
                    "NBMEM-START rate_mib_s=%lu size_mib=%lu tick_ms=%lu "
-                   "pid=%ld\n", rate, size_mib, tick_ms, (long)getpid());
+                   "pid=%ld%s", rate, size_mib, tick_ms, (long)getpid(),
+                   check ? "" : "\n");
+    if (check)
+        len += snprintf(line + len, sizeof(line) - (size_t)len,
+                        " check=1 buf=%p\n", (void *)buf);
     emit(line, (size_t)len);
 
     pages_per_ns = (double)rate * (double)(MIB / PAGE) / (double)NS;
@@ -171,8 +228,15 @@ int main(int argc, char **argv)
             for (int i = 0; i < BATCH && written < due; i++) {
                 value++;
                 memcpy(buf + cursor * PAGE, &value, sizeof(value));
+                if (check)
+                    shadow[cursor] = value;
                 cursor = cursor + 1 == npages ? 0 : cursor + 1;
                 written++;
+                if (check && cursor == 0) {
+                    corrupt = verify(buf, shadow, npages, &checked);
+                    if (corrupt)
+                        stop_requested = 1;
+                }
             }
             if (now_ns() >= next_tick)
                 break;
@@ -180,13 +244,22 @@ int main(int argc, char **argv)
         if (written >= due && now_ns() < next_tick)
             sleep_until(next_tick);
     }
+    if (check && !corrupt)
+        corrupt = verify(buf, shadow, npages, &checked);
     now = now_ns();
     len = snprintf(line, sizeof(line),
-                   "NBMEM-STOP seq=%llu dirtied_mib=%llu elapsed_ms=%llu\n",
+                   "NBMEM-STOP seq=%llu dirtied_mib=%llu elapsed_ms=%llu",
                    (unsigned long long)seq,
                    (unsigned long long)(written * PAGE / MIB),
                    (unsigned long long)((now - start) / 1000000ULL));
+    if (check)
+        len += snprintf(line + len, sizeof(line) - (size_t)len,
+                        " checked=%llu corrupt=%llu",
+                        (unsigned long long)checked,
+                        (unsigned long long)corrupt);
+    line[len++] = '\n';
     emit(line, (size_t)len);
     munmap(buf, (size_t)(npages * PAGE));
-    return 0;
+    free(shadow);
+    return corrupt ? 3 : 0;
 }
