@@ -111,8 +111,9 @@ class ResumeListener:
         self.port = self.sock.getsockname()[1]
         self.closed = False
         self.resumed = False
-        self._thread = threading.Thread(target=self._serve, daemon=True,
-                                        name='migration-resume-%s' % vmdir.uuid)
+        self._thread = threading.Thread(
+            target=self._serve, daemon=True,
+            name='migration-resume-%s' % vmdir.uuid)
         self._thread.start()
 
     def _serve(self):
