@@ -111,6 +111,8 @@ class ResumeListener:
         self.port = self.sock.getsockname()[1]
         self.closed = False
         self.resumed = False
+        #: the incoming QEMU's pid (None: no pid file, nothing to watch)
+        self._pid = vmdir.read_pid()
         self._thread = threading.Thread(
             target=self._serve, daemon=True,
             name='migration-resume-%s' % vmdir.uuid)
@@ -121,12 +123,24 @@ class ResumeListener:
             try:
                 conn, peer = self.sock.accept()
             except socket.timeout:
+                if self._vm_gone():
+                    LOG.debug('the incoming VM %s is gone: its resume '
+                              'listener closes', self.vmdir.uuid)
+                    break
                 continue
             except OSError:
                 break
             with conn:
                 self._answer(conn, peer)
+        _forget(self)
         self.close()
+
+    def _vm_gone(self):
+        """The incoming VM's process ended (a failed migration over a shared
+        instances path: Nova calls no rollback on the destination, the
+        QEMU exits on its own - nothing else would close this listener)."""
+        return self._pid is not None and not base.process_alive(
+            self._pid, self.vmdir.uuid)
 
     def _answer(self, conn, peer):
         conn.settimeout(10.0)
@@ -181,6 +195,13 @@ def listen(vmdir, host):
     if old:
         old.close()
     return listener.port, listener.token
+
+
+def _forget(listener):
+    """Drop ``listener`` from the registry if it is still the one there."""
+    with _lock:
+        if _listeners.get(listener.vmdir.path) is listener:
+            del _listeners[listener.vmdir.path]
 
 
 def close(vmdir):

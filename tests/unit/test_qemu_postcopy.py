@@ -252,3 +252,34 @@ def test_prepare_incoming_opens_the_resume_listener_without_post_copy(
             qemu_postcopy.request_resume('127.0.0.1', ep.resume_port, 'x')
     finally:
         qemu_postcopy.close(dst)
+
+
+def test_listener_closes_when_its_vm_process_ends(tmp_path):
+    """Shared instances path, failed migration: Nova calls no rollback on
+    the destination and the incoming QEMU exits on its own; its resume
+    listener must not outlive it. A real process stands in for QEMU (its
+    command line carries the VM's uuid, as QEMU's does)."""
+    import os
+    import subprocess
+    import time
+    dst = vmdir(tmp_path, 'dst')
+    os.makedirs(dst.path)
+    proc = subprocess.Popen(['sh', '-c', 'sleep 60', dst.uuid])
+    try:
+        with open(dst.pidfile, 'w') as f:
+            f.write('%d\n' % proc.pid)
+        port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+        listener = qemu_postcopy._listeners[dst.path]
+        time.sleep(1.5)                   # more than one accept timeout
+        assert not listener.closed         # the VM runs: it stays open
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while dst.path in qemu_postcopy._listeners and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dst.path not in qemu_postcopy._listeners
+    assert listener.closed
+    with pytest.raises(base.HypervisorError, match='cannot reach'):
+        qemu_postcopy.request_resume('127.0.0.1', port, token, timeout=5)
