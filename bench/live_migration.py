@@ -353,13 +353,14 @@ class LiveMigrationBench(unittest.TestCase):
                     pre[0] * 1000, 1) if pre else None})
             if outcome == 'completed':
                 from nova_bhyve.hypervisor import qmp
-                info = qmp.execute(src.control, 'query-migrate')
-                case['qemu_total_time_ms'] = info.get('total-time')
-                case['qemu_setup_time_ms'] = info.get('setup-time')
+                # as the driver: disks, then the destination runs the guest
                 handle.finish()
                 resume_failure = handle.resume_destination()
                 t_resume = time.monotonic()
                 case['resume_failure'] = resume_failure
+                info = qmp.execute(src.control, 'query-migrate')
+                case['qemu_total_time_ms'] = info.get('total-time')
+                case['qemu_setup_time_ms'] = info.get('setup-time')
                 hyp.finish_incoming(dst)
                 t_cont = time.monotonic()
                 deadline = t_cont + 30

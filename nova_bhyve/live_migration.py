@@ -750,16 +750,18 @@ class Migration:
                 fast_spent += interval
             time.sleep(interval)
         self.completed_at = time.monotonic()
-        if h.reports_progress:
-            self._record(snap, force=True)
         self.downtime_ms = snap.downtime_ms
         if self.switched_at is not None:
             LOG.info('post-copy: all memory on the destination %.1f s after '
                      'the switch', self.completed_at - self.switched_at,
                      instance=self.instance)
         else:
+            # the guest is stopped on both hosts until the resume: nothing
+            # else (the record's save below) comes first
             h.finish()
             self._resume_destination()
+        if h.reports_progress:
+            self._record(snap, force=True)
 
     def _resume_destination(self):
         """Pre-copy completed, disks in sync: the guest runs on the
