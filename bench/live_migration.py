@@ -11,9 +11,12 @@ QemuHypervisor): the source is started from a VMSpec like the driver builds
 (1 vCPU, 1024 MiB, direct kernel boot of the test guest, a qcow2 overlay as
 root disk); the destination is prepare_incoming() on the same host over
 loopback with the same disk path (shared storage, no block migration); the
-loop is the one of nova_bhyve.live_migration.Migration._migrate (poll every
-live_migration.POLL s, live_migration._progress -> controller.decide ->
-handle.apply), with one of three controllers:
+loop is the one of nova_bhyve.live_migration.Migration._migrate (sleep
+live_migration.poll_interval between polls: POLL, FAST_POLL near the end;
+live_migration._progress -> controller.decide -> handle.apply; on
+'completed' handle.finish() then handle.resume_destination(), which has the
+destination run the guest as the driver does before Nova's post step; then
+finish_incoming), with one of three controllers:
 
 * ``policy``: nova_bhyve.migration_policy.ConvergencePolicy.from_conf with the
   defaults of [bhyve] (300..500 ms in 5 steps, fallback auto-converge,
@@ -275,6 +278,8 @@ class LiveMigrationBench(unittest.TestCase):
         try:
             spec = self.spec(tmp, vm_uuid)
             hyp.start(spec, src)
+            case['poll_s'] = live_migration.POLL
+            case['fast_poll_s'] = live_migration.FAST_POLL
             wait_in_file(src.console_log, b'NOVA-BHYVE-SHELL-READY', 300)
             type_in(src, 'nbmem %d %d %d &' % (rate, WORKING_SET_MIB,
                                                TICK_MS))
@@ -299,6 +304,7 @@ class LiveMigrationBench(unittest.TestCase):
             max_throttle = 0
             dirty_rates = []
             outcome = None
+            fast_spent = 0.0
             while True:
                 snap = handle.poll()
                 elapsed = time.monotonic() - t0
@@ -327,7 +333,10 @@ class LiveMigrationBench(unittest.TestCase):
                 if aborted:
                     outcome = 'aborted by policy: %s' % aborted
                     break
-                time.sleep(live_migration.POLL)
+                interval = live_migration.poll_interval(snap, fast_spent)
+                if interval < live_migration.POLL:
+                    fast_spent += interval
+                time.sleep(interval)
             t_end = time.monotonic()
             case.update({
                 'outcome': outcome, 'total_s': round(t_end - t0, 2),
@@ -344,10 +353,14 @@ class LiveMigrationBench(unittest.TestCase):
                     pre[0] * 1000, 1) if pre else None})
             if outcome == 'completed':
                 from nova_bhyve.hypervisor import qmp
+                # as the driver: disks, then the destination runs the guest
+                handle.finish()
+                resume_failure = handle.resume_destination()
+                t_resume = time.monotonic()
+                case['resume_failure'] = resume_failure
                 info = qmp.execute(src.control, 'query-migrate')
                 case['qemu_total_time_ms'] = info.get('total-time')
                 case['qemu_setup_time_ms'] = info.get('setup-time')
-                handle.finish()
                 hyp.finish_incoming(dst)
                 t_cont = time.monotonic()
                 deadline = t_cont + 30
@@ -361,13 +374,16 @@ class LiveMigrationBench(unittest.TestCase):
                     last, first = src_ticks[-1], dst_ticks[0]
                     # last tick on the source -> first on the destination:
                     # QEMU's downtime plus the loop's poll delay, finish()
-                    # and finish_incoming()'s 'cont'
+                    # and resume_destination()'s 'cont' (finish_incoming's
+                    # if the resume failed)
                     case['switchover_gap_ms'] = round(
                         (first[0] - last[0]) * 1000 - TICK_MS, 1)
                     case['switchover_guest_clock_ms'] = round(
                         (first[2] - last[2]) / 1e6, 1)
                     case['completed_seen_after_last_src_tick_ms'] = round(
                         (t_end - last[0]) * 1000, 1)
+                    case['resumed_after_last_src_tick_ms'] = round(
+                        (t_resume - last[0]) * 1000, 1)
                     case['cont_done_after_last_src_tick_ms'] = round(
                         (t_cont - last[0]) * 1000, 1)
                 gap = watcher.max_gap(t0, time.monotonic())

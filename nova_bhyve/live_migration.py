@@ -64,6 +64,14 @@ LOG = logging.getLogger(__name__)
 CONF = conf.CONF
 
 POLL = 0.5
+#: the poll interval near the end of the memory phase (poll_interval)
+FAST_POLL = 0.02
+#: at most this many seconds of fast polling per migration: a migration
+#: that hovers just above its downtime limit does not hammer QMP for ever
+FAST_POLL_BUDGET = 10.0
+#: statuses of QEMU's last step before the switchover
+#: (pause-before-switchover)
+SWITCHOVER_STATUSES = ('device', 'pre-switchover')
 #: the migration record is saved every this many seconds
 RECORD_INTERVAL = 2.0
 #: marker file of a VM directory that holds an incoming migration
@@ -94,6 +102,25 @@ def _progress(elapsed, snap):
         memory_remaining=snap.memory_remaining,
         dirty_rate=snap.dirty_rate, bandwidth=snap.bandwidth,
         disk_remaining=snap.disk_remaining, cpu_throttle=snap.cpu_throttle)
+
+
+def poll_interval(snap, fast_spent=0.0):
+    """Seconds to sleep before the next poll of the memory phase: POLL, or
+    FAST_POLL near the end - the status is QEMU's last step before the
+    switchover, or what remains (memory + disk) would be sent within about
+    one POLL at the measured bandwidth - so that 'completed' is seen (and
+    the destination resumed) within FAST_POLL instead of up to POLL after
+    it happened. ``fast_spent``: the seconds of fast polling so far; past
+    FAST_POLL_BUDGET it is POLL again. The policy still decides per pass
+    (it ignores polls that bring no new pass)."""
+    if fast_spent >= FAST_POLL_BUDGET:
+        return POLL
+    if snap.status in SWITCHOVER_STATUSES:
+        return FAST_POLL
+    if snap.status != 'active' or not snap.bandwidth:
+        return POLL
+    remaining = snap.memory_remaining + snap.disk_remaining
+    return FAST_POLL if remaining <= snap.bandwidth * POLL else POLL
 
 
 # -- addresses ------------------------------------------------------------
@@ -498,6 +525,9 @@ class Migration:
         #: and of the end of the memory stream
         self.switched_at = None
         self.completed_at = None
+        #: monotonic time the destination ran the guest after a pre-copy
+        #: completion (None: it runs at Nova's post step)
+        self.resumed_at = None
 
     # requests from other threads (Nova's abort / force-complete RPCs)
     def request(self, what):
@@ -557,6 +587,8 @@ class Migration:
                  time.monotonic() - t0, self.downtime_ms,
                  'post-copy: the guest runs on the destination already'
                  if self.switched_at is not None else
+                 'the guest runs on the destination already'
+                 if self.resumed_at is not None else
                  'the guest runs again once the destination resumes it in '
                  'post_live_migration_at_destination',
                  instance=self.instance)
@@ -692,6 +724,7 @@ class Migration:
         LOG.info('disks in sync after %.1f s; sending memory',
                  time.monotonic() - t0, instance=self.instance)
         h.start_memory()
+        fast_spent = 0.0
         while True:
             self._alive()
             self._handle_requests()
@@ -712,17 +745,43 @@ class Migration:
                     snap.status, snap.error or 'no reason given'))
             h.mirror_ready()          # raises when a disk copy failed
             self._decide(policy, t0, snap, memory_phase=True)
-            time.sleep(POLL)
+            interval = poll_interval(snap, fast_spent)
+            if interval < POLL:
+                fast_spent += interval
+            time.sleep(interval)
         self.completed_at = time.monotonic()
-        if h.reports_progress:
-            self._record(snap, force=True)
         self.downtime_ms = snap.downtime_ms
         if self.switched_at is not None:
             LOG.info('post-copy: all memory on the destination %.1f s after '
                      'the switch', self.completed_at - self.switched_at,
                      instance=self.instance)
         else:
+            # the guest is stopped on both hosts until the resume: nothing
+            # else (the record's save below) comes first
             h.finish()
+            self._resume_destination()
+        if h.reports_progress:
+            self._record(snap, force=True)
+
+    def _resume_destination(self):
+        """Pre-copy completed, disks in sync: the guest runs on the
+        destination now (as libvirt's Finish phase does), not only when
+        Nova's post step reaches it. A failure is not fatal: the guest
+        then runs at post_live_migration_at_destination."""
+        try:
+            failure = self.handle.resume_destination()
+        except NotImplementedError:
+            return
+        if failure:
+            LOG.warning('the guest was not resumed on %s right away (%s); '
+                        'it runs once Nova\'s post step reaches the '
+                        'destination', self.dest, failure,
+                        instance=self.instance)
+            return
+        self.resumed_at = time.monotonic()
+        LOG.info('the guest runs on %s %.3f s after the memory stream '
+                 'completed', self.dest, self.resumed_at - self.completed_at,
+                 instance=self.instance)
 
     def _switchover(self, t0):
         """The source is in postcopy-active: disks in sync, then the guest

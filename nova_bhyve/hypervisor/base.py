@@ -366,3 +366,10 @@ class MigrationHandle(abc.ABC):
     @abc.abstractmethod
     def cancel(self):
         """Abandon the migration; the guest runs on here."""
+
+    def resume_destination(self):
+        """After finish(): have the destination run the guest now, before
+        Nova's post step. Returns None, or why it did not (it then runs at
+        finish_incoming). NotImplementedError: the backend has no such
+        channel (the guest runs at finish_incoming)."""
+        raise NotImplementedError()

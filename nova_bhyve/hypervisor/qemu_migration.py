@@ -5,10 +5,13 @@ Destination (``prepare_incoming``): the VM's usual command line plus
 ``-S -incoming defer``; its writable instance disks are exported over NBD
 (``nbd-server-start`` on the inbound address, ``nbd-server-add
 writable=true`` per disk; the exports are named after the block nodes,
-``diskN``), then ``migrate-incoming tcp:ADDR:PORT``. ``-S``: the guest is
-not run when the memory stream ends; ``finish_incoming`` stops the NBD
-server and runs it (``cont``) once the source has synchronised the disks
-and let go of them - the order libvirt uses for NBD storage migration.
+``diskN``), then ``migrate-incoming tcp:ADDR:PORT``; it opens the resume
+listener (qemu_postcopy: the resume channel). ``-S``: the guest is not run
+when the memory stream ends; it runs (NBD server stopped, ``cont``) once the
+source has synchronised the disks and let go of them - the order libvirt
+uses for NBD storage migration - when the source asks through the resume
+listener, else at ``finish_incoming`` (Nova's post step), which runs
+``cont`` only if the guest is not running yet.
 
 Source (``OutgoingMigration``):
 
@@ -32,7 +35,10 @@ Source (``OutgoingMigration``):
 4. once QEMU reports ``completed`` (vCPUs stopped, memory sent):
    ``block-job-cancel`` of each ready mirror (for a ready mirror this means
    "finish the copy, do not pivot"), wait for the jobs to conclude without
-   error, ``blockdev-del`` the NBD nodes.
+   error, ``blockdev-del`` the NBD nodes (``finish()``); then
+   ``resume_destination()`` asks the destination to run the guest now
+   (qemu_postcopy), as libvirt's Finish phase does, before Nova's post
+   step.
 
 ``cancel()`` at any point: ``migrate_cancel``, forced cancel of the mirror
 jobs, NBD nodes removed, the vCPUs run again if they were running before.
@@ -123,7 +129,7 @@ class Endpoint:
     uri: str                       # memory stream, e.g. tcp:10.0.0.2:49152
     nbd_host: str = None           # disk stream (block migration)
     nbd_port: int = None
-    resume_port: int = None        # post-copy resume listener
+    resume_port: int = None        # resume listener (qemu_postcopy)
     resume_token: str = None
 
     @property
@@ -154,9 +160,7 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
         for command, args in first + incoming_commands(
                 spec, host, mig_port, nbd_port, block):
             qmp.execute(vmdir.control, command, args, timeout=timeout)
-        resume_port = resume_token = None
-        if policy is not None and policy.wants_postcopy:
-            resume_port, resume_token = qemu_postcopy.listen(vmdir, host)
+        resume_port, resume_token = qemu_postcopy.listen(vmdir, host)
     except (base.HypervisorError, OSError):
         hyp.kill(vmdir)
         raise
@@ -166,9 +170,10 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
 
 
 def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
-    """Destination, after the source finished: the memory stream must have
-    completed; stop the NBD server and run the guest (unless a post-copy
-    switchover already runs it). The source saw 'completed' first: the
+    """Destination, Nova's post step: the memory stream must have
+    completed; close the resume listener, stop the NBD server and run the
+    guest unless the source already had it run (resume_destination, or a
+    post-copy switchover). The source saw 'completed' first: the
     destination may need a moment to say so too."""
     qemu_postcopy.close(vmdir)
     deadline = time.monotonic() + timeout
@@ -411,6 +416,25 @@ class OutgoingMigration(base.MigrationHandle):
             raise base.HypervisorError('disk copy did not complete: %s'
                                        % '; '.join(errors))
 
+    def resume_destination(self):
+        """After finish(): ask the destination to run the guest now (the
+        disks are in sync and the source lets go of them). Returns None, or
+        the reason it did not (the guest then runs at finish_incoming, in
+        Nova's post step: correct, only later)."""
+        return self._request_resume(completed=True)
+
+    def _request_resume(self, completed):
+        if not self.endpoint.resume_port:
+            return 'the destination opened no resume listener'
+        try:
+            qemu_postcopy.request_resume(self.endpoint.host,
+                                         self.endpoint.resume_port,
+                                         self.endpoint.resume_token,
+                                         completed=completed)
+        except base.HypervisorError as e:
+            return str(e)
+        return None
+
     def switchover(self):
         """QEMU reports postcopy-active (the vCPUs here are stopped, the
         disks no longer change): complete the disk copies, then ask the
@@ -425,15 +449,7 @@ class OutgoingMigration(base.MigrationHandle):
             raise base.HypervisorError(
                 'disk copy did not complete after the switch to post-copy: '
                 '%s' % '; '.join(errors))
-        if not self.endpoint.resume_port:
-            return 'the destination opened no resume listener'
-        try:
-            qemu_postcopy.request_resume(self.endpoint.host,
-                                         self.endpoint.resume_port,
-                                         self.endpoint.resume_token)
-        except base.HypervisorError as e:
-            return str(e)
-        return None
+        return self._request_resume(completed=False)
 
     def cancel(self):
         """Stop everything; the guest keeps running here. Idempotent.

@@ -1,32 +1,44 @@
-"""Post-copy switchover of a QEMU live migration across two hosts.
+"""The resume channel of a QEMU live migration: the source tells the
+destination when to run the guest.
 
-QEMU 7.2 keeps a destination started with ``-S`` paused when the source
-switches to post-copy (``migrate-start-postcopy``): both sides report
-``postcopy-active``, the destination's run state is ``paused`` (checked by
-experiment, and tests/interop/test_qemu_postcopy_interop.py). Without ``-S`` it
-would start the guest at the switch, before the source has finished copying
-the disks - so ``-S`` stays, and the destination is told to run the guest
-once the disks are in sync:
+The destination QEMU is started with ``-S``: it does not run the guest on
+its own when the memory stream ends, nor at a post-copy switch (QEMU 7.2
+keeps it ``paused`` at ``postcopy-active``: checked by experiment and
+tests/interop/test_qemu_postcopy_interop.py). Without ``-S`` it could start
+the guest before the source has finished copying the disks. The source
+decides the moment, once the disks are in sync, in two cases:
 
-1. the source sees ``postcopy-active`` (its vCPUs are stopped: the disks no
-   longer change), completes its block mirrors into the destination's NBD
-   exports (qemu_migration.OutgoingMigration.switchover);
-2. it connects to the destination's *resume listener* (an address and port
-   in the Endpoint, opened by prepare_incoming when the policy may switch to
-   post-copy) and sends the per-migration token;
-3. the destination checks the token, stops its NBD server and runs the
-   guest (QMP ``cont``) while the remaining memory pages are still fetched
-   on demand from the source; it answers ``ok`` or the error.
+* pre-copy: QEMU reports ``completed`` (the source's vCPUs are stopped, all
+  memory sent) and the block mirrors into the destination's NBD exports
+  completed (qemu_migration.OutgoingMigration.finish, then
+  ``resume_destination``) - the point where libvirt's Finish phase resumes
+  the guest, before Nova's post step;
+* post-copy: QEMU reports ``postcopy-active`` (the source's vCPUs are
+  stopped, the disks no longer change), the mirrors completed
+  (``switchover``); the guest then runs while its remaining memory pages
+  are fetched on demand from the source.
+
+Either way:
+
+1. the destination opened its *resume listener* in prepare_incoming (for
+   every QEMU live migration): an address and port in the Endpoint, plus a
+   per-migration token;
+2. the source connects and sends the token;
+3. the destination checks the token and the incoming migration's status
+   (``postcopy-active`` or ``completed``), stops its NBD server and runs the
+   guest (QMP ``cont``); it answers ``ok`` or the error.
 
 The listener lives in the destination's nova-compute process. If it is gone
 (nova-compute restarted) the resume fails on the source with a warning and
-the guest runs once Nova's post_live_migration_at_destination is reached -
-correct, only without the benefit of post-copy.
+the guest runs once Nova's post_live_migration_at_destination is reached
+(finish_incoming, which also closes the listener and runs ``cont`` only if
+the guest is not running yet) - correct, only later.
 """
 import hmac
 import secrets
 import socket
 import threading
+import time
 
 from oslo_log import log as logging
 
@@ -39,20 +51,37 @@ LOG = logging.getLogger(__name__)
 RESUME_TIMEOUT = 60.0
 #: incoming migration statuses in which the guest may run
 RESUMABLE = ('postcopy-active', 'completed')
+#: incoming statuses while the stream is still being loaded
+LOADING = ('setup', 'active', 'device')
+#: seconds the destination waits for its own 'completed' after the source
+#: reported it
+COMPLETION_WAIT = 10.0
+#: what the source adds to its request when it has seen 'completed'
+COMPLETED_CLAIM = 'completed'
 _MAX_LINE = 256
 
 _listeners = {}
 _lock = threading.Lock()
 
 
-def resume_now(vmdir, timeout=30.0):
-    """Destination: run the incoming guest during post-copy. HypervisorError
-    unless the incoming migration is in post-copy (or completed)."""
+def resume_now(vmdir, timeout=30.0, source_completed=False):
+    """Destination: run the incoming guest now; returns the incoming
+    migration's status. HypervisorError unless it is in post-copy or
+    completed (never while pre-copy memory is still coming: the guest would
+    run on stale pages). ``source_completed``: the source reported
+    'completed' - the end of the stream may still be loading here (the
+    source does not wait for the destination), so wait up to
+    COMPLETION_WAIT seconds for this side to say 'completed' too."""
     status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+    deadline = time.monotonic() + COMPLETION_WAIT
+    while (source_completed and status in LOADING
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+        status = qmp.execute(vmdir.control, 'query-migrate').get('status')
     if status not in RESUMABLE:
         raise base.HypervisorError(
-            'the incoming migration of %s is %s: not in post-copy, the guest '
-            'cannot run here yet' % (vmdir.uuid, status))
+            'the incoming migration of %s is %s: not in post-copy nor '
+            'completed, the guest cannot run here yet' % (vmdir.uuid, status))
     try:
         qmp.execute(vmdir.control, 'nbd-server-stop')
     except qmp.QMPError as e:
@@ -63,11 +92,13 @@ def resume_now(vmdir, timeout=30.0):
     if state != 'running':
         raise base.HypervisorError('instance %s is %s after cont'
                                    % (vmdir.uuid, state))
+    return status
 
 
 class ResumeListener:
     """Destination: waits (in a thread) for the source's one resume request
-    for the incoming VM in ``vmdir``."""
+    for the incoming VM in ``vmdir`` (post-copy switch or pre-copy
+    completion)."""
 
     def __init__(self, vmdir, host):
         self.vmdir = vmdir
@@ -80,8 +111,11 @@ class ResumeListener:
         self.port = self.sock.getsockname()[1]
         self.closed = False
         self.resumed = False
-        self._thread = threading.Thread(target=self._serve, daemon=True,
-                                        name='postcopy-resume-%s' % vmdir.uuid)
+        #: the incoming QEMU's pid (None: no pid file, nothing to watch)
+        self._pid = vmdir.read_pid()
+        self._thread = threading.Thread(
+            target=self._serve, daemon=True,
+            name='migration-resume-%s' % vmdir.uuid)
         self._thread.start()
 
     def _serve(self):
@@ -89,12 +123,24 @@ class ResumeListener:
             try:
                 conn, peer = self.sock.accept()
             except socket.timeout:
+                if self._vm_gone():
+                    LOG.debug('the incoming VM %s is gone: its resume '
+                              'listener closes', self.vmdir.uuid)
+                    break
                 continue
             except OSError:
                 break
             with conn:
                 self._answer(conn, peer)
+        _forget(self)
         self.close()
+
+    def _vm_gone(self):
+        """The incoming VM's process ended (a failed migration over a shared
+        instances path: Nova calls no rollback on the destination, the
+        QEMU exits on its own - nothing else would close this listener)."""
+        return self._pid is not None and not base.process_alive(
+            self._pid, self.vmdir.uuid)
 
     def _answer(self, conn, peer):
         conn.settimeout(10.0)
@@ -102,22 +148,28 @@ class ResumeListener:
             line = conn.makefile('rb').readline(_MAX_LINE).strip().decode(
                 'ascii', 'replace')
         except OSError as e:
-            LOG.warning('post-copy resume request from %s: %s', peer, e)
+            LOG.warning('resume request from %s: %s', peer, e)
             return
-        if not hmac.compare_digest(line, self.token):
-            LOG.warning('post-copy resume request for %s from %s with a '
+        token, _, claim = line.partition(' ')
+        if not hmac.compare_digest(token.encode(), self.token.encode()):
+            LOG.warning('resume request for %s from %s with a '
                         'wrong token: ignored', self.vmdir.uuid, peer)
             reply = 'error: wrong token'
         else:
             try:
-                resume_now(self.vmdir)
+                status = resume_now(
+                    self.vmdir, source_completed=claim == COMPLETED_CLAIM)
                 self.resumed = True
                 reply = 'ok'
-                LOG.info('post-copy: the guest %s runs here; its remaining '
-                         'memory comes from the source on demand',
-                         self.vmdir.uuid)
+                if status == 'completed':
+                    LOG.info('the guest %s runs here: the source completed '
+                             'the migration', self.vmdir.uuid)
+                else:
+                    LOG.info('post-copy: the guest %s runs here; its '
+                             'remaining memory comes from the source on '
+                             'demand', self.vmdir.uuid)
             except (base.HypervisorError, OSError) as e:
-                LOG.error('post-copy resume of %s failed: %s',
+                LOG.error('resume of %s failed: %s',
                           self.vmdir.uuid, e)
                 reply = 'error: %s' % e
         try:
@@ -145,6 +197,13 @@ def listen(vmdir, host):
     return listener.port, listener.token
 
 
+def _forget(listener):
+    """Drop ``listener`` from the registry if it is still the one there."""
+    with _lock:
+        if _listeners.get(listener.vmdir.path) is listener:
+            del _listeners[listener.vmdir.path]
+
+
 def close(vmdir):
     """Close the resume listener of ``vmdir`` (if any)."""
     with _lock:
@@ -153,13 +212,16 @@ def close(vmdir):
         listener.close()
 
 
-def request_resume(host, port, token, timeout=RESUME_TIMEOUT):
-    """Source: ask the destination to run the guest now. HypervisorError
-    with the destination's reason when it did not."""
+def request_resume(host, port, token, completed=False,
+                   timeout=RESUME_TIMEOUT):
+    """Source: ask the destination to run the guest now (``completed``: the
+    source saw the migration completed, not a post-copy switch).
+    HypervisorError with the destination's reason when it did not."""
+    line = token + (' ' + COMPLETED_CLAIM if completed else '')
     try:
         with socket.create_connection((host.strip('[]'), int(port)),
                                       timeout=timeout) as s:
-            s.sendall(token.encode() + b'\n')
+            s.sendall(line.encode() + b'\n')
             reply = s.makefile('rb').readline(_MAX_LINE).strip().decode(
                 'utf-8', 'replace')
     except OSError as e:

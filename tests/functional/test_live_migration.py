@@ -31,6 +31,7 @@ from nova import objects
 
 from nova_bhyve import live_migration
 from nova_bhyve import migration_policy
+from nova_bhyve.hypervisor import qmp
 
 import lifecycle_helpers
 import nova_harness
@@ -237,6 +238,23 @@ class _LiveMigrationBase(nova_harness.MultiComputeMixin,
                     s['OS-EXT-SRV-ATTR:host'], status, host))
             time.sleep(0.5)
 
+    def run_state_when_post_step_reaches(self, host, vmdir):
+        """A list that gets the run state (QMP query-status) of the VM in
+        ``vmdir`` at the moment Nova calls the driver's
+        post_live_migration_at_destination on ``host`` (observed, the
+        driver's method then runs unchanged)."""
+        drv = self.driver(host)
+        real = drv.post_live_migration_at_destination
+        states = []
+
+        def post_live_migration_at_destination(*args, **kwargs):
+            states.append(qmp.execute(os.path.join(vmdir, 'control.sock'),
+                                      'query-status')['status'])
+            return real(*args, **kwargs)
+        self.useFixture(_PatchAttr(drv, 'post_live_migration_at_destination',
+                                   post_live_migration_at_destination))
+        return states
+
     def assert_clean(self, host, server):
         """No VM process, directory or incoming leftovers on ``host``."""
         vmdir = self.host_vmdir(host, server)
@@ -300,12 +318,17 @@ class TestLiveMigration(_LiveMigrationBase):
         boot_id = self.boot_id(src)
         src_pid = self.pid_in(src, server)
         tick_before = _last_tick(src)
+        at_post = self.run_state_when_post_step_reaches('compute2', dst)
 
         self.migrate(server)
         mig = self.migration(server, ('completed', 'error', 'failed'))
         self.assertEqual('completed', mig.status)
         server = self.wait_server(server, 'ACTIVE', 'compute2')
 
+        # the source had the destination run the guest once the memory
+        # stream and the disk copy completed, as libvirt's Finish phase
+        # does: it already runs when Nova's post step reaches compute2
+        self.assertEqual(['running'], at_post)
         # the guest runs on compute2: same boot, the counter went on
         self.assertIsNotNone(self.pid_in(dst, server))
         ticks = _wait_ticks(dst, tick_before + 1)
@@ -730,11 +753,17 @@ class TestSharedInstancesPath(_LiveMigrationBase):
         boot_id = self.boot_id(vmdir)
         src_pid = self.pid_in(vmdir, server)
         tick_before = _last_tick(vmdir)
+        at_post = self.run_state_when_post_step_reaches(
+            'compute2', os.path.join(vmdir, 'in-' + server['id'][:8]))
 
         self.migrate(server)
         mig = self.migration(server, ('completed', 'error', 'failed'))
         self.assertEqual('completed', mig.status)
         server = self.wait_server(server, 'ACTIVE', 'compute2')
+        # resumed by the source before Nova's post step (the source VM,
+        # paused, still exists then: its images were handed over at the
+        # end of the memory stream)
+        self.assertEqual(['running'], at_post)
         self.assertEqual(0, mig.disk_total)          # nothing copied
         self.assertEqual(inode, os.stat(disk).st_ino)  # the same file
         pid = self.pid_in(vmdir, server)

@@ -101,7 +101,7 @@ def migration(handle, monkeypatch, policy):
     m._requests, m._lock = [], threading.Lock()
     m.handle = None
     m._last_record = 0.0
-    m.downtime_ms = m.switched_at = m.completed_at = None
+    m.downtime_ms = m.switched_at = m.completed_at = m.resumed_at = None
     return m, record
 
 
@@ -167,3 +167,67 @@ def test_post_copy_completes_without_finish(monkeypatch):
     assert 'running (post-copy)' in statuses
     assert h.calls == ['start_mirror', 'start_memory', 'switchover']
     assert m.completed_at >= m.switched_at
+
+
+class Resumable(Scripted):
+    """A handle whose destination can be told to run the guest
+    (resume_destination: None = done, a string = why not)."""
+
+    def __init__(self, statuses, failure=None):
+        super().__init__(statuses)
+        self.failure = failure
+
+    def resume_destination(self):
+        self.calls.append('resume_destination')
+        return self.failure
+
+
+def test_pre_copy_resumes_the_destination_before_the_post_step(monkeypatch):
+    h = Resumable(['active', 'active', 'completed'])
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    order = []
+    h.calls = order
+    called = []
+    m.run(lambda *a: order.append('post'),
+          lambda *a, **k: called.append('recover'), False)
+    assert called == []
+    # after the disk copies ended, before Nova's post step
+    assert order == ['start_mirror', 'start_memory', 'finish',
+                     'resume_destination', 'post']
+    assert m.resumed_at >= m.completed_at
+
+
+def test_pre_copy_resume_failure_leaves_it_to_the_post_step(monkeypatch,
+                                                            caplog):
+    """The destination's listener is gone (its nova-compute restarted): a
+    warning, and the migration completes as before (the guest runs at
+    post_live_migration_at_destination)."""
+    h = Resumable(['active', 'completed'],
+                  failure='cannot reach the destination to resume the '
+                          'guest: connection refused')
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    assert run(m) == ['post']
+    assert h.calls[-2:] == ['finish', 'resume_destination']
+    assert m.resumed_at is None
+    assert any(r.levelname == 'WARNING' and 'not resumed' in r.getMessage()
+               for r in caplog.records)
+
+
+def test_failed_disk_copy_does_not_resume_the_destination(monkeypatch):
+    h = Resumable(['active', 'completed'])
+
+    def finish():
+        h.calls.append('finish')
+        raise base.HypervisorError('disk copy did not complete: boom')
+    h.finish = finish
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    called = run(m)
+    assert called[0][0] == 'recover'
+    assert 'resume_destination' not in h.calls
+    assert 'cancel' in h.calls

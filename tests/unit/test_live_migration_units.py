@@ -220,3 +220,51 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
     drv._remove.assert_called_once_with(vmdir)
     assert not os.path.exists(vmdir.path)
     impl.delete.assert_called_once_with('tap5e1c1a83-8d')
+
+
+# -- the memory loop's poll interval -----------------------------------------
+
+def _snap(status='active', remaining=0, disk=0, bandwidth=0.0):
+    return qemu_migration.Snapshot(status=status, memory_remaining=remaining,
+                                   disk_remaining=disk, bandwidth=bandwidth)
+
+
+def test_poll_interval_fast_only_near_the_end():
+    poll, fast = live_migration.POLL, live_migration.FAST_POLL
+    assert fast < poll
+    bw = 32 * 2 ** 20                       # 32 MiB/s measured
+    # far from the end: more than one POLL's worth of data left
+    assert live_migration.poll_interval(
+        _snap(remaining=int(bw * poll) + 1, bandwidth=bw)) == poll
+    # memory alone fits, memory + disk does not
+    assert live_migration.poll_interval(
+        _snap(remaining=int(bw * poll) - 4096, disk=8192,
+              bandwidth=bw)) == poll
+    # within one POLL at the measured bandwidth: poll fast
+    assert live_migration.poll_interval(
+        _snap(remaining=int(bw * poll), bandwidth=bw)) == fast
+    assert live_migration.poll_interval(
+        _snap(remaining=4096, disk=4096, bandwidth=bw)) == fast
+    # no bandwidth measured yet (first poll, or a backend without
+    # counters): nothing to judge by
+    assert live_migration.poll_interval(_snap(remaining=0)) == poll
+    assert live_migration.poll_interval(_snap(status='setup')) == poll
+    # QEMU's last step before the switchover
+    for status in ('device', 'pre-switchover'):
+        assert live_migration.poll_interval(_snap(status=status)) == fast
+    # post-copy, final states: not the near-end of pre-copy
+    for status in ('postcopy-active', 'completed', 'failed'):
+        assert live_migration.poll_interval(
+            _snap(status=status, remaining=0, bandwidth=bw)) == poll
+
+
+def test_poll_interval_fast_polling_is_bounded():
+    """A migration hovering just above its downtime limit does not poll
+    fast for ever: past FAST_POLL_BUDGET seconds of fast polls, POLL."""
+    near = _snap(remaining=4096, bandwidth=2 ** 20)
+    budget = live_migration.FAST_POLL_BUDGET
+    assert live_migration.poll_interval(near, budget - 0.01) == \
+        live_migration.FAST_POLL
+    assert live_migration.poll_interval(near, budget) == live_migration.POLL
+    assert live_migration.poll_interval(_snap(status='device'), budget) == \
+        live_migration.POLL

@@ -177,3 +177,109 @@ def test_cancel_refused_when_qemu_already_switched(tmp_path, fake):
     with pytest.raises(base.HypervisorError, match='cannot be cancelled'):
         out.cancel()
     assert fake.commands(src.control) == ['query-migrate']
+
+
+def test_pre_copy_resume_after_completed(tmp_path, fake, monkeypatch):
+    """Pre-copy: after finish() the source asks with the 'completed' claim;
+    the destination, still loading the end of the stream for a moment
+    (QEMU's source does not wait for it), waits for its own 'completed',
+    then runs the guest. finish_incoming later runs no second 'cont' and
+    finds the listener closed."""
+    src, dst = vmdir(tmp_path, 'src'), vmdir(tmp_path, 'dst')
+    fake.state[src.control] = {'migration': 'completed',
+                               'run': 'postmigrate', 'jobs': []}
+    fake.state[dst.control] = {'migration': 'active', 'run': 'paused',
+                               'jobs': []}
+    real = fake.execute
+    loads = []
+
+    def execute(path, command, args=None, timeout=30.0):
+        if path == dst.control and command == 'query-migrate':
+            loads.append(1)
+            if len(loads) == 3:
+                fake.state[dst.control]['migration'] = 'completed'
+        return real(path, command, args, timeout)
+    monkeypatch.setattr(qmp, 'execute', execute)
+    port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        ep = qemu_migration.Endpoint(uri='tcp:127.0.0.1:4444',
+                                     resume_port=port, resume_token=token)
+        out = qemu_migration.OutgoingMigration(
+            types.SimpleNamespace(pid=lambda v: 1), src, None, ep, 0, None)
+        out.finish()
+        assert out.resume_destination() is None
+    finally:
+        qemu_postcopy.close(dst)
+    assert fake.commands(dst.control) == [
+        'query-migrate', 'query-migrate', 'query-migrate', 'nbd-server-stop',
+        'query-status', 'cont', 'query-status']
+    assert fake.state[dst.control]['run'] == 'running'
+    del fake.calls[:]
+    qemu_migration.finish_incoming(None, dst)
+    assert 'cont' not in fake.commands(dst.control)
+
+
+def test_resume_without_the_completed_claim_does_not_wait(tmp_path, fake):
+    """A request without the claim while pre-copy memory is still coming is
+    refused at once: the guest must not run on stale pages."""
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'active', 'run': 'paused',
+                               'jobs': []}
+    with pytest.raises(base.HypervisorError, match='not in post-copy'):
+        qemu_postcopy.resume_now(dst)
+    assert fake.commands(dst.control) == ['query-migrate']
+    assert fake.state[dst.control]['run'] == 'paused'
+
+
+def test_prepare_incoming_opens_the_resume_listener_without_post_copy(
+        tmp_path, fake, monkeypatch):
+    """Every QEMU live migration gets the resume channel, not only those
+    whose policy may switch to post-copy."""
+    from nova_bhyve.hypervisor import qemu_state
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'setup', 'run': 'inmigrate',
+                               'jobs': []}
+    monkeypatch.setattr(qemu_state, 'launch', lambda *a: None)
+    spec = guest.VMSpec(uuid=UUID, name='instance-1', vcpus=1, memory_mb=128,
+                        disks=[guest.Disk(path='/i/%s/disk' % UUID)])
+    ep = qemu_migration.prepare_incoming(
+        None, ['qemu'], spec, dst, '127.0.0.1', block=False,
+        policy=types.SimpleNamespace(wants_postcopy=False,
+                                     wants_auto_converge=False))
+    try:
+        assert ep.resume_port and ep.resume_token
+        with pytest.raises(base.HypervisorError, match='wrong token'):
+            qemu_postcopy.request_resume('127.0.0.1', ep.resume_port, 'x')
+    finally:
+        qemu_postcopy.close(dst)
+
+
+def test_listener_closes_when_its_vm_process_ends(tmp_path):
+    """Shared instances path, failed migration: Nova calls no rollback on
+    the destination and the incoming QEMU exits on its own; its resume
+    listener must not outlive it. A real process stands in for QEMU (its
+    command line carries the VM's uuid, as QEMU's does)."""
+    import os
+    import subprocess
+    import time
+    dst = vmdir(tmp_path, 'dst')
+    os.makedirs(dst.path)
+    proc = subprocess.Popen(['sh', '-c', 'sleep 60', dst.uuid])
+    try:
+        with open(dst.pidfile, 'w') as f:
+            f.write('%d\n' % proc.pid)
+        port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+        listener = qemu_postcopy._listeners[dst.path]
+        time.sleep(1.5)                   # more than one accept timeout
+        assert not listener.closed         # the VM runs: it stays open
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while dst.path in qemu_postcopy._listeners and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert dst.path not in qemu_postcopy._listeners
+    assert listener.closed
+    with pytest.raises(base.HypervisorError, match='cannot reach'):
+        qemu_postcopy.request_resume('127.0.0.1', port, token, timeout=5)
