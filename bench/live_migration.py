@@ -21,6 +21,10 @@ finish_incoming), with one of three controllers:
 * ``policy``: nova_bhyve.migration_policy.ConvergencePolicy.from_conf with the
   defaults of [bhyve] (300..500 ms in 5 steps, fallback auto-converge,
   completion timeout 800 s/GiB);
+* ``policy-postcopy``: the same with live_migration_fallback = post-copy; at
+  postcopy-active the loop does what the driver does (handle.switchover():
+  the destination runs the guest while the rest of memory follows on
+  demand);
 * ``qemu``: QEMU's defaults: downtime-limit 300 ms, no auto-converge, nothing
   changes during the migration;
 * ``libvirt``: Nova's libvirt driver's stepping, from the installed nova's own
@@ -127,9 +131,16 @@ class LibvirtStepping:
 def make_controller(name, data_bytes, cap_mibps):
     from nova_bhyve import conf
     from nova_bhyve import migration_policy
-    if name == 'policy':
-        return migration_policy.ConvergencePolicy.from_conf(
-            conf.CONF.bhyve, data_bytes, cap_mibps)
+    if name in ('policy', 'policy-postcopy'):
+        fallback = 'post-copy' if name == 'policy-postcopy' else None
+        conf.CONF.set_override('live_migration_fallback', fallback,
+                               group='bhyve')
+        try:
+            return migration_policy.ConvergencePolicy.from_conf(
+                conf.CONF.bhyve, data_bytes, cap_mibps)
+        finally:
+            conf.CONF.clear_override('live_migration_fallback',
+                                     group='bhyve')
     if name == 'qemu':
         return QemuDefaults()
     if name == 'libvirt':
@@ -305,6 +316,8 @@ class LiveMigrationBench(unittest.TestCase):
             dirty_rates = []
             outcome = None
             fast_spent = 0.0
+            t_switch = None
+            switching = False
             while True:
                 snap = handle.poll()
                 elapsed = time.monotonic() - t0
@@ -318,6 +331,20 @@ class LiveMigrationBench(unittest.TestCase):
                 if snap.status in ('failed', 'cancelled'):
                     outcome = 'failed: %s' % snap.error
                     break
+                if snap.status in live_migration.POSTCOPY_BROKEN:
+                    outcome = 'post-copy broke: %s' % snap.status
+                    break
+                if snap.status == 'postcopy-active' and t_switch is None:
+                    # as the driver's Migration._switchover
+                    t_switch = time.monotonic()
+                    case['postcopy_switch_s'] = round(t_switch - t0, 2)
+                    case['postcopy_resume_failure'] = handle.switchover()
+                    case['postcopy_resumed_after_switch_ms'] = round(
+                        (time.monotonic() - t_switch) * 1000, 1)
+                    continue
+                if t_switch is not None:
+                    time.sleep(live_migration.POLL)
+                    continue           # post-copy: nothing left to decide
                 if elapsed > wall_cap:
                     outcome = 'did not finish'
                     break
@@ -330,10 +357,13 @@ class LiveMigrationBench(unittest.TestCase):
                     if step.kind == 'downtime':
                         max_limit = max(max_limit, step.value)
                     handle.apply(step)
+                    if step.kind == 'postcopy':
+                        switching = True
                 if aborted:
                     outcome = 'aborted by policy: %s' % aborted
                     break
-                interval = live_migration.poll_interval(snap, fast_spent)
+                interval = live_migration.poll_interval(
+                    snap, fast_spent, switching=switching)
                 if interval < live_migration.POLL:
                     fast_spent += interval
                 time.sleep(interval)
@@ -353,11 +383,14 @@ class LiveMigrationBench(unittest.TestCase):
                     pre[0] * 1000, 1) if pre else None})
             if outcome == 'completed':
                 from nova_bhyve.hypervisor import qmp
-                # as the driver: disks, then the destination runs the guest
-                handle.finish()
-                resume_failure = handle.resume_destination()
+                if t_switch is None:
+                    # as the driver: disks, then the destination runs the
+                    # guest
+                    handle.finish()
+                    case['resume_failure'] = handle.resume_destination()
+                else:
+                    case['postcopy_s'] = round(t_end - t_switch, 2)
                 t_resume = time.monotonic()
-                case['resume_failure'] = resume_failure
                 info = qmp.execute(src.control, 'query-migrate')
                 case['qemu_total_time_ms'] = info.get('total-time')
                 case['qemu_setup_time_ms'] = info.get('setup-time')
@@ -393,6 +426,14 @@ class LiveMigrationBench(unittest.TestCase):
                     ('src', 'dst')[gap[4]], gap[2], ('src', 'dst')[gap[5]],
                     gap[3])
                 case['resumed_on_destination'] = bool(dst_ticks)
+                if t_switch is not None and len(dst_ticks) > 1:
+                    # post-copy: the guest stalls on pages still on the
+                    # source while it runs on the destination
+                    gaps = [(b[0] - a[0]) * 1000 - TICK_MS
+                            for a, b in zip(dst_ticks, dst_ticks[1:])
+                            if b[0] <= t_end + 0.5]
+                    case['postcopy_dst_max_tick_gap_ms'] = round(
+                        max(gaps, default=0.0), 1)
                 if not dst_ticks:
                     case['destination_status'] = qmp.execute(
                         dst.control, 'query-status')['status']

@@ -104,7 +104,7 @@ def _progress(elapsed, snap):
         disk_remaining=snap.disk_remaining, cpu_throttle=snap.cpu_throttle)
 
 
-def poll_interval(snap, fast_spent=0.0):
+def poll_interval(snap, fast_spent=0.0, switching=False):
     """Seconds to sleep before the next poll of the memory phase: POLL, or
     FAST_POLL near the end - the status is QEMU's last step before the
     switchover, or what remains (memory + disk) would be sent within about
@@ -112,10 +112,14 @@ def poll_interval(snap, fast_spent=0.0):
     the destination resumed) within FAST_POLL instead of up to POLL after
     it happened. ``fast_spent``: the seconds of fast polling so far; past
     FAST_POLL_BUDGET it is POLL again. The policy still decides per pass
-    (it ignores polls that bring no new pass)."""
+    (it ignores polls that bring no new pass). ``switching``: a switch to
+    post-copy or a force complete was requested and its outcome not seen
+    yet - the source's vCPUs stop at once, so poll fast for it too."""
     if fast_spent >= FAST_POLL_BUDGET:
         return POLL
     if snap.status in SWITCHOVER_STATUSES:
+        return FAST_POLL
+    if switching and snap.status == 'active':
         return FAST_POLL
     if snap.status != 'active' or not snap.bandwidth:
         return POLL
@@ -677,6 +681,7 @@ class Migration:
             if what == 'force_complete':
                 try:
                     how = self.handle.force_complete()
+                    self._switch_requested = True
                 except NotImplementedError as e:
                     LOG.warning('force complete refused: %s', e,
                                 instance=self.instance)
@@ -704,6 +709,8 @@ class Migration:
                      '' if step.value is None else step.value, step.reason,
                      instance=self.instance)
             self.handle.apply(step)
+            if step.kind == 'postcopy':
+                self._switch_requested = True
 
     def _alive(self):
         if self.drv.hypervisor.pid(self.vmdir) is None:
@@ -725,6 +732,8 @@ class Migration:
                  time.monotonic() - t0, instance=self.instance)
         h.start_memory()
         fast_spent = 0.0
+        #: post-copy or force complete asked for, outcome not polled yet
+        self._switch_requested = False
         while True:
             self._alive()
             self._handle_requests()
@@ -745,7 +754,8 @@ class Migration:
                     snap.status, snap.error or 'no reason given'))
             h.mirror_ready()          # raises when a disk copy failed
             self._decide(policy, t0, snap, memory_phase=True)
-            interval = poll_interval(snap, fast_spent)
+            interval = poll_interval(snap, fast_spent,
+                                     switching=self._switch_requested)
             if interval < POLL:
                 fast_spent += interval
             time.sleep(interval)

@@ -258,6 +258,19 @@ def test_poll_interval_fast_only_near_the_end():
             _snap(status=status, remaining=0, bandwidth=bw)) == poll
 
 
+def test_poll_interval_fast_while_a_switch_is_pending():
+    """After migrate-start-postcopy (or a force complete) the source's
+    vCPUs are stopped: the switch is looked for every FAST_POLL."""
+    poll, fast = live_migration.POLL, live_migration.FAST_POLL
+    far = _snap(remaining=2 ** 30, bandwidth=2 ** 20)
+    assert live_migration.poll_interval(far) == poll
+    assert live_migration.poll_interval(far, switching=True) == fast
+    assert live_migration.poll_interval(
+        far, live_migration.FAST_POLL_BUDGET, switching=True) == poll
+    post = _snap(status='postcopy-active', remaining=2 ** 30)
+    assert live_migration.poll_interval(post, switching=True) == poll
+
+
 def test_poll_interval_fast_polling_is_bounded():
     """A migration hovering just above its downtime limit does not poll
     fast for ever: past FAST_POLL_BUDGET seconds of fast polls, POLL."""
