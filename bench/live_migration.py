@@ -131,9 +131,11 @@ class LibvirtStepping:
 def make_controller(name, data_bytes, cap_mibps):
     from nova_bhyve import conf
     from nova_bhyve import migration_policy
-    if name in ('policy', 'policy-postcopy'):
-        fallback = 'post-copy' if name == 'policy-postcopy' else None
-        conf.CONF.set_override('live_migration_fallback', fallback,
+    if name == 'policy':
+        return migration_policy.ConvergencePolicy.from_conf(
+            conf.CONF.bhyve, data_bytes, cap_mibps)
+    if name == 'policy-postcopy':
+        conf.CONF.set_override('live_migration_fallback', 'post-copy',
                                group='bhyve')
         try:
             return migration_policy.ConvergencePolicy.from_conf(
