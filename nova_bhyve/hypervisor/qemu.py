@@ -231,26 +231,11 @@ class QemuHypervisor(base.Hypervisor):
                 else 'qemu', 'hypervisor_version': version}
 
     def start(self, spec, vmdir):
-        for stale in (vmdir.control, vmdir.events, vmdir.serial,
-                      vmdir.pidfile):
-            if os.path.exists(stale):
-                os.unlink(stale)
         argv = render_argv(spec, vmdir, self.binary, self.accelerator,
                            CONF.bhyve.qemu_cpu_model)
-        LOG.debug('starting %s: %s', spec.uuid, ' '.join(argv))
         # With -daemonize the parent returns once the VM is set up, and
         # reports setup errors on its stderr.
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, check=False,
-                              cwd=vmdir.path)
-        if proc.returncode != 0:
-            raise base.HypervisorError(
-                'QEMU failed to start instance %s (exit %d): %s' % (
-                    spec.uuid, proc.returncode, proc.stderr.strip()))
-        if self.pid(vmdir) is None:
-            raise base.HypervisorError(
-                'QEMU for instance %s exited right after starting' %
-                spec.uuid)
+        qemu_state.launch(self, argv, vmdir, spec.uuid)
 
     def power_state(self, vmdir):
         if self.pid(vmdir) is None:
@@ -340,6 +325,9 @@ class QemuHypervisor(base.Hypervisor):
                    backed=()):
         return qemu_migration.OutgoingMigration(self, vmdir, spec, endpoint,
                                                 bandwidth, policy, backed)
+
+    def cancel_orphaned_migration(self, vmdir, resume):
+        return qemu_migration.cancel_orphaned(vmdir, resume)
 
     # -- live disk snapshots: see qemu_blockjob ---------------------------
 

@@ -164,7 +164,10 @@ def save(hyp, vmdir, timeout=None, bandwidth=None):
 
 
 def launch(hyp, argv, vmdir, uuid):
-    """Run a daemonizing QEMU ``argv`` (as QemuHypervisor.start does)."""
+    """Run a daemonizing QEMU ``argv`` in ``vmdir`` (stale sockets and pid
+    file removed first); HypervisorError with QEMU's stderr when it does
+    not come up. QemuHypervisor.start, restore and the incoming side of a
+    live migration all start QEMU through here."""
     for stale in (vmdir.control, vmdir.events, vmdir.serial,
                   vmdir.pidfile):
         if os.path.exists(stale):
