@@ -3,8 +3,8 @@
 convergence policy against QEMU's defaults and libvirt's downtime stepping.
 
     bench/live_migration.py [--runs 1] [--rates 0,16,64] [--cap-mibps 32]
-                            [--wall-cap 120] [--controllers policy,qemu,libvirt]
-                            [--guest-dir DIR]
+        [--wall-cap 120] [--guest-dir DIR]
+        [--controllers policy,qemu,libvirt]   (also: policy-postcopy)
 
 Drives the migration at the hypervisor layer (nova_bhyve.hypervisor.qemu.
 QemuHypervisor): the source is started from a VMSpec like the driver builds

@@ -757,7 +757,12 @@ class BhyveDriver(driver.ComputeDriver):
         return migration
 
     def live_migration_abort(self, instance):
-        self._running_migration(instance).request('abort')
+        migration = self._live_migrations.get(instance.uuid)
+        if migration is None:
+            # nova-compute restarted during the migration
+            live_migration.abort_orphaned(self, instance)
+            return
+        migration.request('abort')
 
     def live_migration_force_complete(self, instance):
         self._running_migration(instance).request('force_complete')

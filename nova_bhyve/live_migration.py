@@ -497,6 +497,39 @@ def poison_incoming(endpoint):
 
 # -- source -------------------------------------------------------------------
 
+def abort_orphaned(drv, instance):
+    """live_migration_abort with no migration thread in this process: Nova
+    calls it from its start-up (ComputeManager._reset_live_migration) for a
+    live migration still 'running' when this nova-compute stopped. The VM
+    process outlived nova-compute and may still be migrating - or have
+    completed the memory copy and wait, stopped, for a post step that never
+    comes. Stop the migration and run the guest here again (Nova keeps the
+    instance on this host); NoActiveMigrationForInstance when there is
+    nothing to stop, MigrationError when it cannot be taken back."""
+    vmdir = drv._vmdir(instance, must_exist=False)
+    if drv.hypervisor.pid(vmdir) is None:
+        raise exception.NoActiveMigrationForInstance(instance_id=instance.uuid)
+    try:
+        found = drv.hypervisor.cancel_orphaned_migration(
+            vmdir, resume=instance.vm_state != vm_states.PAUSED)
+    except NotImplementedError:
+        raise exception.NoActiveMigrationForInstance(instance_id=instance.uuid)
+    except base.HypervisorError as e:
+        LOG.error('live migration found running after a nova-compute '
+                  'restart cannot be cancelled: %s', e, instance=instance)
+        raise exception.MigrationError(reason=str(e))
+    if found is None:
+        raise exception.NoActiveMigrationForInstance(instance_id=instance.uuid)
+    LOG.warning('live migration found %s after a nova-compute restart, with '
+                'nothing driving it: cancelled, the guest runs on this host. '
+                'The destination VM exits by itself when its stream breaks; '
+                'after a completed memory copy it stays paused there, and '
+                'the destination\'s instance directory and ports stay too '
+                '(Nova calls no rollback there in this case).', found,
+                instance=instance)
+    drv._watcher.watch(vmdir)
+
+
 class _Abort(Exception):
     def __init__(self, reason, status='failed'):
         super().__init__(reason)

@@ -315,6 +315,14 @@ class Hypervisor(abc.ABC):
         the destination holds the backing image of (copy the top only)."""
         raise NotImplementedError()
 
+    def cancel_orphaned_migration(self, vmdir, resume):
+        """Stop an outgoing live migration of the VM in ``vmdir`` that no
+        MigrationHandle drives any more (nova-compute restarted during it)
+        and run the guest here again (``resume``). Returns the migration's
+        status as found, or None when there was none; HypervisorError when
+        it cannot be taken back (post-copy)."""
+        raise NotImplementedError()
+
 
 class MigrationHandle(abc.ABC):
     """One outgoing live migration, as the orchestration

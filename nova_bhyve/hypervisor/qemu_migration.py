@@ -488,3 +488,100 @@ class OutgoingMigration(base.MigrationHandle):
         if status != 'running' and (self.was_running or self.paused_by_us):
             self._qmp('cont')
             self.paused_by_us = False
+
+
+# -- an outgoing migration nobody drives any more ---------------------------
+
+def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
+    """The source nova-compute restarted during a live migration (Nova then
+    calls live_migration_abort from its start-up, with no migration thread
+    left in this process): stop what QEMU still does for it and give the
+    guest back its vCPUs here. Returns what was found ('active',
+    'completed', ...; None: no migration), after:
+
+    * pre-copy still running: ``migrate_cancel``, waited for;
+    * pre-copy completed (the memory went, the destination waits paused for
+      a ``cont`` nobody will send): nothing to cancel, the guest runs here
+      again - Nova keeps the instance on this host - when the disks are
+      this host's own (block migration); on shared storage the destination
+      took their locks at the end of the stream: HypervisorError;
+    * post-copy: HypervisorError - the guest runs on the destination, its
+      memory is split between the hosts; nothing here may be undone;
+    * our block mirror jobs: abandoned (force-cancelled and dismissed), the
+      NBD target nodes removed;
+    * ``resume``: ``cont`` unless the guest runs (False keeps a guest the
+      user paused before the migration paused).
+    """
+    status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+    if status in POSTCOPY:
+        raise base.HypervisorError(
+            'the live migration of %s is in post-copy (%s): the guest runs on '
+            'the destination and cannot be taken back' % (vmdir.uuid, status))
+    if status not in (None, 'none') + FINAL:
+        qmp.execute(vmdir.control, 'migrate_cancel')
+        deadline = time.monotonic() + timeout
+        while status not in FINAL:
+            if time.monotonic() > deadline:
+                raise base.HypervisorError(
+                    'the live migration of %s did not stop within %.0f s of '
+                    'migrate_cancel (%s)' % (vmdir.uuid, timeout, status))
+            time.sleep(POLL)
+            status = qmp.execute(vmdir.control, 'query-migrate').get(
+                'status')
+        status = 'active'
+    jobs = [j['id'] for j in qmp.execute(vmdir.control, 'query-jobs')
+            if j['id'].startswith(mirror_job(0)[:-1])]
+    for jid in jobs:
+        try:
+            qmp.execute(vmdir.control, 'block-job-cancel',
+                        {'device': jid, 'force': True})
+        except qmp.QMPError as e:
+            LOG.debug('block-job-cancel %s: %s', jid, e)
+    _dismiss_when_concluded(vmdir, jobs, timeout)
+    nodes = [n['node-name'] for n in qmp.execute(
+        vmdir.control, 'query-named-block-nodes', {'flat': True})
+        if n.get('node-name', '').startswith(target_node(0)[:-1])]
+    for node in nodes:
+        try:
+            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
+        except qmp.QMPError as e:
+            LOG.debug('blockdev-del %s: %s', node, e)
+    if resume and qmp.execute(vmdir.control,
+                              'query-status')['status'] != 'running':
+        try:
+            qmp.execute(vmdir.control, 'cont')
+        except qmp.QMPError as e:
+            if status != 'completed':
+                raise
+            # QEMU activates the destination's disks when the stream
+            # completes, even with -S: on shared storage it holds their
+            # locks now
+            raise base.HypervisorError(
+                'the live migration of %s had completed its memory copy and '
+                'the destination VM holds the disks (shared storage): the '
+                'guest cannot run here (%s); it waits, stopped, on the '
+                'destination' % (vmdir.uuid, e))
+    return None if status in (None, 'none') else status
+
+
+def _dismiss_when_concluded(vmdir, jobs, timeout):
+    deadline = time.monotonic() + timeout
+    pending = list(jobs)
+    while pending and time.monotonic() < deadline:
+        states = {j['id']: j['status']
+                  for j in qmp.execute(vmdir.control, 'query-jobs')}
+        for jid in list(pending):
+            if jid not in states:
+                pending.remove(jid)
+            elif states[jid] == 'concluded':
+                try:
+                    qmp.execute(vmdir.control, 'job-dismiss', {'id': jid})
+                except qmp.QMPError as e:
+                    LOG.debug('job-dismiss %s: %s', jid, e)
+                pending.remove(jid)
+        if pending:
+            time.sleep(POLL)
+    if pending:
+        raise base.HypervisorError('disk copy jobs %s of %s did not end '
+                                   'within %.0f s' % (', '.join(pending),
+                                                      vmdir.uuid, timeout))

@@ -60,7 +60,11 @@ def _wait_for(path, proc, timeout=30):
 
 
 @pytest.fixture
-def pair():
+def pair(request):
+    """Source and destination QEMU (-incoming defer) on one floppy image;
+    indirect parameter {'own_disks': True}: the destination on a copy (as
+    after a block migration), {'paused': True}: destination with -S."""
+    options = getattr(request, 'param', None) or {}
     tmp = tempfile.mkdtemp(prefix='nb-mig-')   # short: unix socket paths
     floppy = os.path.join(tmp, 'boot.img')
     sector = bytearray(512)
@@ -76,6 +80,11 @@ def pair():
         argv + ['-qmp', 'unix:%s,server=on,wait=off' % socks['src']],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL)]
+    if options.get('own_disks'):
+        shutil.copy(floppy, floppy + '.dst')
+        argv[-1] = argv[-1].replace(floppy, floppy + '.dst')
+    if options.get('paused'):
+        argv.append('-S')
     procs.append(subprocess.Popen(
         argv + ['-qmp', 'unix:%s,server=on,wait=off' % socks['dst'],
                 '-incoming', 'defer'],
@@ -85,6 +94,7 @@ def pair():
         for name, proc in zip(('src', 'dst'), procs):
             _wait_for(socks[name], proc)
         socks['uri'] = 'unix:' + os.path.join(tmp, 'migration.sock')
+        socks['procs'] = procs
         yield socks
     finally:
         for proc in procs:

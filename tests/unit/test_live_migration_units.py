@@ -281,3 +281,73 @@ def test_poll_interval_fast_polling_is_bounded():
     assert live_migration.poll_interval(near, budget) == live_migration.POLL
     assert live_migration.poll_interval(_snap(status='device'), budget) == \
         live_migration.POLL
+
+
+# -- live_migration_abort after a nova-compute restart ------------------------
+
+class _OrphanHypervisor:
+    """Stands in for the hypervisor at the driver boundary (the real QEMU
+    side is tests/interop/test_qemu_orphaned_migration.py): records the
+    call, answers as told."""
+
+    def __init__(self, pid=1234, found='active', error=None):
+        self._pid, self.found, self.error = pid, found, error
+        self.calls = []
+
+    def pid(self, vmdir):
+        return self._pid
+
+    def cancel_orphaned_migration(self, vmdir, resume):
+        self.calls.append((vmdir.uuid, resume))
+        if self.error is not None:
+            raise self.error
+        return self.found
+
+
+def _orphan_driver(hyp, tmp_path):
+    from nova_bhyve import driver as driver_mod
+    from nova_bhyve.hypervisor import base
+    drv = driver_mod.BhyveDriver.__new__(driver_mod.BhyveDriver)
+    drv.hypervisor = hyp
+    drv._live_migrations = {}
+    drv._vmdir = lambda inst, must_exist=True: base.VMDir(
+        str(tmp_path / inst.uuid))
+    watched = []
+    drv._watcher = types.SimpleNamespace(watch=watched.append)
+    return drv, watched
+
+
+def _orphan_instance(vm_state='active'):
+    return types.SimpleNamespace(uuid=UUID, vm_state=vm_state)
+
+
+def test_abort_after_restart_cancels_and_resumes(tmp_path):
+    hyp = _OrphanHypervisor()
+    drv, watched = _orphan_driver(hyp, tmp_path)
+    drv.live_migration_abort(_orphan_instance())
+    assert hyp.calls == [(UUID, True)]
+    assert [v.uuid for v in watched] == [UUID]
+    # a guest the user had paused stays paused
+    drv.live_migration_abort(_orphan_instance('paused'))
+    assert hyp.calls[-1] == (UUID, False)
+
+
+@pytest.mark.parametrize('hyp', [
+    _OrphanHypervisor(pid=None),                  # no VM process
+    _OrphanHypervisor(found=None),                # no migration in it
+    _OrphanHypervisor(error=NotImplementedError()),   # bhyve: no cancel
+], ids=['no-process', 'no-migration', 'backend-cannot'])
+def test_abort_after_restart_with_nothing_to_stop(hyp, tmp_path):
+    drv, watched = _orphan_driver(hyp, tmp_path)
+    with pytest.raises(exception.NoActiveMigrationForInstance):
+        drv.live_migration_abort(_orphan_instance())
+    assert watched == []
+
+
+def test_abort_after_restart_in_post_copy_says_why(tmp_path):
+    from nova_bhyve.hypervisor import base
+    hyp = _OrphanHypervisor(error=base.HypervisorError(
+        'the live migration of x is in post-copy (postcopy-active)'))
+    drv, _ = _orphan_driver(hyp, tmp_path)
+    with pytest.raises(exception.MigrationError, match='post-copy'):
+        drv.live_migration_abort(_orphan_instance())
