@@ -38,8 +38,12 @@ def _start(socks, speed, postcopy=False, downtime_ms=300):
             qmp.execute(sock, 'migrate-set-capabilities', {'capabilities': [
                 {'capability': 'postcopy-ram', 'state': True}]})
     qmp.execute(dst, 'migrate-incoming', {'uri': socks['uri']})
-    qmp.execute(src, 'migrate-set-parameters', {
-        'max-bandwidth': speed, 'downtime-limit': downtime_ms})
+    params = {'max-bandwidth': speed, 'downtime-limit': downtime_ms}
+    if postcopy:
+        # post-copy has its own cap (0 = none): without it the 64 MiB go
+        # at once and the migration may complete before it is looked at
+        params['max-postcopy-bandwidth'] = speed
+    qmp.execute(src, 'migrate-set-parameters', params)
     qmp.execute(src, 'migrate', {'uri': socks['uri']})
 
 
