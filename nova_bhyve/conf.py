@@ -110,8 +110,9 @@ OPTS = [
                help='Most downtime, in milliseconds, the convergence policy '
                     'may ever allow (the highest level). The guest is never '
                     'stopped for longer than this plus the time to send the '
-                    'device state. Must not be below '
-                    'live_migration_downtime.'),
+                    'device state. When it is below '
+                    'live_migration_downtime, migrations start at this '
+                    'maximum (logged as a warning).'),
     cfg.IntOpt('live_migration_downtime_steps',
                default=5, min=1,
                help='Number of equal steps from live_migration_downtime to '

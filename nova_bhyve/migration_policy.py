@@ -190,8 +190,16 @@ class ConvergencePolicy:
         cap_mibps = bandwidth_mibps or conf_group.live_migration_bandwidth
         timeout = (conf_group.live_migration_completion_timeout
                    * data_bytes / GiB)
-        return cls(conf_group.live_migration_downtime,
-                   conf_group.live_migration_downtime_max,
+        initial = conf_group.live_migration_downtime
+        maximum = conf_group.live_migration_downtime_max
+        if initial > maximum:
+            # e.g. a maximum below the 300 ms default start, set before
+            # that default was raised from 50 ms: start at the maximum
+            LOG.warning('live_migration_downtime (%d ms) is above '
+                        'live_migration_downtime_max (%d ms): live '
+                        'migrations start at the maximum', initial, maximum)
+            initial = maximum
+        return cls(initial, maximum,
                    conf_group.live_migration_downtime_steps,
                    conf_group.live_migration_fallback,
                    timeout, (cap_mibps or 0) * MiB)

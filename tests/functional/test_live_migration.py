@@ -524,6 +524,7 @@ class TestPostCopy(_LiveMigrationBase):
         phase."""
         self.flags(live_migration_bandwidth=1,
                    live_migration_fallback='post-copy',
+                   live_migration_downtime=50,
                    live_migration_downtime_max=100,
                    live_migration_completion_timeout=0, group='bhyve')
         server = self.boot()
@@ -583,6 +584,7 @@ class TestPostCopyNetworkCut(_LiveMigrationBase):
         PID."""
         self.flags(live_migration_bandwidth=1,
                    live_migration_fallback='post-copy',
+                   live_migration_downtime=50,
                    live_migration_downtime_max=100,
                    live_migration_completion_timeout=0, group='bhyve')
         server = self.boot()

@@ -357,6 +357,20 @@ def test_from_conf():
     assert p.decide(progress(10 ** 6, 1, GiB, 0)) == []   # no timeout
 
 
+def test_from_conf_a_maximum_below_the_start_starts_at_the_maximum(caplog):
+    """A live_migration_downtime_max below the 300 ms default start (set
+    when the default was 50 ms) must not make every migration fail."""
+    group = types.SimpleNamespace(
+        live_migration_downtime=300, live_migration_downtime_max=100,
+        live_migration_downtime_steps=5,
+        live_migration_fallback='post-copy',
+        live_migration_completion_timeout=0, live_migration_bandwidth=0)
+    with caplog.at_level(logging.WARNING):
+        p = mp.ConvergencePolicy.from_conf(group, GiB, 0)
+    assert p.initial_downtime_ms == 100 and p.levels == [100]
+    assert 'live_migration_downtime_max (100 ms)' in caplog.text
+
+
 def test_from_real_conf_defaults():
     from nova_bhyve import conf
     conf.register_opts(conf.CONF) if 'bhyve' not in conf.CONF else None
