@@ -329,7 +329,8 @@ def test_nbmem_ticks_and_dirties_memory_at_its_rate(manifest, workdir, boot):
     mark = len(g._buf)
     time.sleep(3)
     g.type("kill %1\n")
-    m = g.wait_for(r"NBMEM-STOP seq=(\d+) dirtied_mib=(\d+) elapsed_ms=(\d+)",
+    # up to the line's end: the console may deliver it in pieces
+    m = g.wait_for(r"NBMEM-STOP seq=(\d+) dirtied_mib=(\d+) elapsed_ms=(\d+)\r?\n",
                    timeout=60, start=mark)
     ticks = [(int(a), int(b)) for a, b in NBMEM_TICK.findall(g._buf[mark:m.start()])]
     seqs = [t[0] for t in ticks]

@@ -393,8 +393,9 @@ class TestLiveMigration(_LiveMigrationBase):
                                              self.stdlog.logger.output)]
         self.assertGreaterEqual(max(passes, default=0), 2,
                                 self.stdlog.logger.output[-3000:])
+        # up to the line's end: the console may deliver it in pieces
         stop_re = (r'NBMEM-STOP seq=(\d+) dirtied_mib=(\d+) '
-                   r'elapsed_ms=(\d+) checked=(\d+) corrupt=(\d+)')
+                   r'elapsed_ms=(\d+) checked=(\d+) corrupt=(\d+)\r?\n')
         # nbmem stops by itself at the first difference it finds
         self.assertNotIn('NBMEM-STOP', _console(dst), _console(dst)[-3000:])
         try:
