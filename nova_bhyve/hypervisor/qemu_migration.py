@@ -421,16 +421,16 @@ class OutgoingMigration(base.MigrationHandle):
         disks are in sync and the source lets go of them). Returns None, or
         the reason it did not (the guest then runs at finish_incoming, in
         Nova's post step: correct, only later)."""
-        return self._request_resume(completed=True)
+        return self._request_resume('completed')
 
-    def _request_resume(self, completed):
+    def _request_resume(self, source_status):
         if not self.endpoint.resume_port:
             return 'the destination opened no resume listener'
         try:
             qemu_postcopy.request_resume(self.endpoint.host,
                                          self.endpoint.resume_port,
                                          self.endpoint.resume_token,
-                                         completed=completed)
+                                         source_status)
         except base.HypervisorError as e:
             return str(e)
         return None
@@ -449,7 +449,7 @@ class OutgoingMigration(base.MigrationHandle):
             raise base.HypervisorError(
                 'disk copy did not complete after the switch to post-copy: '
                 '%s' % '; '.join(errors))
-        return self._request_resume(completed=False)
+        return self._request_resume('postcopy-active')
 
     def cancel(self):
         """Stop everything; the guest keeps running here. Idempotent.

@@ -28,6 +28,14 @@ Either way:
    (``postcopy-active`` or ``completed``), stops its NBD server and runs the
    guest (QMP ``cont``); it answers ``ok`` or the error.
 
+The source states what it saw (``completed`` or ``postcopy-active``): it
+sees it first - QEMU's source does not wait for the destination, which may
+still be loading the device state that ends the stream or carries the
+switch - so the destination waits up to SOURCE_AHEAD_WAIT seconds for its
+own status to say the same. It runs the guest only on its own status, never
+on the source's word (while pre-copy memory is still coming, the guest
+would run on stale pages).
+
 The listener lives in the destination's nova-compute process. If it is gone
 (nova-compute restarted) the resume fails on the source with a warning and
 the guest runs once Nova's post_live_migration_at_destination is reached
@@ -53,35 +61,36 @@ RESUME_TIMEOUT = 60.0
 RESUMABLE = ('postcopy-active', 'completed')
 #: incoming statuses while the stream is still being loaded
 LOADING = ('setup', 'active', 'device')
-#: seconds the destination waits for its own 'completed' after the source
-#: reported it
-COMPLETION_WAIT = 10.0
-#: what the source adds to its request when it has seen 'completed'
-COMPLETED_CLAIM = 'completed'
+#: seconds the destination waits for its own status to catch up with the
+#: one the source reported ('completed' or 'postcopy-active')
+SOURCE_AHEAD_WAIT = 10.0
 _MAX_LINE = 256
 
 _listeners = {}
 _lock = threading.Lock()
 
 
-def resume_now(vmdir, timeout=30.0, source_completed=False):
+def resume_now(vmdir, timeout=30.0, source_status=None):
     """Destination: run the incoming guest now; returns the incoming
     migration's status. HypervisorError unless it is in post-copy or
     completed (never while pre-copy memory is still coming: the guest would
-    run on stale pages). ``source_completed``: the source reported
-    'completed' - the end of the stream may still be loading here (the
-    source does not wait for the destination), so wait up to
-    COMPLETION_WAIT seconds for this side to say 'completed' too."""
+    run on stale pages). ``source_status``: what the source reported
+    ('completed' or 'postcopy-active'); the end of the stream or the
+    switch may still be loading here, so wait up to SOURCE_AHEAD_WAIT
+    seconds for this side to get there too."""
     status = qmp.execute(vmdir.control, 'query-migrate').get('status')
-    deadline = time.monotonic() + COMPLETION_WAIT
-    while (source_completed and status in LOADING
+    deadline = time.monotonic() + SOURCE_AHEAD_WAIT
+    while (source_status in RESUMABLE and status in LOADING
            and time.monotonic() < deadline):
         time.sleep(0.01)
         status = qmp.execute(vmdir.control, 'query-migrate').get('status')
     if status not in RESUMABLE:
         raise base.HypervisorError(
-            'the incoming migration of %s is %s: not in post-copy nor '
-            'completed, the guest cannot run here yet' % (vmdir.uuid, status))
+            'the incoming migration of %s is %s%s: not in post-copy nor '
+            'completed, the guest cannot run here yet' % (
+                vmdir.uuid, status,
+                ' (the source reported %s)' % source_status
+                if source_status else ''))
     try:
         qmp.execute(vmdir.control, 'nbd-server-stop')
     except qmp.QMPError as e:
@@ -150,15 +159,15 @@ class ResumeListener:
         except OSError as e:
             LOG.warning('resume request from %s: %s', peer, e)
             return
-        token, _, claim = line.partition(' ')
+        token, _, source_status = line.partition(' ')
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             LOG.warning('resume request for %s from %s with a '
                         'wrong token: ignored', self.vmdir.uuid, peer)
             reply = 'error: wrong token'
         else:
             try:
-                status = resume_now(
-                    self.vmdir, source_completed=claim == COMPLETED_CLAIM)
+                status = resume_now(self.vmdir,
+                                    source_status=source_status or None)
                 self.resumed = True
                 reply = 'ok'
                 if status == 'completed':
@@ -212,12 +221,15 @@ def close(vmdir):
         listener.close()
 
 
-def request_resume(host, port, token, completed=False,
+def request_resume(host, port, token, source_status,
                    timeout=RESUME_TIMEOUT):
-    """Source: ask the destination to run the guest now (``completed``: the
-    source saw the migration completed, not a post-copy switch).
-    HypervisorError with the destination's reason when it did not."""
-    line = token + (' ' + COMPLETED_CLAIM if completed else '')
+    """Source: ask the destination to run the guest now; ``source_status``
+    is what QEMU reports here ('completed', or 'postcopy-active' at a
+    post-copy switch). HypervisorError with the destination's reason when
+    it did not."""
+    if source_status not in RESUMABLE:
+        raise ValueError('resume requested at %r' % (source_status,))
+    line = '%s %s' % (token, source_status)
     try:
         with socket.create_connection((host.strip('[]'), int(port)),
                                       timeout=timeout) as s:

@@ -18,7 +18,6 @@ killed by the test, the completion timeout is made short.
 import json
 import os
 import re
-import select
 import signal
 import socket
 import threading
@@ -35,6 +34,7 @@ from nova_bhyve.hypervisor import qmp
 
 import lifecycle_helpers
 import nova_harness
+from tcp_proxy import TCPProxy
 
 BOOT_ID_RE = re.compile(r'BOOTID=([0-9a-f-]{36})')
 MIGRATION_TIMEOUT = 600
@@ -84,70 +84,6 @@ def _wait_ticks(vmdir, above, timeout=120):
             raise AssertionError('no tick above %d on %s within %ds (%s)' % (
                 above, vmdir, timeout, t[-5:]))
         time.sleep(0.3)
-
-
-class TCPProxy:
-    """Forwards connections from a local port to ``target``; ``cut()``
-    closes every connection and refuses new ones (a network failure)."""
-
-    def __init__(self, target_host, target_port):
-        self.target = (target_host, target_port)
-        self.listener = socket.socket()
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind(('127.0.0.1', 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.conns = []
-        self.bytes = 0
-        self.is_cut = False
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while not self.is_cut:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.is_cut:
-                client.close()
-                return
-            server = socket.create_connection(self.target)
-            with self._lock:
-                self.conns += [client, server]
-            threading.Thread(target=self._pump, args=(client, server),
-                             daemon=True).start()
-
-    def _pump(self, a, b):
-        peers = {a: b, b: a}
-        try:
-            while not self.is_cut:
-                ready, _, _ = select.select([a, b], [], [], 0.2)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    peers[s].sendall(data)
-                    self.bytes += len(data)
-        except OSError:
-            return
-        finally:
-            for s in (a, b):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def cut(self):
-        self.is_cut = True
-        self.listener.close()
-        with self._lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
-                except OSError:
-                    pass
 
 
 class _LiveMigrationBase(nova_harness.MultiComputeMixin,

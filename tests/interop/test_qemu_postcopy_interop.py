@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import types
 
@@ -30,6 +31,7 @@ from nova_bhyve.hypervisor import qemu_migration
 from nova_bhyve.hypervisor import qemu_postcopy
 from nova_bhyve.hypervisor import qmp
 
+from tcp_proxy import TCPProxy
 from test_qemu_migration_policy import BOOT_CODE, QEMU, _wait_for
 
 pytestmark = pytest.mark.skipif(QEMU is None,
@@ -76,16 +78,20 @@ def _status(sock):
             qmp.execute(sock, 'query-status')['status'])
 
 
-def _until(fn, want, timeout=30):
+def _until(fn, want, timeout=30, poll=0.1):
     deadline = time.monotonic() + timeout
     while True:
         got = fn()
         if got == want or time.monotonic() > deadline:
             return got
-        time.sleep(0.1)
+        time.sleep(poll)
 
 
-def _start_postcopy(pair):
+def _start_postcopy(pair, proxy=None):
+    """Migrate, switch to post-copy; return as soon as the source reports
+    postcopy-active (polled every 10 ms, as the driver does near a switch:
+    the destination may not have got there yet). With ``proxy``, the
+    stream goes through a TCPProxy, held over the switch."""
     src, dst = pair['src'], pair['dst']
     caps = {'capabilities': [{'capability': 'postcopy-ram', 'state': True}]}
     qmp.execute(dst, 'migrate-set-capabilities', caps)
@@ -97,12 +103,17 @@ def _start_postcopy(pair):
     port = qemu_migration.free_port('127.0.0.1')
     qmp.execute(dst, 'migrate-incoming',
                 {'uri': 'tcp:127.0.0.1:%d' % port})
+    if proxy is not None:
+        proxy.append(TCPProxy('127.0.0.1', port))
+        port = proxy[0].port
     qmp.execute(src, 'migrate', {'uri': 'tcp:127.0.0.1:%d' % port})
     time.sleep(3)
     assert _status(src) == ('active', 'running')
+    if proxy:
+        proxy[0].hold()
     qmp.execute(src, 'migrate-start-postcopy')
-    assert _until(lambda: _status(src)[0], 'postcopy-active') == \
-        'postcopy-active'
+    assert _until(lambda: _status(src)[0], 'postcopy-active',
+                  poll=0.01) == 'postcopy-active'
 
 
 def test_destination_paused_until_resumed_then_runs_during_post_copy(pair):
@@ -117,7 +128,8 @@ def test_destination_paused_until_resumed_then_runs_during_post_copy(pair):
         time.sleep(1)
         # -S: QEMU does not start the guest at the switch
         assert _status(dst) == ('postcopy-active', 'paused')
-        qemu_postcopy.request_resume('127.0.0.1', port, token)
+        qemu_postcopy.request_resume('127.0.0.1', port, token,
+                                     'postcopy-active')
     finally:
         qemu_postcopy.close(vmdir)
     assert _status(dst) == ('postcopy-active', 'running')
@@ -127,11 +139,44 @@ def test_destination_paused_until_resumed_then_runs_during_post_copy(pair):
     assert _status(dst) == ('completed', 'running')
 
 
+def test_resume_requested_before_the_destination_got_the_switch(pair):
+    """The driver asks for the resume as soon as it sees the source at
+    postcopy-active, but QEMU's source gets there before it has even sent
+    the switch (its status changes first). Here the stream is held (a
+    TCPProxy: fault injection, a link slower than the source's view) over
+    the switch and let go 0.5 s after the request: the destination must
+    wait for its own postcopy-active and run the guest, not refuse because
+    it is still 'active' - which left the guest paused for the whole
+    post-copy phase (the functional post-copy test, 3 of 3 runs on this
+    machine, before the destination waited)."""
+    src, dst = pair['src'], pair['dst']
+    vmdir = types.SimpleNamespace(control=dst, uuid='pc-test',
+                                  path=pair['dir'], read_pid=lambda: None)
+    port, token = qemu_postcopy.listen(vmdir, '127.0.0.1')
+    proxy = []
+    try:
+        _start_postcopy(pair, proxy)
+        assert _status(dst)[0] == 'active'      # the switch is held back
+        release = threading.Timer(0.5, proxy[0].release)
+        release.start()
+        qemu_postcopy.request_resume('127.0.0.1', port, token,
+                                     'postcopy-active')
+    finally:
+        qemu_postcopy.close(vmdir)
+        for p in proxy:
+            p.release()
+    assert _status(dst) == ('postcopy-active', 'running')
+    assert _until(lambda: _status(src)[0], 'completed', 120) == 'completed'
+    for p in proxy:
+        p.cut()
+
+
 def test_broken_link_after_the_switch_is_postcopy_paused(pair):
     src, dst = pair['src'], pair['dst']
     _start_postcopy(pair)
     qemu_postcopy.resume_now(types.SimpleNamespace(control=dst,
-                                                   uuid='pc-test'))
+                                                   uuid='pc-test'),
+                             source_status='postcopy-active')
     qmp.execute(src, 'migrate-pause')
     assert _until(lambda: _status(src)[0], 'postcopy-paused') == \
         'postcopy-paused'

@@ -102,17 +102,26 @@ def test_switchover_completes_mirrors_then_resumes_destination(tmp_path,
     assert 'migrate_cancel' not in fake.commands(src.control)
 
 
-def test_resume_refused_before_the_switch(tmp_path, fake):
+def test_resume_refused_when_the_switch_never_arrives(tmp_path, fake,
+                                                     monkeypatch):
+    """The source reported postcopy-active; the destination stays 'active'
+    (pre-copy pages still loading) for longer than SOURCE_AHEAD_WAIT: it
+    refuses and never runs the guest."""
+    monkeypatch.setattr(qemu_postcopy, 'SOURCE_AHEAD_WAIT', 0.3)
     dst = vmdir(tmp_path, 'dst')
     fake.state[dst.control] = {'migration': 'active', 'run': 'inmigrate',
                                'jobs': []}
     port, token = qemu_postcopy.listen(dst, '127.0.0.1')
     try:
-        with pytest.raises(base.HypervisorError, match='not in post-copy'):
-            qemu_postcopy.request_resume('127.0.0.1', port, token)
+        with pytest.raises(base.HypervisorError,
+                           match='active .the source reported '
+                                 'postcopy-active.: not in post-copy'):
+            qemu_postcopy.request_resume('127.0.0.1', port, token,
+                                         'postcopy-active')
     finally:
         qemu_postcopy.close(dst)
-    assert fake.commands(dst.control) == ['query-migrate']
+    assert set(fake.commands(dst.control)) == {'query-migrate'}
+    assert fake.state[dst.control]['run'] == 'inmigrate'
 
 
 def test_resume_with_a_wrong_token_does_nothing(tmp_path, fake):
@@ -122,7 +131,8 @@ def test_resume_with_a_wrong_token_does_nothing(tmp_path, fake):
     port, _ = qemu_postcopy.listen(dst, '127.0.0.1')
     try:
         with pytest.raises(base.HypervisorError, match='wrong token'):
-            qemu_postcopy.request_resume('127.0.0.1', port, 'f' * 32)
+            qemu_postcopy.request_resume('127.0.0.1', port, 'f' * 32,
+                                         'postcopy-active')
     finally:
         qemu_postcopy.close(dst)
     assert fake.calls == []
@@ -179,14 +189,18 @@ def test_cancel_refused_when_qemu_already_switched(tmp_path, fake):
     assert fake.commands(src.control) == ['query-migrate']
 
 
-def test_pre_copy_resume_after_completed(tmp_path, fake, monkeypatch):
-    """Pre-copy: after finish() the source asks with the 'completed' claim;
-    the destination, still loading the end of the stream for a moment
-    (QEMU's source does not wait for it), waits for its own 'completed',
-    then runs the guest. finish_incoming later runs no second 'cont' and
-    finds the listener closed."""
+@pytest.mark.parametrize('source_status', ['completed', 'postcopy-active'])
+def test_resume_waits_for_the_destination_to_catch_up(tmp_path, fake,
+                                                      monkeypatch,
+                                                      source_status):
+    """The source asks as soon as it sees 'completed' (after finish()) or
+    'postcopy-active' (switchover()); the destination, still loading the
+    end of the stream or the switch for a moment (QEMU's source does not
+    wait for it), waits for its own status to say the same, then runs the
+    guest. finish_incoming later runs no second 'cont' and finds the
+    listener closed."""
     src, dst = vmdir(tmp_path, 'src'), vmdir(tmp_path, 'dst')
-    fake.state[src.control] = {'migration': 'completed',
+    fake.state[src.control] = {'migration': source_status,
                                'run': 'postmigrate', 'jobs': []}
     fake.state[dst.control] = {'migration': 'active', 'run': 'paused',
                                'jobs': []}
@@ -197,7 +211,7 @@ def test_pre_copy_resume_after_completed(tmp_path, fake, monkeypatch):
         if path == dst.control and command == 'query-migrate':
             loads.append(1)
             if len(loads) == 3:
-                fake.state[dst.control]['migration'] = 'completed'
+                fake.state[dst.control]['migration'] = source_status
         return real(path, command, args, timeout)
     monkeypatch.setattr(qmp, 'execute', execute)
     port, token = qemu_postcopy.listen(dst, '127.0.0.1')
@@ -206,22 +220,28 @@ def test_pre_copy_resume_after_completed(tmp_path, fake, monkeypatch):
                                      resume_port=port, resume_token=token)
         out = qemu_migration.OutgoingMigration(
             types.SimpleNamespace(pid=lambda v: 1), src, None, ep, 0, None)
-        out.finish()
-        assert out.resume_destination() is None
+        if source_status == 'completed':
+            out.finish()
+            assert out.resume_destination() is None
+        else:
+            out.memory_started = True
+            assert out.switchover() is None
     finally:
         qemu_postcopy.close(dst)
     assert fake.commands(dst.control) == [
         'query-migrate', 'query-migrate', 'query-migrate', 'nbd-server-stop',
         'query-status', 'cont', 'query-status']
     assert fake.state[dst.control]['run'] == 'running'
+    fake.state[dst.control]['migration'] = 'completed'   # post-copy ended
     del fake.calls[:]
     qemu_migration.finish_incoming(None, dst)
     assert 'cont' not in fake.commands(dst.control)
 
 
-def test_resume_without_the_completed_claim_does_not_wait(tmp_path, fake):
-    """A request without the claim while pre-copy memory is still coming is
-    refused at once: the guest must not run on stale pages."""
+def test_resume_without_the_source_status_does_not_wait(tmp_path, fake):
+    """A request that does not say what the source saw, while pre-copy
+    memory is still coming, is refused at once: the guest must not run on
+    stale pages."""
     dst = vmdir(tmp_path, 'dst')
     fake.state[dst.control] = {'migration': 'active', 'run': 'paused',
                                'jobs': []}
@@ -249,7 +269,8 @@ def test_prepare_incoming_opens_the_resume_listener_without_post_copy(
     try:
         assert ep.resume_port and ep.resume_token
         with pytest.raises(base.HypervisorError, match='wrong token'):
-            qemu_postcopy.request_resume('127.0.0.1', ep.resume_port, 'x')
+            qemu_postcopy.request_resume('127.0.0.1', ep.resume_port, 'x',
+                                         'completed')
     finally:
         qemu_postcopy.close(dst)
 
@@ -282,4 +303,5 @@ def test_listener_closes_when_its_vm_process_ends(tmp_path):
     assert dst.path not in qemu_postcopy._listeners
     assert listener.closed
     with pytest.raises(base.HypervisorError, match='cannot reach'):
-        qemu_postcopy.request_resume('127.0.0.1', port, token, timeout=5)
+        qemu_postcopy.request_resume('127.0.0.1', port, token, 'completed',
+                                     timeout=5)
