@@ -120,7 +120,9 @@ def test_high_rate_auto_converge_throttles_in_steps_and_converges():
     throttles = [s.value for s in r.steps if s.kind == 'throttle']
     assert len(throttles) >= 2
     assert throttles == sorted(set(throttles))
-    assert throttles[0] == mp.THROTTLE_INITIAL
+    # the first step is computed: at least THROTTLE_INITIAL (the dirty rate
+    # equals the measured bandwidth here, so 20 % is just on the edge)
+    assert mp.THROTTLE_INITIAL <= throttles[0] <= 30
     assert all(t <= mp.THROTTLE_MAX for t in throttles)
     # the downtime reaches its maximum before the first throttle
     assert kinds(r).index('throttle') > downtimes(r).index(500)
@@ -198,6 +200,35 @@ def progress(elapsed, rounds, remaining, dirty, bandwidth=100 * MiB,
                        memory_remaining=remaining, dirty_rate=dirty,
                        bandwidth=bandwidth, disk_remaining=disk,
                        cpu_throttle=throttle)
+
+
+def test_bandwidth_from_bytes_sent_not_the_sync_window():
+    """The benchmark's case (bench/RESULTS-migration.md): 1 GiB guest
+    dirtying 24 MiB/s over a 32 MiB/s cap. QEMU's 'mbps' right after each
+    bitmap sync read 8.6-9.6 MiB/s while the link moved 32 MiB/s; taken
+    at face value the guest looked like it could never converge and was
+    throttled to 70 %. The policy measures the bandwidth from the bytes
+    sent between its samples instead."""
+    p = policy(initial=300)
+    cap = 32 * MiB
+    for t, rounds, remaining, dirty, mbps in (
+            (19.6, 2, 466 * MiB, 11.8 * MiB, 8.6 * MiB),
+            (34.2, 3, 358 * MiB, 23.6 * MiB, 9.6 * MiB),
+            (45.5, 4, 270 * MiB, 24.0 * MiB, 9.0 * MiB),
+            (54.0, 5, 203 * MiB, 24.0 * MiB, 9.3 * MiB)):
+        p.decide(mp.Progress(
+            elapsed=t, rounds=rounds, memory_total=GiB,
+            memory_processed=int(cap * t), memory_remaining=remaining,
+            dirty_rate=dirty, bandwidth=mbps))
+    assert not any('not converging' in d for d in p.decisions), p.decisions
+    assert p.throttle == 0
+    assert 'bandwidth 32.0 MiB/s' in p.decisions[-1]
+    # with no bytes-sent counter moving, the hypervisor's figure is used
+    q = policy(initial=300)
+    q.decide(mp.Progress(elapsed=10, rounds=2, memory_total=GiB,
+                         memory_processed=0, memory_remaining=500 * MiB,
+                         dirty_rate=20 * MiB, bandwidth=9 * MiB))
+    assert 'bandwidth 9.0 MiB/s' in q.decisions[-1]
 
 
 def test_acts_only_on_new_passes():
