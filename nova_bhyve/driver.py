@@ -163,7 +163,7 @@ class BhyveDriver(driver.ComputeDriver):
             if live_migration.is_incoming(vmdir):
                 # not ours yet: the source's Nova owns it until the
                 # migration's post step (or rollback) reaches this host
-                LOG.info('instance %s: incoming live migration', vmdir.uuid)
+                live_migration.after_restart_at_destination(self, vmdir)
                 continue
             if state not in (power_state.SHUTDOWN, power_state.CRASHED,
                              power_state.SUSPENDED):

@@ -360,7 +360,7 @@ def pre_live_migration(drv, context, instance, block_device_info,
     os.makedirs(vmdir.path)
     plugged = False
     try:
-        open(os.path.join(vmdir.path, INCOMING_MARKER), 'w').close()
+        _mark_incoming(drv, vmdir)
         spec = _localize_spec(drv, context, instance, spec, info['vmdir'],
                               vmdir)
         backed = _create_disks(drv, context, instance, spec, info)
@@ -398,6 +398,7 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     os.makedirs(runtime.path)
     plugged = False
     try:
+        _mark_incoming(drv, runtime)
         _local_boot_and_consoles(drv, context, instance, spec)
         models = {n.mac: n.model for n in spec.nics}
         plugged = True
@@ -457,6 +458,53 @@ def rollback_at_destination(drv, instance, network_info, destroy_disks):
         else:
             drv._remove(vmdir)
     drv.vifs.unplug_all(instance, network_info)
+
+
+def _mark_incoming(drv, vm):
+    """The marker of an incoming VM's directory (the instance directory,
+    or its runtime directory on a shared instances path) names the host
+    receiving it: on shared storage other hosts see it too."""
+    with open(os.path.join(vm.path, INCOMING_MARKER), 'w') as f:
+        f.write(drv._host or CONF.host)
+
+
+def _incoming_host(vm):
+    try:
+        with open(os.path.join(vm.path, INCOMING_MARKER)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def after_restart_at_destination(drv, vmdir):
+    """init_host found ``vmdir`` holding an incoming live migration. If
+    this host receives it and its pre-copy stream is still loading, the
+    restart lost what this process held for it (the resume listener): the
+    incoming VM is stopped, the source fails the migration when its stream
+    breaks, keeps the guest, and Nova's rollback (block migration) or the
+    source's own clean-up (shared instances path) removes the rest here.
+    Past that point - post-copy, or the memory copy completed - it is left
+    alone: the guest's state is here, or a resume may be in flight, and
+    the source either completes (Nova's post step runs the guest here) or,
+    when its resume request finds no listener, rolls back."""
+    runtime = runtime_dir(vmdir)
+    vm = runtime if os.path.isdir(runtime.path) else vmdir
+    if _incoming_host(vm) != drv._host:
+        LOG.info('instance %s: incoming live migration (of %s)', vmdir.uuid,
+                 _incoming_host(vm) or 'an unrecorded host')
+        return
+    try:
+        status = drv.hypervisor.stop_unfinished_incoming(vm)
+    except NotImplementedError:
+        status = None
+    if status is None:
+        LOG.info('instance %s: incoming live migration, left to its source',
+                 vmdir.uuid)
+        return
+    LOG.warning('instance %s: nova-compute restarted while a live migration '
+                'to this host was sending memory (%s): the incoming VM is '
+                'stopped; the source keeps the guest and rolls the migration '
+                'back', vmdir.uuid, status)
 
 
 def is_incoming(vmdir):
@@ -809,12 +857,23 @@ class Migration:
     def _resume_destination(self):
         """Pre-copy completed, disks in sync: the guest runs on the
         destination now (as libvirt's Finish phase does), not only when
-        Nova's post step reaches it. A failure is not fatal: the guest
-        then runs at post_live_migration_at_destination."""
+        Nova's post step reaches it. When the destination certainly did
+        not run it (DestinationRefused: its listener is gone - its
+        nova-compute restarted - or it refused before acting) the guest,
+        still whole here, stays: the migration fails and Nova's rollback
+        cleans the destination. With a shared instances path Nova calls no
+        rollback there, so the destination's waiting VM would be stranded:
+        the post step runs the guest there instead, as for any other
+        failure of the request, which leaves the outcome unknown."""
         try:
             failure = self.handle.resume_destination()
         except NotImplementedError:
             return
+        except base.DestinationRefused as e:
+            if not self.data.is_shared_instance_path:
+                raise _Abort('the destination did not take the guest (%s); '
+                             'it stays on this host' % e)
+            failure = str(e)
         if failure:
             LOG.warning('the guest was not resumed on %s right away (%s); '
                         'it runs once Nova\'s post step reaches the '

@@ -18,6 +18,12 @@ class HypervisorError(Exception):
     """A hypervisor operation failed; the message says what and why."""
 
 
+class DestinationRefused(HypervisorError):
+    """The destination of a live migration certainly did not run the guest:
+    the request to do so never reached it, or it refused before acting. The
+    source still holds the whole guest and may take it back."""
+
+
 class VMDir:
     """Paths of one VM's files. Only naming here, no policy."""
 
@@ -313,6 +319,15 @@ class Hypervisor(abc.ABC):
         """A MigrationHandle sending the VM in ``vmdir`` to ``endpoint``;
         ``bandwidth`` in bytes/s (0: no cap); ``backed``: indices of disks
         the destination holds the backing image of (copy the top only)."""
+        raise NotImplementedError()
+
+    def stop_unfinished_incoming(self, vmdir):
+        """nova-compute restarted on a live migration's destination: kill
+        the incoming VM in ``vmdir`` if the guest has not arrived yet (its
+        source still holds all of it and fails the migration when the
+        stream breaks). Returns the incoming status it found if it killed
+        the VM; None when it left it alone (post-copy or completed: the
+        guest's state is here, or it may be about to run here)."""
         raise NotImplementedError()
 
     def cancel_orphaned_migration(self, vmdir, resume):

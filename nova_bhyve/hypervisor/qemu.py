@@ -326,6 +326,9 @@ class QemuHypervisor(base.Hypervisor):
         return qemu_migration.OutgoingMigration(self, vmdir, spec, endpoint,
                                                 bandwidth, policy, backed)
 
+    def stop_unfinished_incoming(self, vmdir):
+        return qemu_migration.stop_unfinished_incoming(self, vmdir)
+
     def cancel_orphaned_migration(self, vmdir, resume):
         return qemu_migration.cancel_orphaned(vmdir, resume)
 

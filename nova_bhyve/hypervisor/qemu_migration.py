@@ -155,7 +155,7 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
-    first = qemu_migration_params.incoming_qmp(policy) if policy else []
+    first = qemu_migration_params.incoming_qmp(policy)
     try:
         for command, args in first + incoming_commands(
                 spec, host, mig_port, nbd_port, block):
@@ -419,21 +419,26 @@ class OutgoingMigration(base.MigrationHandle):
     def resume_destination(self):
         """After finish(): ask the destination to run the guest now (the
         disks are in sync and the source lets go of them). Returns None, or
-        the reason it did not (the guest then runs at finish_incoming, in
-        Nova's post step: correct, only later)."""
-        return self._request_resume('completed')
-
-    def _request_resume(self, source_status):
-        if not self.endpoint.resume_port:
-            return 'the destination opened no resume listener'
+        the reason it may not have (the guest then runs at finish_incoming,
+        in Nova's post step: correct, only later). DestinationRefused when
+        it certainly did not: the guest is still whole here, and
+        cancel() takes it back."""
         try:
-            qemu_postcopy.request_resume(self.endpoint.host,
-                                         self.endpoint.resume_port,
-                                         self.endpoint.resume_token,
-                                         source_status)
+            self._request_resume('completed')
+        except base.DestinationRefused:
+            raise
         except base.HypervisorError as e:
             return str(e)
         return None
+
+    def _request_resume(self, source_status):
+        if not self.endpoint.resume_port:
+            raise base.HypervisorError(
+                'the destination opened no resume listener')
+        qemu_postcopy.request_resume(self.endpoint.host,
+                                     self.endpoint.resume_port,
+                                     self.endpoint.resume_token,
+                                     source_status)
 
     def switchover(self):
         """QEMU reports postcopy-active (the vCPUs here are stopped, the
@@ -449,7 +454,13 @@ class OutgoingMigration(base.MigrationHandle):
             raise base.HypervisorError(
                 'disk copy did not complete after the switch to post-copy: '
                 '%s' % '; '.join(errors))
-        return self._request_resume('postcopy-active')
+        try:
+            self._request_resume('postcopy-active')
+        except base.HypervisorError as e:
+            # past the switch nothing can be taken back: Nova's post step
+            # runs the guest there (finish_incoming)
+            return str(e)
+        return None
 
     def cancel(self):
         """Stop everything; the guest keeps running here. Idempotent.
@@ -490,6 +501,33 @@ class OutgoingMigration(base.MigrationHandle):
             self.paused_by_us = False
 
 
+#: incoming statuses before the guest can run here: the source holds it all
+UNFINISHED_INCOMING = (None, 'none', 'setup', 'active', 'device')
+
+
+def stop_unfinished_incoming(hyp, vmdir):
+    """Destination, nova-compute restarted: kill the incoming VM of
+    ``vmdir`` while its pre-copy stream is still loading (this process lost
+    the migration's resume listener; the source keeps the guest and rolls
+    back when the stream breaks). Returns the status it was killed in;
+    None when left alone: not running, post-copy or completed (the guest's
+    state is here, or a resume may be in flight), or its status cannot be
+    read (killing a VM that may run the guest is never a guess)."""
+    if hyp.pid(vmdir) is None:
+        return None
+    try:
+        status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+    except base.HypervisorError as e:
+        LOG.warning('incoming VM %s: cannot read its migration status (%s); '
+                    'left alone', vmdir.uuid, e)
+        return None
+    if status not in UNFINISHED_INCOMING:
+        return None
+    qemu_postcopy.close(vmdir)
+    hyp.kill(vmdir)
+    return status or 'none'
+
+
 # -- an outgoing migration nobody drives any more ---------------------------
 
 def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
@@ -502,9 +540,10 @@ def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
     * pre-copy still running: ``migrate_cancel``, waited for;
     * pre-copy completed (the memory went, the destination waits paused for
       a ``cont`` nobody will send): nothing to cancel, the guest runs here
-      again - Nova keeps the instance on this host - when the disks are
-      this host's own (block migration); on shared storage the destination
-      took their locks at the end of the stream: HypervisorError;
+      again - Nova keeps the instance on this host; on shared storage that
+      needs the destination's ``late-block-activate`` (set by
+      prepare_incoming: it takes the disks only at ``cont``), otherwise it
+      holds their locks since the end of the stream: HypervisorError;
     * post-copy: HypervisorError - the guest runs on the destination, its
       memory is split between the hosts; nothing here may be undone;
     * our block mirror jobs: abandoned (force-cancelled and dismissed), the
@@ -553,14 +592,14 @@ def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
         except qmp.QMPError as e:
             if status != 'completed':
                 raise
-            # QEMU activates the destination's disks when the stream
-            # completes, even with -S: on shared storage it holds their
-            # locks now
+            # the destination took the disks: it runs the guest, or was
+            # started without late-block-activate (QEMU then activates
+            # them when the stream completes, even with -S)
             raise base.HypervisorError(
                 'the live migration of %s had completed its memory copy and '
                 'the destination VM holds the disks (shared storage): the '
-                'guest cannot run here (%s); it waits, stopped, on the '
-                'destination' % (vmdir.uuid, e))
+                'guest cannot run here (%s); it is on the destination'
+                % (vmdir.uuid, e))
     return None if status in (None, 'none') else status
 
 

@@ -52,10 +52,11 @@ THROTTLE_FLOOR = 1
 THROTTLE_INCREMENT_MAX = 99
 
 
-def _capabilities(policy):
+def _capabilities(policy, extra=()):
     caps = [('events', True),
-            ('postcopy-ram', bool(policy.wants_postcopy)),
-            ('auto-converge', bool(policy.wants_auto_converge))]
+            ('postcopy-ram', bool(policy and policy.wants_postcopy)),
+            ('auto-converge', bool(policy and policy.wants_auto_converge))]
+    caps += list(extra)
     return ('migrate-set-capabilities',
             {'capabilities': [{'capability': name, 'state': state}
                               for name, state in caps]})
@@ -80,8 +81,13 @@ def initial_qmp(policy, bandwidth_bytes_per_s):
 
 def incoming_qmp(policy):
     """Commands for the destination before ``migrate-incoming``: the
-    capabilities that must match the source's (post-copy)."""
-    return [_capabilities(policy)]
+    capabilities that must match the source's (post-copy; ``policy`` None:
+    none), and ``late-block-activate``: the destination (started with -S)
+    takes its disk images - and, on shared storage, their locks - only at
+    ``cont``, not when the memory stream completes, so until the guest runs
+    there the source can still take it back (libvirt sets it for the same
+    reason)."""
+    return [_capabilities(policy, [('late-block-activate', True)])]
 
 
 def qmp_for_step(step):

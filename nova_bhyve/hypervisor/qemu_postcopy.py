@@ -65,6 +65,9 @@ LOADING = ('setup', 'active', 'device')
 #: one the source reported ('completed' or 'postcopy-active')
 SOURCE_AHEAD_WAIT = 10.0
 _MAX_LINE = 256
+#: how an answer starts when the destination did nothing (the guest did not
+#: run here); 'error: ' means it may have got part of the way
+REFUSED = 'refused: '
 
 _listeners = {}
 _lock = threading.Lock()
@@ -72,20 +75,21 @@ _lock = threading.Lock()
 
 def resume_now(vmdir, timeout=30.0, source_status=None):
     """Destination: run the incoming guest now; returns the incoming
-    migration's status. HypervisorError unless it is in post-copy or
-    completed (never while pre-copy memory is still coming: the guest would
-    run on stale pages). ``source_status``: what the source reported
-    ('completed' or 'postcopy-active'); the end of the stream or the
-    switch may still be loading here, so wait up to SOURCE_AHEAD_WAIT
-    seconds for this side to get there too."""
-    status = qmp.execute(vmdir.control, 'query-migrate').get('status')
-    deadline = time.monotonic() + SOURCE_AHEAD_WAIT
-    while (source_status in RESUMABLE and status in LOADING
-           and time.monotonic() < deadline):
-        time.sleep(0.01)
-        status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+    migration's status. DestinationRefused, having done nothing, unless it
+    is in post-copy or completed (never while pre-copy memory is still
+    coming: the guest would run on stale pages) or when its status cannot
+    be read (the VM is gone); HypervisorError if running it failed.
+    ``source_status``: what the source reported ('completed' or
+    'postcopy-active'); the end of the stream or the switch may still be
+    loading here, so wait up to SOURCE_AHEAD_WAIT seconds for this side to
+    get there too."""
+    try:
+        status = _caught_up_status(vmdir, source_status)
+    except base.HypervisorError as e:
+        raise base.DestinationRefused(
+            'cannot read the incoming migration of %s: %s' % (vmdir.uuid, e))
     if status not in RESUMABLE:
-        raise base.HypervisorError(
+        raise base.DestinationRefused(
             'the incoming migration of %s is %s%s: not in post-copy nor '
             'completed, the guest cannot run here yet' % (
                 vmdir.uuid, status,
@@ -101,6 +105,16 @@ def resume_now(vmdir, timeout=30.0, source_status=None):
     if state != 'running':
         raise base.HypervisorError('instance %s is %s after cont'
                                    % (vmdir.uuid, state))
+    return status
+
+
+def _caught_up_status(vmdir, source_status):
+    status = qmp.execute(vmdir.control, 'query-migrate').get('status')
+    deadline = time.monotonic() + SOURCE_AHEAD_WAIT
+    while (source_status in RESUMABLE and status in LOADING
+           and time.monotonic() < deadline):
+        time.sleep(0.01)
+        status = qmp.execute(vmdir.control, 'query-migrate').get('status')
     return status
 
 
@@ -163,7 +177,7 @@ class ResumeListener:
         if not hmac.compare_digest(token.encode(), self.token.encode()):
             LOG.warning('resume request for %s from %s with a '
                         'wrong token: ignored', self.vmdir.uuid, peer)
-            reply = 'error: wrong token'
+            reply = REFUSED + 'wrong token'
         else:
             try:
                 status = resume_now(self.vmdir,
@@ -180,7 +194,10 @@ class ResumeListener:
             except (base.HypervisorError, OSError) as e:
                 LOG.error('resume of %s failed: %s',
                           self.vmdir.uuid, e)
-                reply = 'error: %s' % e
+                # refused: nothing was done here, the guest did not run
+                reply = ('%s%s' % (
+                    REFUSED if isinstance(e, base.DestinationRefused)
+                    else 'error: ', e))
         try:
             conn.sendall(reply.encode() + b'\n')
         except OSError:
@@ -188,6 +205,13 @@ class ResumeListener:
 
     def close(self):
         self.closed = True
+        try:
+            # stop listening now: close() alone leaves the socket open until
+            # the accept() in progress in _serve returns, and a request
+            # meanwhile would be taken, then reset - not refused
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
@@ -225,20 +249,32 @@ def request_resume(host, port, token, source_status,
                    timeout=RESUME_TIMEOUT):
     """Source: ask the destination to run the guest now; ``source_status``
     is what QEMU reports here ('completed', or 'postcopy-active' at a
-    post-copy switch). HypervisorError with the destination's reason when
-    it did not."""
+    post-copy switch). DestinationRefused when the destination certainly
+    did not run the guest (unreachable, or it refused before acting),
+    HypervisorError when that is not known (no answer, or an error after it
+    started)."""
     if source_status not in RESUMABLE:
         raise ValueError('resume requested at %r' % (source_status,))
     line = '%s %s' % (token, source_status)
     try:
-        with socket.create_connection((host.strip('[]'), int(port)),
-                                      timeout=timeout) as s:
+        s = socket.create_connection((host.strip('[]'), int(port)),
+                                     timeout=timeout)
+    except OSError as e:
+        # nothing was sent: the destination did not run the guest (its
+        # nova-compute restarted and lost the listener, or it is gone)
+        raise base.DestinationRefused('cannot reach the destination to '
+                                      'resume the guest: %s' % e)
+    try:
+        with s:
             s.sendall(line.encode() + b'\n')
             reply = s.makefile('rb').readline(_MAX_LINE).strip().decode(
                 'utf-8', 'replace')
     except OSError as e:
-        raise base.HypervisorError('cannot reach the destination to resume '
-                                   'the guest: %s' % e)
+        raise base.HypervisorError('no answer from the destination to the '
+                                   'resume request: %s' % e)
+    if reply.startswith(REFUSED):
+        raise base.DestinationRefused('the destination did not resume the '
+                                      'guest: %s' % reply)
     if reply != 'ok':
         raise base.HypervisorError('the destination did not resume the '
                                    'guest: %s' % (reply or 'no answer'))

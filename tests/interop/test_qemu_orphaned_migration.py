@@ -31,12 +31,16 @@ def _vmdir(sock):
     return types.SimpleNamespace(control=sock, uuid='orphan-test')
 
 
-def _start(socks, speed, postcopy=False, downtime_ms=300):
+def _start(socks, speed, postcopy=False, downtime_ms=300,
+           late_block_activate=False):
     src, dst = socks['src'], socks['dst']
     if postcopy:
         for sock in (src, dst):
             qmp.execute(sock, 'migrate-set-capabilities', {'capabilities': [
                 {'capability': 'postcopy-ram', 'state': True}]})
+    if late_block_activate:
+        qmp.execute(dst, 'migrate-set-capabilities', {'capabilities': [
+            {'capability': 'late-block-activate', 'state': True}]})
     qmp.execute(dst, 'migrate-incoming', {'uri': socks['uri']})
     params = {'max-bandwidth': speed, 'downtime-limit': downtime_ms}
     if postcopy:
@@ -84,10 +88,25 @@ def test_a_completed_copy_runs_again_here(pair):
 
 
 @pytest.mark.parametrize('pair', [{'paused': True}], indirect=True)
+def test_a_completed_copy_on_shared_disks_runs_again_here(pair):
+    """Shared storage, the destination set up as the driver does it
+    (qemu_migration_params.incoming_qmp: late-block-activate): it has not
+    taken the disks at the end of the stream, so the guest runs here
+    again."""
+    _start(pair, 1 << 40, downtime_ms=60000, late_block_activate=True)
+    _wait_status(pair['src'], ('completed',))
+    assert qmp.execute(pair['src'], 'query-status')['status'] != 'running'
+    found = qemu_migration.cancel_orphaned(_vmdir(pair['src']), resume=True)
+    assert found == 'completed'
+    assert qmp.execute(pair['src'], 'query-status')['status'] == 'running'
+
+
+@pytest.mark.parametrize('pair', [{'paused': True}], indirect=True)
 def test_a_completed_copy_on_shared_disks_says_why(pair):
-    """Shared storage: QEMU activated the destination's disks at the end of
-    the stream (even with -S) and holds their locks; the guest cannot run
-    here and the error says so."""
+    """Shared storage, a destination without late-block-activate (QEMU's
+    default; the driver sets it): QEMU activated the destination's disks at
+    the end of the stream (even with -S) and holds their locks; the guest
+    cannot run here and the error says so."""
     _start(pair, 1 << 40, downtime_ms=60000)
     _wait_status(pair['src'], ('completed',))
     with pytest.raises(base.HypervisorError, match='holds the disks'):

@@ -171,7 +171,8 @@ def test_post_copy_completes_without_finish(monkeypatch):
 
 class Resumable(Scripted):
     """A handle whose destination can be told to run the guest
-    (resume_destination: None = done, a string = why not)."""
+    (resume_destination: None = done, a string = why it may not have, an
+    exception = raised, e.g. DestinationRefused)."""
 
     def __init__(self, statuses, failure=None):
         super().__init__(statuses)
@@ -179,6 +180,8 @@ class Resumable(Scripted):
 
     def resume_destination(self):
         self.calls.append('resume_destination')
+        if isinstance(self.failure, Exception):
+            raise self.failure
         return self.failure
 
 
@@ -199,14 +202,14 @@ def test_pre_copy_resumes_the_destination_before_the_post_step(monkeypatch):
     assert m.resumed_at >= m.completed_at
 
 
-def test_pre_copy_resume_failure_leaves_it_to_the_post_step(monkeypatch,
-                                                            caplog):
-    """The destination's listener is gone (its nova-compute restarted): a
-    warning, and the migration completes as before (the guest runs at
-    post_live_migration_at_destination)."""
+def test_pre_copy_resume_outcome_unknown_leaves_it_to_the_post_step(
+        monkeypatch, caplog):
+    """The request went but no answer came (the destination may have run
+    the guest): a warning, and the migration completes (the guest runs at
+    post_live_migration_at_destination if it does not yet)."""
     h = Resumable(['active', 'completed'],
-                  failure='cannot reach the destination to resume the '
-                          'guest: connection refused')
+                  failure='no answer from the destination to the resume '
+                          'request: connection reset')
     policy = types.SimpleNamespace(initial_downtime_ms=50,
                                    decide=lambda p: [])
     m, record = migration(h, monkeypatch, policy)
@@ -231,3 +234,39 @@ def test_failed_disk_copy_does_not_resume_the_destination(monkeypatch):
     assert called[0][0] == 'recover'
     assert 'resume_destination' not in h.calls
     assert 'cancel' in h.calls
+
+
+REFUSED = base.DestinationRefused(
+    'cannot reach the destination to resume the guest: connection refused')
+
+
+def test_pre_copy_resume_refused_keeps_the_guest_here(monkeypatch):
+    """The destination certainly did not run the guest (its listener is
+    gone: its nova-compute restarted): the source still holds the whole
+    guest, so the migration fails - cancel() runs it here again - and Nova's
+    rollback cleans the destination; no post step."""
+    h = Resumable(['active', 'completed'], failure=REFUSED)
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    called = run(m)
+    assert [c[0] for c in called] == ['recover']
+    assert called[0][1] == {'migration_status': 'failed'}
+    assert h.calls[-3:] == ['finish', 'resume_destination', 'cancel']
+    assert m.resumed_at is None
+
+
+def test_pre_copy_resume_refused_on_shared_storage_completes(monkeypatch,
+                                                             caplog):
+    """Shared instances path: Nova calls no rollback on the destination, a
+    source-side rollback would strand its waiting VM; the post step runs
+    the guest there instead (warning)."""
+    h = Resumable(['active', 'completed'], failure=REFUSED)
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    m.data.is_shared_instance_path = True
+    assert run(m) == ['post']
+    assert 'cancel' not in h.calls
+    assert any(r.levelname == 'WARNING' and 'not resumed' in r.getMessage()
+               for r in caplog.records)

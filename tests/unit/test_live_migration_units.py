@@ -351,3 +351,37 @@ def test_abort_after_restart_in_post_copy_says_why(tmp_path):
     drv, _ = _orphan_driver(hyp, tmp_path)
     with pytest.raises(exception.MigrationError, match='post-copy'):
         drv.live_migration_abort(_orphan_instance())
+
+
+# -- a restarted destination -------------------------------------------------
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_restarted_destination_stops_its_own_unfinished_incoming_vm(
+        tmp_path, shared):
+    """init_host: the incoming VM this host receives (the marker names it:
+    on a shared instances path every host sees the runtime directory) goes
+    to the hypervisor's stop_unfinished_incoming; another host's, or one
+    from a marker without a host, is left alone."""
+    from nova_bhyve.hypervisor import base
+    uuid = 'a0a0a0a0-0000-4000-8000-000000000003'
+    vmdir = base.VMDir(str(tmp_path / uuid))
+    os.makedirs(vmdir.path)
+    asked = []
+    hyp = types.SimpleNamespace(
+        stop_unfinished_incoming=lambda vm: asked.append(vm.path) or 'active')
+    drv = types.SimpleNamespace(_host='compute2', hypervisor=hyp)
+    vm = live_migration.runtime_dir(vmdir) if shared else vmdir
+    if shared:
+        os.makedirs(vm.path)
+    live_migration._mark_incoming(drv, vm)
+    assert live_migration.is_incoming(vmdir)
+    live_migration.after_restart_at_destination(drv, vmdir)
+    assert asked == [vm.path]
+    # seen from another host (shared storage), or an unrecorded host
+    other = types.SimpleNamespace(_host='compute', hypervisor=hyp)
+    live_migration.after_restart_at_destination(other, vmdir)
+    with open(os.path.join(vm.path, live_migration.INCOMING_MARKER),
+              'w'):
+        pass
+    live_migration.after_restart_at_destination(drv, vmdir)
+    assert asked == [vm.path]

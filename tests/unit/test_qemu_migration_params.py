@@ -45,7 +45,15 @@ def test_initial_commands_post_copy_without_cap():
     assert params == ('migrate-set-parameters', {
         'downtime-limit': 50, 'max-bandwidth': qmp_params.UNLIMITED_BANDWIDTH,
         'max-postcopy-bandwidth': 0})
-    assert qmp_params.incoming_qmp(policy('post-copy')) == [caps]
+    # the destination: the same, and its disks taken only at 'cont'
+    (incoming,) = qmp_params.incoming_qmp(policy('post-copy'))
+    assert incoming[1]['capabilities'] == caps[1]['capabilities'] + [
+        {'capability': 'late-block-activate', 'state': True}]
+    (incoming,) = qmp_params.incoming_qmp(None)
+    assert {'capability': 'late-block-activate', 'state': True} in \
+        incoming[1]['capabilities']
+    assert {'capability': 'postcopy-ram', 'state': False} in \
+        incoming[1]['capabilities']
 
 
 def test_step_commands():
@@ -135,6 +143,7 @@ def test_qemu_accepts_the_post_copy_mapping(qemu_monitor):
     assert params['max-bandwidth'] == qmp_params.UNLIMITED_BANDWIDTH
     assert params['max-postcopy-bandwidth'] == 0
     _run(qemu_monitor, qmp_params.incoming_qmp(p))
+    assert _caps(qemu_monitor)['late-block-activate']
     # The schema accepts migrate-start-postcopy; with no migration running
     # QEMU refuses it for that reason only (with postcopy-ram off it would
     # say to enable the capability first).

@@ -305,3 +305,92 @@ def test_listener_closes_when_its_vm_process_ends(tmp_path):
     with pytest.raises(base.HypervisorError, match='cannot reach'):
         qemu_postcopy.request_resume('127.0.0.1', port, token, 'completed',
                                      timeout=5)
+
+
+def test_request_to_no_listener_is_a_refusal(tmp_path):
+    """Nothing listens (the destination's nova-compute restarted): the
+    request never left, the destination certainly did not run the guest."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]         # closed again: nobody listens
+    with pytest.raises(base.DestinationRefused, match='cannot reach'):
+        qemu_postcopy.request_resume('127.0.0.1', port, 'x', 'completed',
+                                     timeout=5)
+
+
+def test_destination_answers_refused_or_error(tmp_path, fake, monkeypatch):
+    """'refused: ' when it did nothing (wrong status, unreadable VM) - the
+    source may take the guest back; 'error: ' when running it failed
+    part-way (the guest may run there) - the source must not."""
+    monkeypatch.setattr(qemu_postcopy, 'SOURCE_AHEAD_WAIT', 0.1)
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': 'active', 'run': 'paused',
+                               'jobs': []}
+    port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        with pytest.raises(base.DestinationRefused, match='refused: '):
+            qemu_postcopy.request_resume('127.0.0.1', port, token,
+                                         'completed')
+    finally:
+        qemu_postcopy.close(dst)
+    # QMP unreachable (the incoming VM is gone): nothing done
+    del fake.state[dst.control]
+    real = fake.execute
+
+    def unreachable(path, command, args=None, timeout=30.0):
+        if path == dst.control:
+            raise base.HypervisorError('cannot reach QMP socket')
+        return real(path, command, args, timeout)
+    monkeypatch.setattr(qmp, 'execute', unreachable)
+    with pytest.raises(base.DestinationRefused, match='cannot read'):
+        qemu_postcopy.resume_now(dst, source_status='completed')
+    # 'cont' did not make it run: not a refusal
+    stuck = {'migration': 'completed', 'run': 'paused', 'jobs': []}
+
+    def cont_fails(path, command, args=None, timeout=30.0):
+        if command == 'query-migrate':
+            return {'status': stuck['migration']}
+        if command == 'query-status':
+            return {'status': stuck['run']}
+        return {}
+    monkeypatch.setattr(qmp, 'execute', cont_fails)
+    port, token = qemu_postcopy.listen(dst, '127.0.0.1')
+    try:
+        with pytest.raises(base.HypervisorError, match='error: ') as e:
+            qemu_postcopy.request_resume('127.0.0.1', port, token,
+                                         'completed')
+        assert not isinstance(e.value, base.DestinationRefused)
+    finally:
+        qemu_postcopy.close(dst)
+
+
+@pytest.mark.parametrize('status,killed', [
+    ('setup', True), ('active', True), ('device', True), (None, True),
+    ('postcopy-active', False), ('postcopy-paused', False),
+    ('completed', False), ('failed', False)])
+def test_restarted_destination_stops_only_an_unfinished_incoming_vm(
+        tmp_path, fake, status, killed):
+    dst = vmdir(tmp_path, 'dst')
+    fake.state[dst.control] = {'migration': status, 'run': 'paused',
+                               'jobs': []}
+    kills = []
+    hyp = types.SimpleNamespace(pid=lambda v: 42,
+                                kill=lambda v: kills.append(v))
+    found = qemu_migration.stop_unfinished_incoming(hyp, dst)
+    assert bool(kills) == killed
+    assert found == ((status or 'none') if killed else None)
+
+
+def test_restarted_destination_leaves_an_unreadable_vm_alone(tmp_path,
+                                                            monkeypatch):
+    dst = vmdir(tmp_path, 'dst')
+
+    def unreachable(path, command, args=None, timeout=30.0):
+        raise base.HypervisorError('QMP query-migrate: timed out')
+    monkeypatch.setattr(qmp, 'execute', unreachable)
+    kills = []
+    hyp = types.SimpleNamespace(pid=lambda v: 42,
+                                kill=lambda v: kills.append(v))
+    assert qemu_migration.stop_unfinished_incoming(hyp, dst) is None
+    assert kills == []
