@@ -368,42 +368,10 @@ class OutgoingMigration(base.MigrationHandle):
     # -- end ------------------------------------------------------------
 
     def _end_jobs(self, force, timeout=JOB_END_TIMEOUT):
-        """Cancel our mirror jobs (soft: finish the copy of a ready job;
-        force: abandon it), wait until they conclude, dismiss them.
-        Returns the errors they ended with."""
-        errors = []
-        for jid in self.jobs:
-            try:
-                self._qmp('block-job-cancel', {'device': jid, 'force': force})
-            except qmp.QMPError as e:
-                LOG.debug('block-job-cancel %s: %s', jid, e)
-        deadline = time.monotonic() + timeout
-        pending = list(self.jobs)
-        while pending:
-            jobs = self._jobs()
-            for jid in list(pending):
-                job = jobs.get(jid)
-                if job is None:
-                    pending.remove(jid)
-                elif job['status'] == 'concluded':
-                    if job.get('error'):
-                        errors.append('%s: %s' % (jid, job['error']))
-                    try:
-                        self._qmp('job-dismiss', {'id': jid})
-                    except qmp.QMPError as e:
-                        LOG.debug('job-dismiss %s: %s', jid, e)
-                    pending.remove(jid)
-            if pending and time.monotonic() > deadline:
-                errors.append('disk copy jobs %s did not end within %.0f s'
-                              % (', '.join(pending), timeout))
-                break
-            if pending:
-                time.sleep(POLL)
-        for node in self.nodes:
-            try:
-                self._qmp('blockdev-del', {'node-name': node})
-            except qmp.QMPError as e:
-                LOG.debug('blockdev-del %s: %s', node, e)
+        """End our mirror jobs and NBD target nodes (end_mirror_jobs);
+        returns the errors."""
+        errors = end_mirror_jobs(self.vmdir.control, self.jobs, self.nodes,
+                                 force, timeout)
         self.jobs, self.nodes = [], []
         return errors
 
@@ -570,21 +538,15 @@ def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
         status = 'active'
     jobs = [j['id'] for j in qmp.execute(vmdir.control, 'query-jobs')
             if j['id'].startswith(mirror_job(0)[:-1])]
-    for jid in jobs:
-        try:
-            qmp.execute(vmdir.control, 'block-job-cancel',
-                        {'device': jid, 'force': True})
-        except qmp.QMPError as e:
-            LOG.debug('block-job-cancel %s: %s', jid, e)
-    _dismiss_when_concluded(vmdir, jobs, timeout)
     nodes = [n['node-name'] for n in qmp.execute(
         vmdir.control, 'query-named-block-nodes', {'flat': True})
         if n.get('node-name', '').startswith(target_node(0)[:-1])]
-    for node in nodes:
-        try:
-            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
-        except qmp.QMPError as e:
-            LOG.debug('blockdev-del %s: %s', node, e)
+    # abandoned copies: what they ended with does not matter, only that
+    # they ended
+    stuck = end_mirror_jobs(vmdir.control, jobs, nodes, True, timeout,
+                            stuck_only=True)
+    if stuck:
+        raise base.HypervisorError('%s (%s)' % ('; '.join(stuck), vmdir.uuid))
     if resume and qmp.execute(vmdir.control,
                               'query-status')['status'] != 'running':
         try:
@@ -603,24 +565,45 @@ def cancel_orphaned(vmdir, resume, timeout=JOB_END_TIMEOUT):
     return None if status in (None, 'none') else status
 
 
-def _dismiss_when_concluded(vmdir, jobs, timeout):
+def end_mirror_jobs(control, jobs, nodes, force, timeout,
+                    stuck_only=False):
+    """Cancel the mirror ``jobs`` of the QEMU on QMP socket ``control``
+    (soft: finish the copy of a ready job; ``force``: abandon it), wait
+    until they conclude, dismiss them, then remove the NBD target ``nodes``.
+    Returns the errors the jobs ended with (``stuck_only``: only jobs that
+    did not end within ``timeout`` seconds count)."""
+    for jid in jobs:
+        try:
+            qmp.execute(control, 'block-job-cancel',
+                        {'device': jid, 'force': force})
+        except qmp.QMPError as e:
+            LOG.debug('block-job-cancel %s: %s', jid, e)
+    errors = []
     deadline = time.monotonic() + timeout
     pending = list(jobs)
-    while pending and time.monotonic() < deadline:
-        states = {j['id']: j['status']
-                  for j in qmp.execute(vmdir.control, 'query-jobs')}
+    while pending:
+        states = {j['id']: j for j in qmp.execute(control, 'query-jobs')}
         for jid in list(pending):
-            if jid not in states:
+            job = states.get(jid)
+            if job is None:
                 pending.remove(jid)
-            elif states[jid] == 'concluded':
+            elif job['status'] == 'concluded':
+                if job.get('error') and not stuck_only:
+                    errors.append('%s: %s' % (jid, job['error']))
                 try:
-                    qmp.execute(vmdir.control, 'job-dismiss', {'id': jid})
+                    qmp.execute(control, 'job-dismiss', {'id': jid})
                 except qmp.QMPError as e:
                     LOG.debug('job-dismiss %s: %s', jid, e)
                 pending.remove(jid)
+        if pending and time.monotonic() > deadline:
+            errors.append('disk copy jobs %s did not end within %.0f s'
+                          % (', '.join(pending), timeout))
+            break
         if pending:
             time.sleep(POLL)
-    if pending:
-        raise base.HypervisorError('disk copy jobs %s of %s did not end '
-                                   'within %.0f s' % (', '.join(pending),
-                                                      vmdir.uuid, timeout))
+    for node in nodes:
+        try:
+            qmp.execute(control, 'blockdev-del', {'node-name': node})
+        except qmp.QMPError as e:
+            LOG.debug('blockdev-del %s: %s', node, e)
+    return errors
