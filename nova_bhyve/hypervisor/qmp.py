@@ -6,6 +6,7 @@ fragile. The QMP framing is a handful of JSON lines, so a few lines suffice.
 """
 import json
 import socket
+import time
 
 from nova_bhyve.hypervisor.base import HypervisorError
 
@@ -29,8 +30,31 @@ def _read_message(f, command):
             return msg
 
 
+#: connections that QEMU closed before its greeting are tried again this
+#: many times in all (nothing was sent on them: always safe)
+GREETING_ATTEMPTS = 5
+GREETING_RETRY_DELAY = 0.2
+
+
 def execute(path, command, arguments=None, timeout=10.0):
     """Run one QMP ``command`` on the monitor socket at ``path``."""
+    for attempt in range(GREETING_ATTEMPTS):
+        try:
+            return _execute_once(path, command, arguments, timeout)
+        except _NoGreeting:
+            if attempt + 1 == GREETING_ATTEMPTS:
+                raise HypervisorError('no QMP greeting on %s (%d attempts)'
+                                      % (path, GREETING_ATTEMPTS))
+            time.sleep(GREETING_RETRY_DELAY)
+
+
+class _NoGreeting(Exception):
+    """The monitor closed the connection before greeting: no command was
+    sent on it. Seen once from a source QEMU at the moment of a post-copy
+    switch, with the next connection answering normally."""
+
+
+def _execute_once(path, command, arguments, timeout):
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -42,7 +66,10 @@ def execute(path, command, arguments=None, timeout=10.0):
     # HypervisorError wraps the with-block, not only its body
     try:
         with sock, sock.makefile('rwb') as f:
-            if 'QMP' not in json.loads(f.readline() or b'{}'):
+            greeting = f.readline()
+            if not greeting:
+                raise _NoGreeting()
+            if 'QMP' not in json.loads(greeting):
                 raise HypervisorError('no QMP greeting on %s' % path)
             for name, args in (('qmp_capabilities', None),
                                (command, arguments)):

@@ -33,9 +33,13 @@ class FakeQMP:
     """Serves one connection. ``script`` items: ('send', obj|bytes),
     ('recv',) to read one request line, ('close',), ('wait', seconds)."""
 
-    def __init__(self, path, script):
+    def __init__(self, path, script, closes_first=0):
         self.path = path
         self.script = script
+        #: connections closed at once, without a greeting, before the one
+        #: the script serves
+        self.closes_first = closes_first
+        self.accepted = 0
         self.received = []
         self.error = None
         self._stop = threading.Event()
@@ -47,7 +51,12 @@ class FakeQMP:
 
     def _run(self):
         try:
+            for _ in range(self.closes_first):
+                conn, _ = self.srv.accept()
+                self.accepted += 1
+                conn.close()
             conn, _ = self.srv.accept()
+            self.accepted += 1
             with conn, conn.makefile('rwb') as f:
                 for step in self.script:
                     if step[0] == 'send':
@@ -75,8 +84,9 @@ class FakeQMP:
         assert self.error is None, self.error
 
 
-def serve(sock_dir, script):
-    return FakeQMP(os.path.join(sock_dir, 'control.sock'), script)
+def serve(sock_dir, script, closes_first=0):
+    return FakeQMP(os.path.join(sock_dir, 'control.sock'), script,
+                   closes_first)
 
 
 HANDSHAKE = [('send', GREETING), ('recv',), ('send', {'return': {}})]
@@ -174,12 +184,30 @@ def test_closed_before_command_reply_raises(sock_dir):
     assert 'closed while waiting for query-status' in str(e.value)
 
 
-def test_closed_without_greeting_raises(sock_dir):
-    srv = serve(sock_dir, [('close',)])
+def test_closed_without_greeting_raises_after_retries(sock_dir,
+                                                     monkeypatch):
+    monkeypatch.setattr(qmp, 'GREETING_RETRY_DELAY', 0.01)
+    srv = serve(sock_dir, [('close',)],
+                closes_first=qmp.GREETING_ATTEMPTS - 1)
     with pytest.raises(base.HypervisorError) as e:
         qmp.execute(srv.path, 'query-status')
     srv.join()
     assert 'no QMP greeting' in str(e.value)
+    assert srv.accepted == qmp.GREETING_ATTEMPTS
+
+
+def test_closed_without_greeting_is_tried_again(sock_dir, monkeypatch):
+    """Nothing was sent on a connection the monitor closed before its
+    greeting: the next one runs the command (seen once from a source QEMU
+    at a post-copy switch)."""
+    monkeypatch.setattr(qmp, 'GREETING_RETRY_DELAY', 0.01)
+    srv = serve(sock_dir, HANDSHAKE + [('recv',), ('send', {'return': 7})],
+                closes_first=2)
+    assert qmp.execute(srv.path, 'query-status') == 7
+    srv.join()
+    assert srv.accepted == 3
+    assert srv.received == [{'execute': 'qmp_capabilities'},
+                            {'execute': 'query-status'}]
 
 
 def test_not_a_qmp_greeting_raises(sock_dir):
