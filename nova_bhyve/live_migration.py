@@ -484,9 +484,10 @@ def after_restart_at_destination(drv, vmdir):
     breaks, keeps the guest, and Nova's rollback (block migration) or the
     source's own clean-up (shared instances path) removes the rest here.
     Past that point - post-copy, or the memory copy completed - it is left
-    alone: the guest's state is here, or a resume may be in flight, and
-    the source either completes (Nova's post step runs the guest here) or,
-    when its resume request finds no listener, rolls back."""
+    alone: the guest's state is here, or a resume may be in flight; the
+    source completes (Nova's post step runs the guest here) or, when its
+    resume request finds no listener after a block migration, rolls back
+    (Migration._resume_destination)."""
     runtime = runtime_dir(vmdir)
     vm = runtime if os.path.isdir(runtime.path) else vmdir
     if _incoming_host(vm) != drv._host:
@@ -663,7 +664,11 @@ class Migration:
             LOG.error('live migration to %s %s: %s', self.dest,
                       'cancelled' if status == 'cancelled' else 'failed', e,
                       instance=self.instance)
-            self._give_up()
+            if not self._give_up():
+                # QEMU had switched to post-copy before the failure was
+                # seen: a rollback would kill the guest's other half
+                self._split(e)
+                return
             recover_method(self.context, self.instance, self.dest,
                            self.data, migration_status=status)
             return
@@ -722,9 +727,14 @@ class Migration:
         return getattr(self.data, 'migration', None)
 
     def _give_up(self):
+        """Cancel the migration, the guest runs here again. False when it
+        cannot be: QEMU is past the post-copy switch (the handle's cancel()
+        refused and says so)."""
         try:
             self.handle.cancel()
         except Exception:
+            if getattr(self.handle, 'postcopy', False):
+                return False
             LOG.exception('cancelling the migration failed',
                           instance=self.instance)
         if self.data.is_shared_instance_path:
@@ -743,6 +753,7 @@ class Migration:
         else:
             LOG.error('the VM process is gone after the failed migration',
                       instance=self.instance)
+        return True
 
     def _handle_requests(self):
         for what in self._take_requests():

@@ -37,10 +37,15 @@ on the source's word (while pre-copy memory is still coming, the guest
 would run on stale pages).
 
 The listener lives in the destination's nova-compute process. If it is gone
-(nova-compute restarted) the resume fails on the source with a warning and
-the guest runs once Nova's post_live_migration_at_destination is reached
-(finish_incoming, which also closes the listener and runs ``cont`` only if
-the guest is not running yet) - correct, only later.
+(nova-compute restarted) nothing answers: a refusal - the destination
+certainly did not run the guest - as is an answer starting ``refused:``
+(it did nothing). After a completed pre-copy the source then takes the
+guest back and fails the migration (live_migration.Migration
+._resume_destination; shared instances path and post-copy: the guest runs
+once Nova's post_live_migration_at_destination is reached instead -
+finish_incoming, which also closes the listener and runs ``cont`` only if
+the guest is not running yet). An ``error:`` answer or none leaves the
+outcome unknown: the post step, never a second copy of the guest.
 """
 import hmac
 import secrets

@@ -270,3 +270,35 @@ def test_pre_copy_resume_refused_on_shared_storage_completes(monkeypatch,
     assert 'cancel' not in h.calls
     assert any(r.levelname == 'WARNING' and 'not resumed' in r.getMessage()
                for r in caplog.records)
+
+
+def test_failure_seen_after_qemu_switched_is_not_rolled_back(monkeypatch):
+    """The loop fails (here: a poll error) right after it asked for
+    post-copy, before it saw postcopy-active; cancel() finds QEMU in
+    post-copy and refuses. A rollback would kill the destination, which
+    holds the guest's other half: the instance goes to ERROR instead, both
+    VMs kept (seen once in the functional post-copy test, with a QMP
+    connection QEMU closed at the switch)."""
+    h = Scripted(['active'])
+    calls = {'n': 0}
+
+    def poll():
+        calls['n'] += 1
+        if calls['n'] > 1:
+            raise base.HypervisorError('no QMP greeting')
+        return qemu_migration.Snapshot(status='active', rounds=1)
+    h.poll = poll
+
+    def cancel():
+        h.calls.append('cancel')
+        h.postcopy = True
+        raise base.HypervisorError('a migration in post-copy cannot be '
+                                   'cancelled')
+    h.cancel = cancel
+    policy = types.SimpleNamespace(initial_downtime_ms=50,
+                                   decide=lambda p: [])
+    m, record = migration(h, monkeypatch, policy)
+    assert run(m) == []                # neither post nor recover
+    assert 'cancel' in h.calls
+    assert record.status == 'error'
+    assert m.instance.vm_state == vm_states.ERROR
