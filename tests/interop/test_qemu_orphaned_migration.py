@@ -73,27 +73,19 @@ def test_a_running_pre_copy_is_cancelled_and_the_guest_runs(pair):
     assert dst.wait(timeout=60) != 0
 
 
-@pytest.mark.parametrize('pair', [{'own_disks': True, 'paused': True}],
-                         indirect=True)
-def test_a_completed_copy_runs_again_here(pair):
+@pytest.mark.parametrize('pair,late_block_activate', [
+    ({'own_disks': True, 'paused': True}, False),
+    ({'paused': True}, True)], indirect=['pair'], ids=['own', 'shared'])
+def test_a_completed_copy_runs_again_here(pair, late_block_activate):
     """The memory went and the source is stopped (postmigrate), waiting for
-    a post step nobody will run; the destination (-S, its own disk copy as
-    after a block migration) waits too: the guest runs here again."""
-    _start(pair, 1 << 40, downtime_ms=60000)
-    _wait_status(pair['src'], ('completed',))
-    assert qmp.execute(pair['src'], 'query-status')['status'] != 'running'
-    found = qemu_migration.cancel_orphaned(_vmdir(pair['src']), resume=True)
-    assert found == 'completed'
-    assert qmp.execute(pair['src'], 'query-status')['status'] == 'running'
-
-
-@pytest.mark.parametrize('pair', [{'paused': True}], indirect=True)
-def test_a_completed_copy_on_shared_disks_runs_again_here(pair):
-    """Shared storage, the destination set up as the driver does it
-    (qemu_migration_params.incoming_qmp: late-block-activate): it has not
-    taken the disks at the end of the stream, so the guest runs here
-    again."""
-    _start(pair, 1 << 40, downtime_ms=60000, late_block_activate=True)
+    a post step nobody will run; the destination (-S) waits too: the guest
+    runs here again - with the destination on its own disk copy (as after a
+    block migration), or on the same disk (shared storage) when it is set
+    up as the driver does it (qemu_migration_params.incoming_qmp:
+    late-block-activate, so it has not taken the disks at the end of the
+    stream)."""
+    _start(pair, 1 << 40, downtime_ms=60000,
+           late_block_activate=late_block_activate)
     _wait_status(pair['src'], ('completed',))
     assert qmp.execute(pair['src'], 'query-status')['status'] != 'running'
     found = qemu_migration.cancel_orphaned(_vmdir(pair['src']), resume=True)
