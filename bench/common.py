@@ -193,7 +193,7 @@ class Timings:
 
     def __init__(self, test):
         import nova_bhyve.driver as drv
-        from nova_bhyve import storage
+        from nova_bhyve.storage import image_cache as storage
         self._calls = {}
         #: (monotonic start, end) of every call, per label; never cleared
         self.marks = {}

@@ -6,19 +6,19 @@ convergence policy against QEMU's defaults and libvirt's downtime stepping.
         [--wall-cap 120] [--guest-dir DIR]
         [--controllers policy,qemu,libvirt]   (also: policy-postcopy)
 
-Drives the migration at the hypervisor layer (nova_bhyve.hypervisor.qemu.
+Drives the migration at the hypervisor layer (nova_bhyve.hypervisor.qemu.backend.
 QemuHypervisor): the source is started from a VMSpec like the driver builds
 (1 vCPU, 1024 MiB, direct kernel boot of the test guest, a qcow2 overlay as
 root disk); the destination is prepare_incoming() on the same host over
 loopback with the same disk path (shared storage, no block migration); the
-loop is the one of nova_bhyve.live_migration.Migration._migrate (sleep
+loop is the one of nova_bhyve.migration.live.Migration._migrate (sleep
 live_migration.poll_interval between polls: POLL, FAST_POLL near the end;
 live_migration._progress -> controller.decide -> handle.apply; on
 'completed' handle.finish() then handle.resume_destination(), which has the
 destination run the guest as the driver does before Nova's post step; then
 finish_incoming), with one of three controllers:
 
-* ``policy``: nova_bhyve.migration_policy.ConvergencePolicy.from_conf with the
+* ``policy``: nova_bhyve.migration.policy.ConvergencePolicy.from_conf with the
   defaults of [bhyve] (300..500 ms in 5 steps, fallback auto-converge,
   completion timeout 800 s/GiB);
 * ``policy-postcopy``: the same with live_migration_fallback = post-copy; at
@@ -116,7 +116,7 @@ class LibvirtStepping:
         self._next = 1
 
     def decide(self, progress):
-        from nova_bhyve import migration_policy
+        from nova_bhyve.migration import policy as migration_policy
         out = []
         while (self._next < len(self.steps)
                and progress.elapsed > self.steps[self._next][0]):
@@ -130,7 +130,7 @@ class LibvirtStepping:
 
 def make_controller(name, data_bytes, cap_mibps):
     from nova_bhyve import conf
-    from nova_bhyve import migration_policy
+    from nova_bhyve.migration import policy as migration_policy
     if name == 'policy':
         return migration_policy.ConvergencePolicy.from_conf(
             conf.CONF.bhyve, data_bytes, cap_mibps)
@@ -274,9 +274,9 @@ class LiveMigrationBench(unittest.TestCase):
                     common.say('%s', case)
 
     def one_case(self, name, rate, cap_mibps, wall_cap):
-        from nova_bhyve import live_migration
+        from nova_bhyve.migration import live as live_migration
         from nova_bhyve.hypervisor import base
-        from nova_bhyve.hypervisor import qemu
+        from nova_bhyve.hypervisor.qemu import backend as qemu
         hyp = qemu.QemuHypervisor()
         tmp = tempfile.mkdtemp(prefix='migbench-')
         vm_uuid = str(uuidlib.uuid4())
@@ -384,7 +384,7 @@ class LiveMigrationBench(unittest.TestCase):
                 'pre_migration_max_tick_gap_ms': round(
                     pre[0] * 1000, 1) if pre else None})
             if outcome == 'completed':
-                from nova_bhyve.hypervisor import qmp
+                from nova_bhyve.hypervisor.qemu import qmp
                 if t_switch is None:
                     # as the driver: disks, then the destination runs the
                     # guest

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """VIF plug/unplug latency per binding, and spawn-to-ping through Nova.
 
-Part 1 (no Nova, no guest): nova_bhyve.network.VifPlugger.plug + unplug of
+Part 1 (no Nova, no guest): nova_bhyve.net.vif.VifPlugger.plug + unplug of
 one port, N times per binding type, on real devices: 'tap'; 'bridge' (a
 Linux bridge made here); 'ovs' and 'ovs' hybrid plug (qbr + qvb/qvo) through
 os-vif on a private Open vSwitch (userspace datapath, own run dir, stopped
@@ -54,7 +54,7 @@ def plug_latency(n):
     import os_vif
     from oslo_config import cfg
     from vif_plug_ovs import privsep as ovs_privsep
-    from nova_bhyve import network
+    from nova_bhyve.net import vif as network
 
     class Cleanups:
         def __init__(self):

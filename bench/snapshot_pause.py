@@ -7,7 +7,7 @@ One TCG test guest (256 MiB, private copy of the root image). The guest
 writes --fill-mb of random data to its root disk, then runs a tight loop
 printing /proc/uptime on its serial console. The host timestamps every line
 as it arrives on the serial socket. Each run takes a snapshot the way the
-driver does (nova_bhyve.snapshot: freeze = blockdev-snapshot-sync onto an
+driver does (nova_bhyve.storage.snapshot: freeze = blockdev-snapshot-sync onto an
 overlay, export of the frozen chain with libvdsk to a standalone qcow2,
 thaw = block-commit + block-job-complete) and reports:
 
@@ -31,7 +31,7 @@ import time
 
 import lifecycle_vm as lv
 
-from nova_bhyve import snapshot
+from nova_bhyve.storage import snapshot
 
 
 def gaps(lines, t0, t1):

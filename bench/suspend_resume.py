@@ -25,9 +25,9 @@ import time
 
 import lifecycle_vm as lv
 
-from nova_bhyve.hypervisor import qemu
-from nova_bhyve.hypervisor import qemu_state
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import state as qemu_state
+from nova_bhyve.hypervisor.qemu import qmp
 
 
 def wait_migrate(vm):

@@ -31,11 +31,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from nova_bhyve import vdsk  # noqa: E402
+from nova_bhyve.storage import vdsk  # noqa: E402
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
 STRIDE = 7919 * 4096
-VDSK = [sys.executable, '-m', 'nova_bhyve.vdsk_cli']
+VDSK = [sys.executable, '-m', 'nova_bhyve.cmd.vdsk']
 ENV = dict(os.environ, PYTHONPATH=REPO)
 
 

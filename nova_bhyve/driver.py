@@ -24,24 +24,24 @@ from oslo_utils import excutils
 from oslo_utils import units
 from oslo_utils import uuidutils
 
-from nova_bhyve import cold_migration
+from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
 from nova_bhyve import diagnostics
-from nova_bhyve import configdrive
-from nova_bhyve import consoles
+from nova_bhyve.devices import configdrive
+from nova_bhyve.devices import consoles
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
-from nova_bhyve import live_migration
+from nova_bhyve.migration import live as live_migration
 from nova_bhyve import hypervisor
 from nova_bhyve import rescue
-from nova_bhyve import network
+from nova_bhyve.net import vif as network
 from nova_bhyve.hypervisor import base
-from nova_bhyve import snapshot
-from nova_bhyve import storage
-from nova_bhyve import vdsk
-from nova_bhyve import volumes
-from nova_bhyve import warm_migration
+from nova_bhyve.storage import snapshot
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
+from nova_bhyve.devices import volumes
+from nova_bhyve.migration import warm as warm_migration
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -88,7 +88,7 @@ class BhyveDriver(driver.ComputeDriver):
             supports_attach_interface=hasattr(self.hypervisor, 'attach_nic'),
             supports_extend_volume=self.hypervisor.hotplug_ports > 0)
 
-    # -- helpers ----------------------------------------------------------
+    # -- helpers --
 
     def _vmdir_for_uuid(self, uuid):
         return base.VMDir(os.path.join(self.instances_path, uuid))
@@ -147,7 +147,7 @@ class BhyveDriver(driver.ComputeDriver):
             raise exception.InstanceDeployFailure(reason=str(e))
         self._watcher.watch(vmdir)
 
-    # -- host -------------------------------------------------------------
+    # -- host --
 
     def init_host(self, host):
         self._host = host
@@ -252,7 +252,7 @@ class BhyveDriver(driver.ComputeDriver):
         }
         provider_tree.update_inventory(nodename, inventory)
 
-    # -- instances --------------------------------------------------------
+    # -- instances --
 
     def list_instance_uuids(self):
         return [d.uuid for d in self._vmdirs()]
@@ -386,7 +386,7 @@ class BhyveDriver(driver.ComputeDriver):
         if destroy_disks and os.path.isdir(vmdir.path):
             self._remove(vmdir)
 
-    # -- networking -------------------------------------------------------
+    # -- networking --
 
     def plug_vifs(self, instance, network_info):
         """Plug (again) the VIFs of an existing instance: idempotent, an
@@ -488,7 +488,7 @@ class BhyveDriver(driver.ComputeDriver):
         except FileNotFoundError:
             return b''
 
-    # -- pause / suspend / snapshot / diagnostics -------------------------
+    # -- pause / suspend / snapshot / diagnostics --
 
     def pause(self, instance):
         self.hypervisor.pause(self._vmdir(instance))
@@ -547,7 +547,7 @@ class BhyveDriver(driver.ComputeDriver):
         return diagnostics.legacy_diagnostics(self._stats(instance)[1])
 
 
-    # -- cold migration / resize (files moved by cold_migration) ----------
+    # -- cold migration / resize (files moved by cold_migration) --
 
     def migrate_disk_and_power_off(self, context, instance, dest,
                                    flavor, network_info,
@@ -711,7 +711,7 @@ class BhyveDriver(driver.ComputeDriver):
         else:
             self._start(vmdir)
 
-    # -- live migration (nova_bhyve.live_migration) ------------------------
+    # -- live migration (nova_bhyve.migration.live) --
 
     def check_can_live_migrate_destination(self, context, instance,
                                            src_compute_info, dst_compute_info,
@@ -788,7 +788,7 @@ class BhyveDriver(driver.ComputeDriver):
         live_migration.rollback_at_destination(self, instance, network_info,
                                                destroy_disks)
 
-    # -- host restarts ----------------------------------------------------
+    # -- host restarts --
 
     def resume_state_on_host_boot(self, context, instance, network_info,
                                   share_info, block_device_info=None):
@@ -800,7 +800,7 @@ class BhyveDriver(driver.ComputeDriver):
                  instance=instance)
         self._start(vmdir, spec)
 
-    # -- rescue -----------------------------------------------------------
+    # -- rescue --
 
     def rescue(self, context, instance, network_info, image_meta,
                rescue_password, block_device_info, share_info=None):
@@ -843,7 +843,7 @@ class BhyveDriver(driver.ComputeDriver):
         rescue.remove(vmdir)
         self._start(vmdir)
 
-    # -- consoles (nova_bhyve.consoles) -------------------------------------
+    # -- consoles (nova_bhyve.devices.consoles) --
 
     def get_serial_console(self, context, instance):
         return consoles.serial_console(self._load_spec(self._vmdir(instance)))
@@ -853,7 +853,7 @@ class BhyveDriver(driver.ComputeDriver):
         return consoles.vnc_console(
             self.hypervisor.vnc_port(vmdir, self._load_spec(vmdir)))
 
-    # -- volumes (nova_bhyve.volumes) ---------------------------------------
+    # -- volumes (nova_bhyve.devices.volumes) --
 
     def get_volume_connector(self, instance):
         return volumes.connector_properties()

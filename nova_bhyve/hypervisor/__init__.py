@@ -12,7 +12,7 @@ def get(requested):
     """The backend for the [bhyve]hypervisor option."""
     name = backend_name(requested)
     if name == 'bhyve':
-        from nova_bhyve.hypervisor import bhyve
+        from nova_bhyve.hypervisor.bhyve import backend as bhyve
         return bhyve.BhyveHypervisor()
-    from nova_bhyve.hypervisor import qemu
+    from nova_bhyve.hypervisor.qemu import backend as qemu
     return qemu.QemuHypervisor()

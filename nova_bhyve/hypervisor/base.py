@@ -341,7 +341,7 @@ class Hypervisor(abc.ABC):
 
 class MigrationHandle(abc.ABC):
     """One outgoing live migration, as the orchestration
-    (nova_bhyve.live_migration) drives it on the source:
+    (nova_bhyve.migration.live) drives it on the source:
 
     ``start_mirror()`` (parameters; disk copy when it is a block migration),
     ``mirror_ready()`` until True, ``start_memory()``, then ``poll()`` about

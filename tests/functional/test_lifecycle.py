@@ -63,7 +63,7 @@ class TestLifecycle(nova_harness.BhyveFunctionalTestBase):
 
         # root disk: a qcow2 overlay on the cached image, flavor-sized
         disk = os.path.join(self.vmdir(server), 'disk')
-        import nova_bhyve.vdsk as vdsk
+        import nova_bhyve.storage.vdsk as vdsk
         info = vdsk.info(disk)
         self.assertEqual('qcow2', info['format'])
         self.assertEqual(1024 ** 3, info['virtual_size'])

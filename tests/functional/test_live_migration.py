@@ -28,9 +28,9 @@ import fixtures
 from nova import context as nova_context
 from nova import objects
 
-from nova_bhyve import live_migration
-from nova_bhyve import migration_policy
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.migration import live as live_migration
+from nova_bhyve.migration import policy as migration_policy
+from nova_bhyve.hypervisor.qemu import qmp
 
 import lifecycle_helpers
 import nova_harness
@@ -272,7 +272,7 @@ class TestLiveMigration(_LiveMigrationBase):
                            'the tick counter started again: %s' % ticks[:5])
         self.assertEqual(boot_id, self.boot_id(dst))
         # its disk: an overlay over compute2's own image cache
-        from nova_bhyve import vdsk
+        from nova_bhyve.storage import vdsk
         info = vdsk.info(os.path.join(dst, 'disk'))
         self.assertTrue(info['backing_file'].startswith(
             self.compute_path('compute2') + '/_base/'))
@@ -385,7 +385,7 @@ class TestForceComplete(_LiveMigrationBase):
     def test_force_complete_finishes_a_migration_that_cannot_converge(self):
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.live_migration.policy_factory',
+            'nova_bhyve.migration.live.policy_factory',
             lambda data, bw: _Unchanging()))
         self.assertIsNot(live_migration.policy_factory,
                          live_migration.default_policy)
@@ -652,7 +652,7 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         A test policy that never converges keeps the migration going until
         then."""
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.live_migration.policy_factory',
+            'nova_bhyve.migration.live.policy_factory',
             lambda data, bw: _Unchanging()))
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.migrate(self.server)
@@ -676,13 +676,13 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         the migration converge."""
         policy = _DowntimeWhenTold()
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.live_migration.policy_factory',
+            'nova_bhyve.migration.live.policy_factory',
             lambda data, bw: policy))
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.migrate(self.server)
         self.wait_memory_phase(self.server)
         from nova_bhyve.hypervisor import base as hyp_base
-        from nova_bhyve.hypervisor import qemu_postcopy
+        from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
         qemu_postcopy.close(hyp_base.VMDir(self.dst))
         policy.go = True
         mig = self.assert_failed_on_source()

@@ -16,7 +16,7 @@ import os_vif
 
 import nethelpers
 import nova_harness
-from nova_bhyve import network
+from nova_bhyve.net import vif as network
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 
@@ -256,7 +256,7 @@ class TestBridgeBindingPlugger(NetworkingTestBase):
 
     def test_plug_unplug_bridge_binding(self):
         from nova.network import model
-        from nova_bhyve import network
+        from nova_bhyve.net import vif as network
         bridge = 'nbtb' + nethelpers.suffix()
         self.host.bridges.append(bridge)       # removed at cleanup
         vif = model.VIF(

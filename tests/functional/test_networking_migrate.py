@@ -27,7 +27,7 @@ import os_vif
 import nethelpers
 import nova_harness
 import test_networking
-from nova_bhyve import network
+from nova_bhyve.net import vif as network
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 INIT = 'NOVA-BHYVE-GUEST-INIT'

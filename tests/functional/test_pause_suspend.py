@@ -15,7 +15,7 @@ from nova.tests.functional.api import client
 
 import lifecycle_helpers as lh
 import nova_harness
-from nova_bhyve.hypervisor import qemu_state
+from nova_bhyve.hypervisor.qemu import state as qemu_state
 
 RETRIES = 240     # x 0.5 s
 
@@ -163,7 +163,7 @@ class TestPauseSuspend(nova_harness.BhyveFunctionalTestBase):
         server = self._boot()
         # Fault injection: a 1 MiB/s migration cap makes the save take
         # long enough to SIGKILL QEMU while it writes the state file.
-        self.stub_out('nova_bhyve.hypervisor.qemu_state.SAVE_BANDWIDTH',
+        self.stub_out('nova_bhyve.hypervisor.qemu.state.SAVE_BANDWIDTH',
                       1 << 20)
         pid = self.vm_pid(server)
         partial = qemu_state.partial_path(self._state_file(server))

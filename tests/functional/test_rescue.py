@@ -10,7 +10,7 @@ boot counter goes on from where it was).
 import os
 import re
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 import nova_harness
 

@@ -18,8 +18,8 @@ from unittest import mock
 
 from nova.tests.functional.api import client
 
-from nova_bhyve import cold_migration
-from nova_bhyve import vdsk
+from nova_bhyve.migration import cold as cold_migration
+from nova_bhyve.storage import vdsk
 
 import nova_harness
 

@@ -12,8 +12,8 @@ from nova.compute import task_states
 
 import lifecycle_helpers as lh
 import nova_harness
-from nova_bhyve.hypervisor import qmp
-from nova_bhyve import vdsk
+from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.storage import vdsk
 
 RETRIES = 480     # x 0.5 s
 
@@ -120,7 +120,7 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
                 raise vdsk.VdskError(errno.ENOSPC, 'No space left on device',
                                      img.path)
             return orig_write(img, offset, data)
-        self.stub_out('nova_bhyve.vdsk.Image.write', write)
+        self.stub_out('nova_bhyve.storage.vdsk.Image.write', write)
 
         image_id = self._snapshot(server, 'snap-full')
         self.assertTrue(frozen.wait(300))

@@ -36,9 +36,9 @@ import time
 
 import pytest
 
-from nova_bhyve import migration_policy as mp
-from nova_bhyve.hypervisor import qemu_migration_params as params
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.migration import policy as mp
+from nova_bhyve.hypervisor.qemu import migration_params as params
+from nova_bhyve.hypervisor.qemu import qmp
 
 QEMU = shutil.which('qemu-system-x86_64')
 pytestmark = pytest.mark.skipif(QEMU is None,

@@ -1,7 +1,7 @@
 """qemu_migration.cancel_orphaned on real QEMU 7.2 migrations: what the
 driver does when Nova, starting a restarted source nova-compute, asks to
 abort a live migration that no thread of this process drives any more
-(nova_bhyve.live_migration.abort_orphaned).
+(nova_bhyve.migration.live.abort_orphaned).
 
 The two QEMU processes and the memory-rewriting boot-sector guest are
 test_qemu_migration_policy.py's ``pair`` (TCG, 64 MiB, unix socket). A
@@ -14,8 +14,8 @@ import types
 import pytest
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qemu_migration
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
+from nova_bhyve.hypervisor.qemu import qmp
 
 import test_qemu_migration_policy
 

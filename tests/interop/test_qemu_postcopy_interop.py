@@ -27,9 +27,9 @@ import types
 
 import pytest
 
-from nova_bhyve.hypervisor import qemu_migration
-from nova_bhyve.hypervisor import qemu_postcopy
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
+from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
+from nova_bhyve.hypervisor.qemu import qmp
 
 from tcp_proxy import TCPProxy
 from test_qemu_migration_policy import BOOT_CODE, QEMU, _wait_for

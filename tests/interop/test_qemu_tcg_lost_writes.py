@@ -1,6 +1,6 @@
 """QEMU 7.2 under TCG loses guest writes during a live migration when the
 RAM block's size is a multiple of 256 KiB, and the ``-m`` value
-nova_bhyve.hypervisor.qemu.memory_size gives under TCG avoids it.
+nova_bhyve.hypervisor.qemu.backend.memory_size gives under TCG avoids it.
 
 QEMU before 9.0 (fixed by QEMU commit 03bfc2188f, "physmem: Fix migration
 dirty bitmap coherency with TCG memory access"): the fast path of the
@@ -32,9 +32,9 @@ import time
 
 import pytest
 
-from nova_bhyve.hypervisor import qemu
-from nova_bhyve.hypervisor import qemu_migration
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
+from nova_bhyve.hypervisor.qemu import qmp
 
 from test_qemu_migration_policy import QEMU, _wait_for
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 from vdsk_qemu_helpers import needs_qemu_img, needs_qemu_io, qemu_check, \
     qemu_img, qemu_info, qemu_io
 
@@ -197,13 +197,13 @@ def test_no_flush_and_cli_cache_mode(tmp_path):
     # environment as it is, run from elsewhere than the source tree
     env = dict(os.environ)
     for mode in ('unsafe', 'writeback'):
-        p = subprocess.run([sys.executable, '-m', 'nova_bhyve.vdsk_cli',
+        p = subprocess.run([sys.executable, '-m', 'nova_bhyve.cmd.vdsk',
                             'convert', '-t', mode, '-f', 'raw', '-O',
                             'qcow2', src, b], capture_output=True,
                            text=True, env=env, cwd=str(tmp_path))
         assert p.returncode == 0, p.stderr
         compare(a, b, 'qcow2', 'qcow2')
-    p = subprocess.run([sys.executable, '-m', 'nova_bhyve.vdsk_cli',
+    p = subprocess.run([sys.executable, '-m', 'nova_bhyve.cmd.vdsk',
                         'convert', '-t', 'none', src, b],
                        capture_output=True, text=True, env=env,
                        cwd=str(tmp_path))

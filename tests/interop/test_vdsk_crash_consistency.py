@@ -41,7 +41,7 @@ import time
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 from vdsk_qemu_helpers import needs_qemu_img, qemu_img
 
 NATIVE = pathlib.Path(__file__).resolve().parents[2] / 'native'

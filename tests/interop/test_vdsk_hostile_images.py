@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 from vdsk_qemu_helpers import needs_qemu_img, qemu_img
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 from vdsk_qemu_helpers import (QEMU_IMG, needs_qemu_img, needs_qemu_io,
                                qemu_check, qemu_img, qemu_info, qemu_io,
                                qemu_raw, vdsk_all)

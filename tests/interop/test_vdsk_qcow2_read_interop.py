@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 from vdsk_qemu_helpers import (needs_qemu_img, needs_qemu_io, qemu_img,
                                qemu_info, qemu_io, qemu_raw, vdsk_all)
 

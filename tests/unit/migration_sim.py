@@ -1,5 +1,5 @@
 """A small simulator of pre-copy live migration, to drive a convergence
-controller (nova_bhyve.migration_policy.ConvergencePolicy or a baseline
+controller (nova_bhyve.migration.policy.ConvergencePolicy or a baseline
 below) the way the orchestration does: a Progress every POLL seconds, the
 Steps it returns applied to the simulated migration.
 
@@ -29,7 +29,7 @@ the true ones stay constant.
 import dataclasses
 import random
 
-from nova_bhyve import migration_policy
+from nova_bhyve.migration import policy as migration_policy
 
 MiB = migration_policy.MiB
 GiB = migration_policy.GiB

@@ -16,7 +16,7 @@ from unittest import mock
 
 import pytest
 
-from nova_bhyve.hypervisor import accel
+from nova_bhyve.hypervisor.qemu import accel
 
 KVM_USABLE = os.access('/dev/kvm', os.R_OK | os.W_OK)
 needs_kvm_access = pytest.mark.skipif(

@@ -28,9 +28,9 @@ from nova.compute import power_state
 
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve import supervisor
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'

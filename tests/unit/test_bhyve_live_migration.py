@@ -24,12 +24,12 @@ from nova import exception
 
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve import live_migration
-from nova_bhyve import migration_policy as mp
-from nova_bhyve import supervisor
+from nova_bhyve.migration import live as live_migration
+from nova_bhyve.migration import policy as mp
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import bhyve_migration as bm
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import migration as bm
 
 from test_bhyve_backend import Fake
 from test_bhyve_migration import LIVE_USAGE, UPSTREAM_USAGE, WARM_USAGE

@@ -19,11 +19,11 @@ import pytest
 
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve import migration_policy as mp
-from nova_bhyve import supervisor
+from nova_bhyve.migration import policy as mp
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import bhyve_migration as bm
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import migration as bm
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'

@@ -16,14 +16,14 @@ from nova import exception
 from nova.console import serial as serial_ports
 
 from nova_bhyve import conf
-from nova_bhyve import configdrive
-from nova_bhyve import consoles
+from nova_bhyve.devices import configdrive
+from nova_bhyve.devices import consoles
 from nova_bhyve import guest
-from nova_bhyve import volumes
+from nova_bhyve.devices import volumes
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import qemu
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import qmp
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'

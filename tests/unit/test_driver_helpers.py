@@ -108,7 +108,7 @@ def test_refuse_unsupported_accepts_plain_instance(network_info,
 
 
 def test_network_interfaces_are_accepted():
-    # ports are plugged now (nova_bhyve.network); only unpluggable
+    # ports are plugged now (nova_bhyve.net.vif); only unpluggable
     # bindings are refused, by network.validate
     driver._refuse_unsupported(
         instance(), network_model.NetworkInfo([vif()]), bdi())

@@ -23,16 +23,16 @@ from nova.compute import power_state
 from nova_bhyve import conf
 from nova_bhyve import diagnostics
 from nova_bhyve import guest
-from nova_bhyve import snapshot
-from nova_bhyve import supervisor
-from nova_bhyve import vdsk
+from nova_bhyve.storage import snapshot
+from nova_bhyve.hypervisor.bhyve import supervisor
+from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import bhyve_state
-from nova_bhyve.hypervisor import qemu
-from nova_bhyve.hypervisor import qemu_blockjob
-from nova_bhyve.hypervisor import qemu_state
-from nova_bhyve.hypervisor import qemu_stats
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import state as bhyve_state
+from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
+from nova_bhyve.hypervisor.qemu import state as qemu_state
+from nova_bhyve.hypervisor.qemu import stats as qemu_stats
 
 CONF = conf.CONF
 UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'

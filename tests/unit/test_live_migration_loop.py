@@ -12,9 +12,9 @@ import types
 
 from nova.compute import vm_states
 
-from nova_bhyve import live_migration
+from nova_bhyve.migration import live as live_migration
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qemu_migration
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 
 
 class Scripted(base.MigrationHandle):

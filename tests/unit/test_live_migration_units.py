@@ -15,8 +15,8 @@ from nova import exception
 from nova.objects import migrate_data as migrate_data_obj
 
 from nova_bhyve import guest
-from nova_bhyve import live_migration
-from nova_bhyve.hypervisor import qemu_migration
+from nova_bhyve.migration import live as live_migration
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 
@@ -99,11 +99,11 @@ def test_snapshot_maps_qemu_counters():
     progress = live_migration._progress(12.5, snap)
     assert progress.elapsed == 12.5 and progress.disk_remaining == 30
     assert progress.cpu_throttle == 20
-    assert type(progress).__module__ == 'nova_bhyve.migration_policy'
+    assert type(progress).__module__ == 'nova_bhyve.migration.policy'
 
 
 def test_default_policy_is_the_convergence_policy():
-    from nova_bhyve import migration_policy
+    from nova_bhyve.migration import policy as migration_policy
     policy = live_migration.default_policy(1024 ** 3, 0)
     assert isinstance(policy, migration_policy.ConvergencePolicy)
 
@@ -199,7 +199,7 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
     (device operations recorded, not run)."""
     from unittest import mock
     from nova.network import model
-    from nova_bhyve import network
+    from nova_bhyve.net import vif as network
     from nova_bhyve.hypervisor import base
 
     uuid = 'a0a0a0a0-0000-4000-8000-000000000002'

@@ -1,4 +1,4 @@
-"""nova_bhyve.migration_policy: the convergence policy driven by simulated
+"""nova_bhyve.migration.policy: the convergence policy driven by simulated
 pre-copy migrations (tests/unit/migration_sim.py, a model of QEMU 7.2's RAM
 migration) and by hand-written Progress sequences. Pure Python, nothing
 mocked: the policy has no I/O."""
@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from nova_bhyve import migration_policy as mp
+from nova_bhyve.migration import policy as mp
 
 import migration_sim as sim
 
@@ -321,7 +321,7 @@ def test_reported_throttle_is_used_for_the_unthrottled_rate():
 
 
 def test_every_decision_is_logged_with_numbers(caplog):
-    caplog.set_level(logging.INFO, logger='nova_bhyve.migration_policy')
+    caplog.set_level(logging.INFO, logger='nova_bhyve.migration.policy')
     r = sim.simulate(policy(), **MEDIUM)
     assert r.outcome == 'completed'
     lines = [rec.getMessage() for rec in caplog.records]

@@ -20,13 +20,13 @@ from nova import objects
 from oslo_concurrency import processutils
 from oslo_utils import units
 
-from nova_bhyve import cold_migration
+from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
 from nova_bhyve import driver
 from nova_bhyve import rescue
-from nova_bhyve import storage
-from nova_bhyve import vdsk
-from nova_bhyve.hypervisor import bhyve
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
 
 objects.register_all()
 CONF = conf.CONF

@@ -1,4 +1,4 @@
-"""nova_bhyve.network: names, validation, and the plug/unplug commands.
+"""nova_bhyve.net.vif: names, validation, and the plug/unplug commands.
 
 Linux plugging runs for real in tests/functional/test_networking.py. What
 cannot run here - FreeBSD's ifconfig(8) tap/if_bridge handling and
@@ -13,8 +13,8 @@ from nova.network import model
 from oslo_concurrency import processutils
 
 from nova_bhyve import guest
-from nova_bhyve import network
-from nova_bhyve.hypervisor import qemu
+from nova_bhyve.net import vif as network
+from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor import base
 
 PORT = '5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e'

@@ -1,4 +1,4 @@
-"""The privileged boundary: nova_bhyve.privileged through both transports.
+"""The privileged boundary: nova_bhyve.privsep.net through both transports.
 
 The argument checks run with the platform's device commands mocked (nothing
 must reach them). The transports run for real: the oslo.privsep daemon is
@@ -20,7 +20,7 @@ from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
 
 from nova_bhyve import conf
-from nova_bhyve import privileged
+from nova_bhyve.privsep import net as privileged
 from nova_bhyve import privsep
 
 CONF = conf.CONF
@@ -49,14 +49,14 @@ def _unwrapped(name):
     ('del_ovs_port', ('br-int', 'lo')),
 ])
 def test_bad_arguments_are_refused_before_any_command(name, args):
-    with mock.patch('nova_bhyve.network.platform') as platform:
+    with mock.patch('nova_bhyve.net.vif.platform') as platform:
         with pytest.raises(privsep.Refused):
             _unwrapped(name)(*args)
     assert platform.mock_calls == []
 
 
 def test_good_arguments_reach_the_platform():
-    with mock.patch('nova_bhyve.network.platform') as platform:
+    with mock.patch('nova_bhyve.net.vif.platform') as platform:
         _unwrapped('create_tap')('tapab12', 'FA:16:3E:AA:BB:CC', 1450, 1000)
         _unwrapped('add_ovs_port')('br-int', 'tapab12', 'port-id', MAC,
                                    VM.upper(), None)

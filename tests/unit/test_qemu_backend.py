@@ -20,7 +20,7 @@ from nova.compute import power_state
 
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qemu
+from nova_bhyve.hypervisor.qemu import backend as qemu
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 Q = '/usr/bin/qemu-system-x86_64'

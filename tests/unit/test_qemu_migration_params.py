@@ -1,6 +1,6 @@
 """hypervisor/qemu_migration_params.py: the commands are pinned, and every
 one is sent to a real QEMU (``qemu-system-x86_64 -machine none``, no guest,
-no accelerator needed) through nova_bhyve.hypervisor.qmp, which proves QEMU
+no accelerator needed) through nova_bhyve.hypervisor.qemu.qmp, which proves QEMU
 7.2's QMP schema accepts each command and argument; query-migrate-parameters
 / -capabilities then show they took effect. Nothing is mocked."""
 import os
@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from nova_bhyve import migration_policy as mp
-from nova_bhyve.hypervisor import qemu_migration_params as qmp_params
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.migration import policy as mp
+from nova_bhyve.hypervisor.qemu import migration_params as qmp_params
+from nova_bhyve.hypervisor.qemu import qmp
 
 QEMU = shutil.which('qemu-system-x86_64')
 MiB = mp.MiB

@@ -12,9 +12,9 @@ import pytest
 
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qemu_migration
-from nova_bhyve.hypervisor import qemu_postcopy
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
+from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
+from nova_bhyve.hypervisor.qemu import qmp
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 
@@ -256,7 +256,7 @@ def test_prepare_incoming_opens_the_resume_listener_without_post_copy(
         tmp_path, fake, monkeypatch):
     """Every QEMU live migration gets the resume channel, not only those
     whose policy may switch to post-copy."""
-    from nova_bhyve.hypervisor import qemu_state
+    from nova_bhyve.hypervisor.qemu import state as qemu_state
     dst = vmdir(tmp_path, 'dst')
     fake.state[dst.control] = {'migration': 'setup', 'run': 'inmigrate',
                                'jobs': []}

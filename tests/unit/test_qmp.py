@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import qmp
 
 GREETING = {'QMP': {'version': {'qemu': {'major': 7, 'minor': 2,
                                          'micro': 22}, 'package': ''},

@@ -1,5 +1,5 @@
 """storage.py: checksum verification, the format check of downloaded data,
-and instance root disks, on real image files made with nova_bhyve.vdsk
+and instance root disks, on real image files made with nova_bhyve.storage.vdsk
 (libvdsk). Nothing is mocked."""
 import hashlib
 import os
@@ -11,8 +11,8 @@ import pytest
 from nova import exception
 from oslo_utils import units
 
-from nova_bhyve import storage
-from nova_bhyve import vdsk
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
 
 IMAGE_ID = '0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0'
 

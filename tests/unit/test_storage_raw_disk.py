@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from nova_bhyve import storage
-from nova_bhyve import vdsk
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
 
 MiB = 1024 * 1024
 

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 MiB = 1 << 20
 SCRIPT = shutil.which('vdsk', path=os.path.dirname(sys.executable))
-CMD = [SCRIPT] if SCRIPT else [sys.executable, '-m', 'nova_bhyve.vdsk_cli']
+CMD = [SCRIPT] if SCRIPT else [sys.executable, '-m', 'nova_bhyve.cmd.vdsk']
 QEMU_IMG = shutil.which('qemu-img')
 
 
@@ -155,7 +155,7 @@ def test_check_corrupt_exit_2(tmp_path, q):
     ({'corruptions': 0, 'leaks': 0, 'leaks_fixed': 4}, 0)])
 def test_check_exit_codes(monkeypatch, capsys, q, result, rc):
     """The qemu-img exit codes for each outcome of vdsk.check()."""
-    from nova_bhyve import vdsk_cli
+    from nova_bhyve.cmd import vdsk as vdsk_cli
     calls = []
     full = dict.fromkeys(['corruptions', 'leaks', 'corruptions_fixed',
                           'leaks_fixed', 'allocated_clusters',

@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 NATIVE = pathlib.Path(__file__).resolve().parents[2] / 'native'
 QEMU_IMG = shutil.which('qemu-img')

@@ -21,15 +21,15 @@ from nova import exception
 from nova import objects
 from oslo_utils import units
 
-from nova_bhyve import cold_migration
+from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
 from nova_bhyve import driver
 from nova_bhyve import guest
-from nova_bhyve import vdsk
-from nova_bhyve import warm_migration
+from nova_bhyve.storage import vdsk
+from nova_bhyve.migration import warm as warm_migration
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import bhyve_state
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 
 from test_move_rescue import UUID, _driver, _image_meta, _instance, \
     _spawned, bhyve_env  # noqa: F401  (bhyve_env is a fixture)

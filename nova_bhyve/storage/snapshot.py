@@ -26,7 +26,7 @@ from nova.image import glance
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 LOG = logging.getLogger(__name__)
 

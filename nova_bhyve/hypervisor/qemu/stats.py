@@ -8,7 +8,7 @@ QEMU's own), from /proc/PID/status. Disks: ``query-blockstats``.
 """
 import os
 
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import qmp
 
 _CLK_TCK = os.sysconf('SC_CLK_TCK')
 _NS = 1000000000

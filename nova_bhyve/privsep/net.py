@@ -8,7 +8,7 @@ device that is not a tap, nor pass anything that reaches a shell.
 import re
 import uuid as uuidlib
 
-from nova_bhyve import network
+from nova_bhyve.net import vif as network
 from nova_bhyve import privsep
 
 _IFNAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$')

@@ -17,7 +17,7 @@ import os
 import time
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import qmp
 
 POLL = 0.05
 COMMIT_TIMEOUT = 600.0

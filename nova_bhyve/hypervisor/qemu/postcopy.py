@@ -56,7 +56,7 @@ import time
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import qmp
 
 LOG = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 import sys
 import time
 
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 _SUFFIX = {'': 0, 'b': 0, 'k': 10, 'm': 20, 'g': 30, 't': 40, 'p': 50,
            'e': 60}

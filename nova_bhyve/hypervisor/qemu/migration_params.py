@@ -1,4 +1,4 @@
-"""QMP commands that put a ConvergencePolicy (nova_bhyve.migration_policy)
+"""QMP commands that put a ConvergencePolicy (nova_bhyve.migration.policy)
 in charge of a QEMU 7.2 live migration.
 
 Every command and argument here is accepted by QEMU 7.2's QMP schema

@@ -51,9 +51,9 @@ import time
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import qemu_migration_params
-from nova_bhyve.hypervisor import qemu_postcopy
-from nova_bhyve.hypervisor import qmp
+from nova_bhyve.hypervisor.qemu import migration_params as qemu_migration_params
+from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
+from nova_bhyve.hypervisor.qemu import qmp
 
 LOG = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     convergence policy, for the capabilities both sides need
     (qemu_migration_params.incoming_qmp: post-copy). On failure the VM
     process is killed and HypervisorError raised."""
-    from nova_bhyve.hypervisor import qemu_state   # launch()
+    from nova_bhyve.hypervisor.qemu import state as qemu_state   # launch()
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)

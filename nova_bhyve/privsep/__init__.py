@@ -1,7 +1,7 @@
 """How nova-bhyve's few root operations leave the unprivileged nova-compute.
 
 nova-compute runs as an unprivileged user. The operations that need root
-(creating and deleting taps, bridges and OVS ports: ``nova_bhyve.privileged``)
+(creating and deleting taps, bridges and OVS ports: ``nova_bhyve.privsep.net``)
 run in another process, and only those functions, with arguments each one
 checks itself, cross the boundary - never a command line. Two transports
 carry the same calls:
@@ -106,7 +106,7 @@ def _through_helper(name, args):
 def helper_main(argv=None):
     """``nova-bhyve-privhelper NAME JSON_ARGS``: run one registered
     privileged function (the FreeBSD transport; run by root)."""
-    from nova_bhyve import privileged  # noqa: F401  (registers ENTRYPOINTS)
+    from nova_bhyve.privsep import net as privileged  # noqa: F401  (registers ENTRYPOINTS)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in ENTRYPOINTS:
         sys.stderr.write('usage: nova-bhyve-privhelper {%s} JSON_ARGS\n'

@@ -2,7 +2,7 @@
 
 Run as::
 
-    python -m nova_bhyve.supervisor --vmdir DIR [--policy bhyve]
+    python -m nova_bhyve.hypervisor.bhyve.supervisor --vmdir DIR [--policy bhyve]
         [--console-device PATH] [--console-keep-bytes N] [--daemonize]
         [--first-run-arg=ARG ...] -- ARGV...
 
@@ -409,7 +409,7 @@ def spawn(vmdir, argv, policy='bhyve', console_device=None,
     vmdir = os.path.abspath(vmdir)
     for name in (EXIT_STATUS, VM_PIDFILE, SUPERVISOR_PIDFILE):
         _unlink(os.path.join(vmdir, name))
-    cmd = [python or sys.executable, '-m', 'nova_bhyve.supervisor',
+    cmd = [python or sys.executable, '-m', 'nova_bhyve.hypervisor.bhyve.supervisor',
            '--vmdir', vmdir, '--policy', policy, '--daemonize']
     if console_device:
         cmd += ['--console-device', console_device]
@@ -447,7 +447,7 @@ def spawn(vmdir, argv, policy='bhyve', console_device=None,
 
 def main(args=None):
     parser = argparse.ArgumentParser(
-        prog='python -m nova_bhyve.supervisor',
+        prog='python -m nova_bhyve.hypervisor.bhyve.supervisor',
         description='Run a VM process, restart it on guest reboot, record '
                     'how it ended.')
     parser.add_argument('--vmdir', required=True)

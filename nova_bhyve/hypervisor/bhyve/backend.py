@@ -1,5 +1,5 @@
 """FreeBSD bhyve backend: a VMSpec as a bhyve(8) config tree, run by
-``bhyve -k FILE`` under nova_bhyve.supervisor, controlled with bhyvectl(8).
+``bhyve -k FILE`` under nova_bhyve.hypervisor.bhyve.supervisor, controlled with bhyvectl(8).
 
 NEVER EXERCISED ON A REAL FREEBSD HOST. Every key, value and exit status
 below was checked against FreeBSD's usr.sbin/bhyve sources and the bhyve(8),
@@ -43,9 +43,9 @@ import subprocess
 from nova.compute import power_state
 
 from nova_bhyve import conf
-from nova_bhyve import supervisor
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve_state
+from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 
 CONF = conf.CONF
 
@@ -239,7 +239,7 @@ def freebsd_version(release):
 
 
 class BhyveHypervisor(base.Hypervisor):
-    """bhyve(8) under nova_bhyve.supervisor (policy 'bhyve')."""
+    """bhyve(8) under nova_bhyve.hypervisor.bhyve.supervisor (policy 'bhyve')."""
 
     name = 'bhyve'
     instance_disk_format = 'raw'     # bhyve has no qcow2 reader
@@ -337,7 +337,7 @@ class BhyveHypervisor(base.Hypervisor):
 
     def migration_support(self):
         """What this host's bhyvectl can do (its usage text, read once)."""
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         if getattr(self, '_migration_support', None) is None:
             self._migration_support = bhyve_migration.detect_support(
                 self.bhyvectl)
@@ -351,7 +351,7 @@ class BhyveHypervisor(base.Hypervisor):
         """Refuse (NotImplementedError, with the reason) what the prototype
         cannot do: no live support, a block migration, a bandwidth cap; on
         the source (``vmdir`` given) a VM without wired memory."""
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         support = self.migration_support()
         bhyve_migration.refuse_unsupported(support, block, bandwidth_mibps)
         if vmdir is not None:
@@ -364,21 +364,21 @@ class BhyveHypervisor(base.Hypervisor):
             bhyve_migration.check_request(support, True, 0, tree)
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         return bhyve_migration.prepare_incoming(
             self, self.migration_support(), spec, vmdir, address, block)
 
     def endpoint_from_json(self, text):
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         return bhyve_migration.Endpoint.from_json(text)
 
     def finish_incoming(self, vmdir):
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         bhyve_migration.finish_incoming(self, vmdir)
 
     def migrate_to(self, vmdir, spec, endpoint, bandwidth, policy,
                    backed=()):
-        from nova_bhyve.hypervisor import bhyve_migration
+        from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
         return bhyve_migration.BhyveOutgoing(
             self, self.migration_support(), vmdir, endpoint, bandwidth)
 

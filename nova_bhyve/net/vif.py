@@ -29,7 +29,7 @@ is refused before anything is created, with InvalidInput so the build
 aborts with that message as the fault.
 
 Privileges: the driver's own tap/bridge/OVS operations are the functions
-of ``nova_bhyve.privileged``, run in a privileged process (``privsep.py``:
+of ``nova_bhyve.privsep.net``, run in a privileged process (``privsep.py``:
 an oslo.privsep daemon of this project's on Linux, a one-shot helper behind
 sudo/doas on FreeBSD). The _Linux/_FreeBSD classes below are what runs
 there, as root. os-vif's own calls go through its own oslo.privsep context
@@ -261,7 +261,7 @@ def platform():
 
 class Privileged:
     """The platform's operations, each run in the privileged process
-    (``nova_bhyve.privileged``); the unprivileged checks run here."""
+    (``nova_bhyve.privsep.net``); the unprivileged checks run here."""
 
     def __init__(self):
         self.name = platform().name
@@ -272,32 +272,32 @@ class Privileged:
 
     @staticmethod
     def create_tap(dev, mac, mtu):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.create_tap(dev, mac, mtu, os.geteuid() or None)
 
     @staticmethod
     def delete(dev):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.delete_tap(dev)
 
     @staticmethod
     def ensure_bridge(bridge):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.ensure_bridge(bridge)
 
     @staticmethod
     def add_to_bridge(bridge, dev):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.add_to_bridge(bridge, dev)
 
     @staticmethod
     def add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu)
 
     @staticmethod
     def del_ovs_port(bridge, dev):
-        from nova_bhyve import privileged
+        from nova_bhyve.privsep import net as privileged
         privileged.del_ovs_port(bridge, dev)
 
 

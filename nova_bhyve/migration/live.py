@@ -52,12 +52,12 @@ from oslo_log import log as logging
 from oslo_utils import units
 
 from nova_bhyve import conf
-from nova_bhyve import configdrive
-from nova_bhyve import consoles
+from nova_bhyve.devices import configdrive
+from nova_bhyve.devices import consoles
 from nova_bhyve import guest
-from nova_bhyve import migration_policy
-from nova_bhyve import storage
-from nova_bhyve import vdsk
+from nova_bhyve.migration import policy as migration_policy
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor import base
 
 LOG = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ SHARED_PROBE_PREFIX = '.nova-bhyve-shared-'
 POSTCOPY_BROKEN = ('postcopy-paused', 'postcopy-recover')
 
 
-# -- convergence policy (nova_bhyve.migration_policy) ----------------------
+# -- convergence policy (nova_bhyve.migration.policy) ----------------------
 
 def default_policy(data_bytes, bandwidth_mibps):
     return migration_policy.ConvergencePolicy.from_conf(
@@ -309,7 +309,7 @@ def _create_disks(drv, context, instance, spec, info):
     """Empty disks the source mirrors into: overlays over this host's copy
     of the same image (only the top layer moves), plain images otherwise.
     Returns the indices of the overlay disks."""
-    from nova_bhyve.hypervisor import qemu_migration
+    from nova_bhyve.hypervisor.qemu import migration as qemu_migration
     backed = []
     by_path = {os.path.basename(d['path']): d for d in info['disks']}
     for i, disk in qemu_migration.migrated_disks(spec):

@@ -38,7 +38,7 @@ under BHYVE_SNAPSHOT). bhyve(8)'s ``-R`` comes from the same patches; it is
 not probed separately (a bhyve without it fails to start the destination,
 and the error is reported then).
 
-What this means for the convergence policy (nova_bhyve.migration_policy):
+What this means for the convergence policy (nova_bhyve.migration.policy):
 none of its Steps can be applied on bhyve: :meth:`BhyveMigration.apply`
 raises NotImplementedError for each, :meth:`BhyveMigration.progress` and
 :meth:`BhyveMigration.cancel` too, and a bandwidth cap is refused by
@@ -66,10 +66,10 @@ import signal
 import subprocess
 import time
 
-from nova_bhyve import supervisor
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor import bhyve
-from nova_bhyve.hypervisor import bhyve_state
+from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 
 POLL = 0.5
 _MIGRATE_USAGE = re.compile(r'--migrate=<host>\s*([,:])\s*<port>')
@@ -372,7 +372,7 @@ class BhyveOutgoing(base.MigrationHandle):
     def poll(self):
         """Status only (the prototype reports no counters): 'active' while
         the source bhyve runs, then 'completed' or 'failed'."""
-        from nova_bhyve.hypervisor import qemu_migration   # Snapshot
+        from nova_bhyve.hypervisor.qemu import migration as qemu_migration   # Snapshot
         if self.migration is not None and self.status == 'active':
             try:
                 if self.migration.finished():

@@ -17,7 +17,7 @@ from oslo_utils import fileutils
 from oslo_utils import units
 
 from nova_bhyve import conf
-from nova_bhyve import vdsk
+from nova_bhyve.storage import vdsk
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
