@@ -33,7 +33,7 @@ from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve.migration import live as live_migration
-from nova_bhyve import hypervisor
+from nova_bhyve.hypervisor import backends
 from nova_bhyve import rescue
 from nova_bhyve.net import vif as network
 from nova_bhyve.hypervisor import base
@@ -70,7 +70,7 @@ class BhyveDriver(driver.ComputeDriver):
 
     def __init__(self, virtapi, read_only=False):
         super().__init__(virtapi)
-        self.hypervisor = hypervisor.get(CONF.bhyve.hypervisor)
+        self.hypervisor = backends.get(CONF.bhyve.hypervisor)
         # Read once: each driver keeps its own tree even if several run in
         # one process (Nova's functional tests run two computes that way).
         self.instances_path = CONF.instances_path

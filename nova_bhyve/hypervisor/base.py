@@ -6,6 +6,7 @@ nova-compute, so everything needed to find and control it again after a
 nova-compute restart is in that directory.
 """
 import abc
+import dataclasses
 import errno
 import os
 import signal
@@ -339,6 +340,33 @@ class Hypervisor(abc.ABC):
         raise NotImplementedError()
 
 
+def migrated_disks(spec):
+    """(index, disk) of the disks a block migration copies: the instance's
+    own writable disks (not volumes, not read-only media)."""
+    return [(i, d) for i, d in enumerate(spec.disks)
+            if not d.serial and not d.readonly and d.device == 'disk']
+
+
+@dataclasses.dataclass
+class MigrationSnapshot:
+    """One look at an outgoing migration (what MigrationHandle.poll()
+    returns)."""
+    status: str                    # QEMU's migration status, or 'mirroring'
+    memory_total: int = 0
+    memory_processed: int = 0
+    memory_remaining: int = 0
+    dirty_rate: float = 0.0        # bytes/s
+    bandwidth: float = 0.0         # bytes/s
+    rounds: int = 0
+    disk_total: int = 0
+    disk_processed: int = 0
+    disk_remaining: int = 0
+    error: str = None
+    downtime_ms: int = None        # QEMU's measured downtime, once completed
+    cpu_throttle: int = None       # vCPU throttle in effect (%), if any
+
+
+
 class MigrationHandle(abc.ABC):
     """One outgoing live migration, as the orchestration
     (nova_bhyve.migration.live) drives it on the source:
@@ -372,7 +400,7 @@ class MigrationHandle(abc.ABC):
 
     @abc.abstractmethod
     def poll(self):
-        """A qemu_migration.Snapshot-like object (status, counters)."""
+        """A MigrationSnapshot (status, counters)."""
 
     @abc.abstractmethod
     def apply(self, step):

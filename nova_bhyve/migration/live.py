@@ -309,10 +309,9 @@ def _create_disks(drv, context, instance, spec, info):
     """Empty disks the source mirrors into: overlays over this host's copy
     of the same image (only the top layer moves), plain images otherwise.
     Returns the indices of the overlay disks."""
-    from nova_bhyve.hypervisor.qemu import migration as qemu_migration
     backed = []
     by_path = {os.path.basename(d['path']): d for d in info['disks']}
-    for i, disk in qemu_migration.migrated_disks(spec):
+    for i, disk in base.migrated_disks(spec):
         src = by_path[os.path.basename(disk.path)]
         size = int(src['virt_disk_size'])
         if src['backing_file'] and i == 0 and instance.image_ref:

@@ -31,6 +31,7 @@ from nova_bhyve import guest
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -73,7 +74,7 @@ COMMON = [
 
 
 def render(s):
-    return list(bhyve.render_config(s, base.VMDir('/vms/' + UUID)).items())
+    return list(bhyve_config.render_config(s, base.VMDir('/vms/' + UUID)).items())
 
 
 # -- the config tree ------------------------------------------------------
@@ -149,12 +150,12 @@ def test_nics_virtio_with_mtu_and_e1000():
 
 def test_bootrom_comes_from_the_option():
     CONF.set_override('bhyve_bootrom', '/fw/CODE.fd', group='bhyve')
-    tree = bhyve.render_config(spec(disks=[raw('/d/r')]), None)
+    tree = bhyve_config.render_config(spec(disks=[raw('/d/r')]), None)
     assert tree['lpc.bootrom'] == '/fw/CODE.fd'
 
 
 def test_memory_and_cpus():
-    tree = bhyve.render_config(spec(vcpus=16, memory_mb=65536), None)
+    tree = bhyve_config.render_config(spec(vcpus=16, memory_mb=65536), None)
     assert (tree['cpus'], tree['memory.size']) == ('16', '65536M')
 
 
@@ -163,7 +164,7 @@ def test_kernel_boot_is_refused():
              boot=guest.Boot(kernel='/k/vmlinuz', ramdisk='/k/initrd',
                              cmdline='console=ttyS0'))
     with pytest.raises(base.HypervisorError, match='direct kernel boot'):
-        bhyve.render_config(s, None)
+        bhyve_config.render_config(s, None)
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -179,30 +180,30 @@ def test_kernel_boot_is_refused():
 ])
 def test_what_bhyve_cannot_run_is_refused(bad, match):
     with pytest.raises(base.HypervisorError, match=match):
-        bhyve.render_config(spec(**bad), None)
+        bhyve_config.render_config(spec(**bad), None)
 
 
 def test_empty_bootrom_is_refused():
     CONF.set_override('bhyve_bootrom', '', group='bhyve')
     with pytest.raises(base.HypervisorError, match='bhyve_bootrom'):
-        bhyve.render_config(spec(), None)
+        bhyve_config.render_config(spec(), None)
 
 
 def test_config_file_format(tmp_path):
-    tree = bhyve.render_config(spec(disks=[raw('/d/100%disk')]), None)
-    path = bhyve.write_config(tree, str(tmp_path / 'bhyve.conf'))
+    tree = bhyve_config.render_config(spec(disks=[raw('/d/100%disk')]), None)
+    path = bhyve_config.write_config(tree, str(tmp_path / 'bhyve.conf'))
     text = open(path).read()
     lines = text.splitlines()
     assert lines[0].startswith('#')           # comments are skipped by -k
     assert lines[1:3] == ['name=instance-0000002a', 'uuid=' + UUID]
     assert 'pci.0.2.0.path=/d/100%%disk' in lines    # % escaped for %(var)
     assert all(' = ' not in l and '=' in l for l in lines[1:])
-    assert list(bhyve.parse_config(text).items()) == list(tree.items())
+    assert list(bhyve_config.parse_config(text).items()) == list(tree.items())
 
 
 def test_config_rejects_newlines():
     with pytest.raises(base.HypervisorError):
-        bhyve.format_config({'pci.0.2.0.path': '/d/a\nname=evil'})
+        bhyve_config.format_config({'pci.0.2.0.path': '/d/a\nname=evil'})
 
 
 def test_freebsd_version():
@@ -220,7 +221,7 @@ def _completed(rc=0, err=''):
 def _vmdir_with_config(tmp_path):
     vmdir = base.VMDir(str(tmp_path / UUID))
     os.makedirs(vmdir.path)
-    bhyve.write_config(bhyve.render_config(spec(disks=[raw('/d/r')]), vmdir),
+    bhyve_config.write_config(bhyve_config.render_config(spec(disks=[raw('/d/r')]), vmdir),
                        bhyve.BhyveHypervisor.config_path(vmdir))
     return vmdir
 
@@ -562,7 +563,7 @@ def test_backend_start_shutdown_kill(fake, tmp_path):
         fake.wait_runs(1)
         cfg = hv.config_path(fake.vmdir)
         assert fake.runs()[0][1] == '-k ' + cfg
-        assert bhyve.parse_config(open(cfg).read())['lpc.bootrom'] == str(
+        assert bhyve_config.parse_config(open(cfg).read())['lpc.bootrom'] == str(
             bootrom)
         assert hv.power_state(fake.vmdir) == power_state.RUNNING
         assert hv.pid(fake.vmdir) == int(fake.runs()[0][0])

@@ -29,6 +29,7 @@ from nova_bhyve.migration import policy as mp
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import migration as bm
 
 from test_bhyve_backend import Fake
@@ -72,7 +73,7 @@ class _Drv:
         self.hypervisor = hyp
         self.vmdir = base.VMDir(os.path.join(self.instances_path, UUID))
         os.makedirs(self.vmdir.path, exist_ok=True)
-        bhyve.write_config(bhyve.render_config(_spec(), self.vmdir),
+        bhyve_config.write_config(bhyve_config.render_config(_spec(), self.vmdir),
                            hyp.config_path(self.vmdir))
         hyp.is_running = lambda vmdir: True
 
@@ -190,7 +191,7 @@ def source(tmp_path):
     CONF.set_override('bhyve_wired_memory', True, group='bhyve')
     vmdir = base.VMDir(str(tmp_path / 'src' / UUID))
     os.makedirs(vmdir.path)
-    bhyve.write_config(bhyve.render_config(_spec(), vmdir),
+    bhyve_config.write_config(bhyve_config.render_config(_spec(), vmdir),
                        bhyve.BhyveHypervisor.config_path(vmdir))
     proc = subprocess.Popen([sys.executable, '-c',
                              'import time; time.sleep(60)', UUID])

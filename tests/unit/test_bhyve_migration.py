@@ -23,6 +23,7 @@ from nova_bhyve.migration import policy as mp
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import migration as bm
 
 CONF = conf.CONF
@@ -138,7 +139,7 @@ def source(tmp_path):
     s = guest.VMSpec(uuid=UUID, name=NAME, vcpus=1, memory_mb=256,
                      disks=[guest.Disk(path='/d/r', format='raw')], nics=[],
                      boot=guest.Boot())
-    bhyve.write_config(bhyve.render_config(s, vmdir),
+    bhyve_config.write_config(bhyve_config.render_config(s, vmdir),
                        bhyve.BhyveHypervisor.config_path(vmdir))
     procs = []
 

@@ -22,6 +22,7 @@ from nova_bhyve import guest
 from nova_bhyve.devices import volumes
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
 
@@ -144,7 +145,7 @@ def test_more_volumes_than_ports_is_an_error():
 
 def _tree(s):
     CONF.set_override('bhyve_bootrom', '/fw/BHYVE_UEFI.fd', group='bhyve')
-    return bhyve.render_config(s, base.VMDir(VM))
+    return bhyve_config.render_config(s, base.VMDir(VM))
 
 
 def _raw_root():

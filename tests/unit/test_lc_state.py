@@ -28,6 +28,7 @@ from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
@@ -369,7 +370,7 @@ def _bhyve_vmdir(vmdir):
     s = guest.VMSpec(uuid=UUID, name='instance-0000002b', vcpus=1,
                      memory_mb=256,
                      disks=[guest.Disk(path='/d/r', format='raw')])
-    bhyve.write_config(bhyve.render_config(s, vmdir),
+    bhyve_config.write_config(bhyve_config.render_config(s, vmdir),
                        bhyve.BhyveHypervisor.config_path(vmdir))
     return s
 

@@ -14,7 +14,6 @@ from nova.compute import vm_states
 
 from nova_bhyve.migration import live as live_migration
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 
 
 class Scripted(base.MigrationHandle):
@@ -37,7 +36,7 @@ class Scripted(base.MigrationHandle):
     def poll(self):
         status = self.statuses.pop(0) if len(self.statuses) > 1 \
             else self.statuses[0]
-        return qemu_migration.Snapshot(status=status, rounds=1)
+        return base.MigrationSnapshot(status=status, rounds=1)
 
     def apply(self, step):
         self.calls.append(('apply', step.kind))
@@ -286,7 +285,7 @@ def test_failure_seen_after_qemu_switched_is_not_rolled_back(monkeypatch):
         calls['n'] += 1
         if calls['n'] > 1:
             raise base.HypervisorError('no QMP greeting')
-        return qemu_migration.Snapshot(status='active', rounds=1)
+        return base.MigrationSnapshot(status='active', rounds=1)
     h.poll = poll
 
     def cancel():

@@ -16,6 +16,7 @@ from nova.objects import migrate_data as migrate_data_obj
 
 from nova_bhyve import guest
 from nova_bhyve.migration import live as live_migration
+from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -37,7 +38,7 @@ def test_incoming_argv_appends_defer_and_stays_stopped():
 
 
 def test_only_own_writable_disks_are_migrated():
-    assert [i for i, _ in qemu_migration.migrated_disks(spec())] == [0]
+    assert [i for i, _ in base.migrated_disks(spec())] == [0]
 
 
 def test_incoming_commands_block():
@@ -225,7 +226,7 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
 # -- the memory loop's poll interval -----------------------------------------
 
 def _snap(status='active', remaining=0, disk=0, bandwidth=0.0):
-    return qemu_migration.Snapshot(status=status, memory_remaining=remaining,
+    return base.MigrationSnapshot(status=status, memory_remaining=remaining,
                                    disk_remaining=disk, bandwidth=bandwidth)
 
 

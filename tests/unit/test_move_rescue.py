@@ -27,6 +27,7 @@ from nova_bhyve import rescue
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 
 objects.register_all()
 CONF = conf.CONF
@@ -278,7 +279,7 @@ def test_bhyve_resize_to_other_host_confirm(bhyve_env):
     assert spawns[0][0] == new.path
     assert spawns[0][1] == [CONF.bhyve.bhyve_path, '-k',
                             os.path.join(new.path, 'bhyve.conf')]
-    tree = bhyve.parse_config(open(os.path.join(new.path,
+    tree = bhyve_config.parse_config(open(os.path.join(new.path,
                                                 'bhyve.conf')).read())
     assert tree['pci.0.2.0.path'] == new.disk('disk')
     assert tree['memory.size'] == '256M'
@@ -349,7 +350,7 @@ def test_bhyve_rescue_config_and_unrescue(bhyve_env):
                               return_value=False), \
             mock.patch.object(bhyve.supervisor, 'spawn') as spawn:
         drv.rescue(None, inst, None, _image_meta(), 'pw', None, None)
-        tree = bhyve.parse_config(open(os.path.join(vmdir.path,
+        tree = bhyve_config.parse_config(open(os.path.join(vmdir.path,
                                                     'bhyve.conf')).read())
         # the rescue disk first (UEFI boots it), the instance's disk next
         assert tree['pci.0.2.0.path'] == rescue.disk_path(vmdir)
@@ -357,7 +358,7 @@ def test_bhyve_rescue_config_and_unrescue(bhyve_env):
         assert vdsk.info(rescue.disk_path(vmdir))['format'] == 'raw'
         assert rescue.is_rescued(vmdir)
         drv.unrescue(None, inst)
-        tree = bhyve.parse_config(open(os.path.join(vmdir.path,
+        tree = bhyve_config.parse_config(open(os.path.join(vmdir.path,
                                                     'bhyve.conf')).read())
         assert tree['pci.0.2.0.path'] == vmdir.disk('disk')
         assert 'pci.0.3.0.path' not in tree

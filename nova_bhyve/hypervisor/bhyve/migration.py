@@ -66,10 +66,13 @@ import signal
 import subprocess
 import time
 
-from nova_bhyve.hypervisor.bhyve import supervisor
+from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor.bhyve import backend as bhyve
+from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
+from nova_bhyve.hypervisor.bhyve import supervisor
+
+CONF = conf.CONF
 
 POLL = 0.5
 _MIGRATE_USAGE = re.compile(r'--migrate=<host>\s*([,:])\s*<port>')
@@ -130,7 +133,7 @@ def _endpoint(support, host, port):
 def check_request(support, live, bandwidth_mibps=0, config_tree=None):
     """Refuse what the prototype cannot do, with the reason.
 
-    ``config_tree``: the source VM's bhyve config (bhyve.parse_config), for
+    ``config_tree``: the source VM's bhyve config (bhyve_config.parse_config), for
     live migration's wired-memory requirement."""
     if not support.warm:
         raise NotImplementedError(
@@ -181,7 +184,7 @@ class BhyveMigration:
     def start(cls, hyp, support, vmdir, dest_host, port, live,
               bandwidth_mibps=0):
         with open(hyp.config_path(vmdir)) as f:
-            tree = bhyve.parse_config(f.read())
+            tree = bhyve_config.parse_config(f.read())
         check_request(support, live, bandwidth_mibps, tree)
         name = hyp.vm_name(vmdir)
         vm = hyp.pid(vmdir)
@@ -309,15 +312,15 @@ def prepare_incoming(hyp, support, spec, vmdir, address, block):
     _endpoint(support, address, 1)        # IPv4 only: refused before
     port = _free_port(address)
     ep = Endpoint(host=address, port=port)
-    tree = bhyve.render_config(spec, vmdir)
-    path = bhyve.write_config(tree, hyp.config_path(vmdir))
+    tree = bhyve_config.render_config(spec, vmdir)
+    path = bhyve_config.write_config(tree, hyp.config_path(vmdir))
     argv = incoming_argv(hyp, support, path, address, port)
     base_argv, first = argv[:-2], argv[-2:]
     try:
         supervisor.spawn(vmdir.path, base_argv, policy='bhyve',
                          first_run_args=first,
-                         console_device=bhyve.nmdm_pair(spec.uuid)[1],
-                         console_keep_bytes=bhyve.CONF.bhyve
+                         console_device=bhyve_config.nmdm_pair(spec.uuid)[1],
+                         console_keep_bytes=CONF.bhyve
                          .console_log_keep_bytes)
     except RuntimeError as e:
         raise base.HypervisorError(str(e))
@@ -372,14 +375,13 @@ class BhyveOutgoing(base.MigrationHandle):
     def poll(self):
         """Status only (the prototype reports no counters): 'active' while
         the source bhyve runs, then 'completed' or 'failed'."""
-        from nova_bhyve.hypervisor.qemu import migration as qemu_migration   # Snapshot
         if self.migration is not None and self.status == 'active':
             try:
                 if self.migration.finished():
                     self.status = 'completed'
             except base.HypervisorError as e:
                 self.status, self.error = 'failed', str(e)
-        return qemu_migration.Snapshot(status=self.status, error=self.error)
+        return base.MigrationSnapshot(status=self.status, error=self.error)
 
     def apply(self, step):
         BhyveMigration.apply(None, step)

@@ -54,6 +54,7 @@ from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import migration_params as qemu_migration_params
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.hypervisor.qemu import state as qemu_state
 
 LOG = logging.getLogger(__name__)
 
@@ -100,20 +101,13 @@ def incoming_argv(argv):
     return list(argv) + ['-S', '-incoming', 'defer']
 
 
-def migrated_disks(spec):
-    """(index, disk) of the disks a block migration copies: the instance's
-    own writable disks (not volumes, not read-only media)."""
-    return [(i, d) for i, d in enumerate(spec.disks)
-            if not d.serial and not d.readonly and d.device == 'disk']
-
-
 def incoming_commands(spec, host, mig_port, nbd_port, block):
     """QMP commands that open the destination for a migration (pure)."""
     cmds = []
     if block:
         cmds.append(('nbd-server-start', {'addr': {
             'type': 'inet', 'data': {'host': host, 'port': str(nbd_port)}}}))
-        for i, _ in migrated_disks(spec):
+        for i, _ in base.migrated_disks(spec):
             cmds.append(('nbd-server-add', {
                 'device': export_name(i), 'name': export_name(i),
                 'writable': True}))
@@ -151,7 +145,6 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     convergence policy, for the capabilities both sides need
     (qemu_migration_params.incoming_qmp: post-copy). On failure the VM
     process is killed and HypervisorError raised."""
-    from nova_bhyve.hypervisor.qemu import state as qemu_state   # launch()
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
@@ -206,7 +199,7 @@ def mirror_commands(spec, endpoint, backed, speed):
     NBD exports (pure). ``backed``: indices of disks that are overlays over
     an image both hosts hold (sync top); others are copied whole."""
     cmds = []
-    for i, _ in migrated_disks(spec):
+    for i, _ in base.migrated_disks(spec):
         cmds.append(('blockdev-add', {
             'driver': 'nbd', 'node-name': target_node(i),
             'server': {'type': 'inet', 'host': endpoint.nbd_host,
@@ -222,30 +215,12 @@ def mirror_commands(spec, endpoint, backed, speed):
     return cmds
 
 
-@dataclasses.dataclass
-class Snapshot:
-    """One look at an outgoing migration (what poll() returns)."""
-    status: str                    # QEMU's migration status, or 'mirroring'
-    memory_total: int = 0
-    memory_processed: int = 0
-    memory_remaining: int = 0
-    dirty_rate: float = 0.0        # bytes/s
-    bandwidth: float = 0.0         # bytes/s
-    rounds: int = 0
-    disk_total: int = 0
-    disk_processed: int = 0
-    disk_remaining: int = 0
-    error: str = None
-    downtime_ms: int = None        # QEMU's measured downtime, once completed
-    cpu_throttle: int = None       # vCPU throttle in effect (%), if any
-
-
 def snapshot_from(migrate_info, jobs):
     """Map query-migrate and query-block-jobs replies onto a Snapshot
     (pure)."""
     ram = migrate_info.get('ram') or {}
     page = ram.get('page-size') or 4096
-    snap = Snapshot(
+    snap = base.MigrationSnapshot(
         status=migrate_info.get('status') or 'none',
         memory_total=int(ram.get('total', 0)),
         memory_processed=int(ram.get('transferred', 0)),
@@ -277,7 +252,7 @@ class OutgoingMigration(base.MigrationHandle):
         self.policy = policy
         self.block = endpoint.nbd_port is not None
         self.backed = set(backed)
-        self.disks = [i for i, _ in migrated_disks(spec)] if self.block \
+        self.disks = [i for i, _ in base.migrated_disks(spec)] if self.block \
             else []
         self.nodes = []              # NBD target nodes we added
         self.jobs = []               # mirror jobs we started
