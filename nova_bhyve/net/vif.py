@@ -35,16 +35,16 @@ sudo/doas on FreeBSD). The _Linux/_FreeBSD classes below are what runs
 there, as root. os-vif's own calls go through its own oslo.privsep context
 (``vif_plug_ovs_privileged``), as for the libvirt driver.
 """
-import os
 import sys
 import threading
-import time
 
 from nova import exception
-from oslo_concurrency import processutils
+from nova.network import os_vif_util
 from oslo_log import log as logging
+import os_vif
 
 from nova_bhyve import guest
+from nova_bhyve.privsep import net as privileged
 
 LOG = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ HOTPLUG_PORTS = 4           # empty PCIe slots a QEMU VM gets for NICs
 
 _osvif_lock = threading.Lock()
 _osvif_ready = False
-
-
-def execute(*cmd, **kwargs):
-    """Run a command (the classes below run in the privileged process)."""
-    return processutils.execute(*cmd, **kwargs)
 
 
 # -- facts about one VIF (a nova.network.model.VIF or a plain dict) --------
@@ -94,12 +89,6 @@ def hybrid_names(vif):
     """Names os-vif gives the hybrid plug devices (qbr, qvb, qvo)."""
     suffix = vif['id'][:11]
     return 'qbr' + suffix, 'qvb' + suffix, 'qvo' + suffix
-
-
-def host_mac(mac):
-    """The tap's own MAC: the port's with an fe: first octet, as libvirt
-    does, so a Linux bridge never takes the guest's MAC for a local one."""
-    return 'fe' + mac[2:]
 
 
 def nic_for(vif, model='virtio'):
@@ -143,109 +132,6 @@ def validate(network_info):
 
 # -- plugging ---------------------------------------------------------------
 
-class _Linux:
-    """ip(8) on Linux; run as root (the privileged process)."""
-    name = 'linux'
-
-    @staticmethod
-    def exists(dev):
-        return os.path.exists('/sys/class/net/%s' % dev)
-
-    def create_tap(self, dev, mac, mtu, owner=None):
-        if not self.exists(dev):
-            execute('ip', 'tuntap', 'add', 'dev', dev, 'mode', 'tap',
-                    *(['user', str(owner)] if owner else []))
-        # The host needs no address on the tap: no IPv6 DAD into the guest.
-        try:
-            with open('/proc/sys/net/ipv6/conf/%s/disable_ipv6' % dev,
-                      'w') as f:
-                f.write('1')
-        except OSError:
-            pass
-        cmd = ['ip', 'link', 'set', 'dev', dev, 'address', host_mac(mac)]
-        if mtu:
-            cmd += ['mtu', str(mtu)]
-        execute(*cmd)
-        execute('ip', 'link', 'set', 'dev', dev, 'up')
-
-    def delete(self, dev):
-        # "ip link del" can fail while the kernel still tears down the
-        # device of a VM that just exited: retry, and say so if it stays
-        for _ in range(10):
-            if not self.exists(dev):
-                return
-            execute('ip', 'link', 'del', 'dev', dev,
-                    check_exit_code=[0, 1, 2])
-            if not self.exists(dev):
-                return
-            time.sleep(0.2)
-        raise processutils.ProcessExecutionError(
-            description='%s still exists after ip link del' % dev)
-
-    def ensure_bridge(self, bridge):
-        if not self.exists(bridge):
-            execute('ip', 'link', 'add', 'name', bridge, 'type', 'bridge',
-                    check_exit_code=[0, 2])
-        execute('ip', 'link', 'set', 'dev', bridge, 'up')
-
-    def add_to_bridge(self, bridge, dev):
-        execute('ip', 'link', 'set', 'dev', dev, 'master', bridge)
-
-
-class _FreeBSD:
-    """tap(4), if_bridge(4) and OVS through ifconfig(8)/ovs-vsctl(8).
-
-    Run as root (the privileged helper). Not run on a FreeBSD host yet:
-    pinned by unit tests only."""
-    name = 'freebsd'
-
-    @staticmethod
-    def exists(dev):
-        try:
-            execute('ifconfig', dev)
-        except processutils.ProcessExecutionError:
-            return False
-        return True
-
-    def create_tap(self, dev, mac, mtu, owner=None):
-        # tap(4) nodes are opened by bhyve through /dev/tapN: devfs rules
-        # give the nova user access (docs/networking.md), not an owner here
-        if not self.exists(dev):
-            out, _ = execute('ifconfig', 'tap', 'create')
-            execute('ifconfig', out.strip(), 'name', dev)
-        cmd = ['ifconfig', dev]
-        if mtu:
-            cmd += ['mtu', str(mtu)]
-        execute(*cmd + ['up'])
-
-    def delete(self, dev):
-        if self.exists(dev):
-            execute('ifconfig', dev, 'destroy')
-
-    def ensure_bridge(self, bridge):
-        if not self.exists(bridge):
-            out, _ = execute('ifconfig', 'bridge', 'create')
-            execute('ifconfig', out.strip(), 'name', bridge)
-        execute('ifconfig', bridge, 'up')
-
-    def add_to_bridge(self, bridge, dev):
-        execute('ifconfig', bridge, 'addm', dev)
-
-    def add_ovs_port(self, bridge, dev, iface_id, mac, vm_uuid, mtu):
-        execute('ovs-vsctl', '--timeout=120', '--', '--may-exist',
-                'add-port', bridge, dev, '--',
-                'set', 'Interface', dev,
-                'external-ids:iface-id=%s' % iface_id,
-                'external-ids:iface-status=active',
-                'external-ids:attached-mac=%s' % mac,
-                'external-ids:vm-uuid=%s' % vm_uuid,
-                *(['mtu_request=%d' % mtu] if mtu else []))
-
-    def del_ovs_port(self, bridge, dev):
-        execute('ovs-vsctl', '--timeout=120', '--', '--if-exists',
-                'del-port', bridge, dev)
-
-
 def _init_osvif():
     global _osvif_ready
     with _osvif_lock:
@@ -255,59 +141,13 @@ def _init_osvif():
             _osvif_ready = True
 
 
-def platform():
-    return _FreeBSD() if sys.platform.startswith('freebsd') else _Linux()
-
-
-class Privileged:
-    """The platform's operations, each run in the privileged process
-    (``nova_bhyve.privsep.net``); the unprivileged checks run here."""
-
-    def __init__(self):
-        self.name = platform().name
-
-    @staticmethod
-    def exists(dev):
-        return platform().exists(dev)
-
-    @staticmethod
-    def create_tap(dev, mac, mtu):
-        from nova_bhyve.privsep import net as privileged
-        privileged.create_tap(dev, mac, mtu, os.geteuid() or None)
-
-    @staticmethod
-    def delete(dev):
-        from nova_bhyve.privsep import net as privileged
-        privileged.delete_tap(dev)
-
-    @staticmethod
-    def ensure_bridge(bridge):
-        from nova_bhyve.privsep import net as privileged
-        privileged.ensure_bridge(bridge)
-
-    @staticmethod
-    def add_to_bridge(bridge, dev):
-        from nova_bhyve.privsep import net as privileged
-        privileged.add_to_bridge(bridge, dev)
-
-    @staticmethod
-    def add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu):
-        from nova_bhyve.privsep import net as privileged
-        privileged.add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu)
-
-    @staticmethod
-    def del_ovs_port(bridge, dev):
-        from nova_bhyve.privsep import net as privileged
-        privileged.del_ovs_port(bridge, dev)
-
-
 class VifPlugger:
     """Plugs and unplugs ports. ``impl`` does the device work: by default
     through the privileged process; tests pass a platform class
     directly."""
 
     def __init__(self, impl=None):
-        self.impl = impl or Privileged()
+        self.impl = impl or privileged.Privileged()
 
     # ovs: os-vif on Linux (as for the libvirt driver), ovs-vsctl on FreeBSD
     def _plug_ovs(self, instance, vif):
@@ -318,8 +158,6 @@ class VifPlugger:
                 bridge_name(vif), dev, vif.get('ovs_interfaceid') or vif['id'],
                 vif['address'], instance.uuid, mtu(vif))
             return
-        import os_vif
-        from nova.network import os_vif_util
         _init_osvif()
         obj = os_vif_util.nova_to_osvif_vif(vif)
         info = os_vif_util.nova_to_osvif_instance(instance)
@@ -343,8 +181,6 @@ class VifPlugger:
             self.impl.del_ovs_port(bridge_name(vif), dev)
             self.impl.delete(dev)
             return
-        import os_vif
-        from nova.network import os_vif_util
         _init_osvif()
         obj = os_vif_util.nova_to_osvif_vif(vif)
         info = os_vif_util.nova_to_osvif_instance(instance)

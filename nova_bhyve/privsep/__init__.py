@@ -101,29 +101,3 @@ def _through_helper(name, args):
             raise Refused((e.stderr or '').strip()) from None
         raise
     return json.loads(out) if out.strip() else None
-
-
-def helper_main(argv=None):
-    """``nova-bhyve-privhelper NAME JSON_ARGS``: run one registered
-    privileged function (the FreeBSD transport; run by root)."""
-    from nova_bhyve.privsep import net as privileged  # noqa: F401  (registers ENTRYPOINTS)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ENTRYPOINTS:
-        sys.stderr.write('usage: nova-bhyve-privhelper {%s} JSON_ARGS\n'
-                         % ','.join(sorted(ENTRYPOINTS)))
-        return EXIT_REFUSED
-    try:
-        args = json.loads(argv[1])
-        if not isinstance(args, list) or not all(
-                a is None or isinstance(a, (str, int)) for a in args):
-            raise Refused('arguments must be a JSON list of strings, '
-                          'integers and nulls')
-        result = ENTRYPOINTS[argv[0]](*args)
-    except (Refused, ValueError, TypeError) as e:
-        sys.stderr.write('%s: %s\n' % (argv[0], e))
-        return EXIT_REFUSED
-    except processutils.ProcessExecutionError as e:
-        sys.stderr.write(str(e))
-        return 1
-    sys.stdout.write(json.dumps(result) + '\n')
-    return 0

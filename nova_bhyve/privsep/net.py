@@ -1,14 +1,17 @@
-"""The only operations nova-bhyve runs with privileges (see privsep.py).
+"""The only operations nova-bhyve runs with privileges (see privsep/__init__).
 
 Each function checks its own arguments where it runs - in the privileged
 process - so a compromised nova-compute can create and remove taps, put a
 tap on a bridge or an OVS bridge, and nothing else: it cannot delete a
 device that is not a tap, nor pass anything that reaches a shell.
 """
+import os
 import re
+import sys
 import uuid as uuidlib
 
-from nova_bhyve.net import vif as network
+from nova_bhyve.net import freebsd
+from nova_bhyve.net import linux
 from nova_bhyve import privsep
 
 _IFNAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$')
@@ -67,31 +70,38 @@ def _uuid(value):
         raise privsep.Refused('%r is not a uuid' % (value,)) from None
 
 
+def platform():
+    """This host's device operations (what runs as root)."""
+    if sys.platform.startswith('freebsd'):
+        return freebsd.FreeBSDLinks()
+    return linux.LinuxLinks()
+
+
 @privsep.entrypoint
 def create_tap(dev, mac, mtu, owner):
     """Create tap ``dev`` (if absent) owned by ``owner`` (the uid that will
     open it: nova-compute's, whose VM processes run as the same user), with
     the host-side form of the port's MAC, the port's MTU, and up."""
     args, owner = (_tap(dev), _mac(mac), _mtu(mtu)), _uid(owner)
-    network.platform().create_tap(*args, owner=owner)
+    platform().create_tap(*args, owner=owner)
 
 
 @privsep.entrypoint
 def delete_tap(dev):
     dev = _tap(dev)
-    network.platform().delete(dev)
+    platform().delete(dev)
 
 
 @privsep.entrypoint
 def ensure_bridge(bridge):
     bridge = _ifname(bridge)
-    network.platform().ensure_bridge(bridge)
+    platform().ensure_bridge(bridge)
 
 
 @privsep.entrypoint
 def add_to_bridge(bridge, dev):
     args = _ifname(bridge), _tap(dev)
-    network.platform().add_to_bridge(*args)
+    platform().add_to_bridge(*args)
 
 
 @privsep.entrypoint
@@ -100,10 +110,46 @@ def add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu):
     Neutron's agents look for (FreeBSD; on Linux os-vif does this)."""
     args = (_ifname(bridge), _tap(dev), _text(iface_id, 'port id'),
             _mac(mac), _uuid(vm_uuid), _mtu(mtu))
-    network.platform().add_ovs_port(*args)
+    platform().add_ovs_port(*args)
 
 
 @privsep.entrypoint
 def del_ovs_port(bridge, dev):
     args = _ifname(bridge), _tap(dev)
-    network.platform().del_ovs_port(*args)
+    platform().del_ovs_port(*args)
+
+
+class Privileged:
+    """The device operations VifPlugger uses, each entry point above run in
+    the privileged process; ``exists`` (a read) runs here."""
+
+    def __init__(self):
+        self.name = platform().name
+
+    @staticmethod
+    def exists(dev):
+        return platform().exists(dev)
+
+    @staticmethod
+    def create_tap(dev, mac, mtu):
+        create_tap(dev, mac, mtu, os.geteuid() or None)
+
+    @staticmethod
+    def delete(dev):
+        delete_tap(dev)
+
+    @staticmethod
+    def ensure_bridge(bridge):
+        ensure_bridge(bridge)
+
+    @staticmethod
+    def add_to_bridge(bridge, dev):
+        add_to_bridge(bridge, dev)
+
+    @staticmethod
+    def add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu):
+        add_ovs_port(bridge, dev, iface_id, mac, vm_uuid, mtu)
+
+    @staticmethod
+    def del_ovs_port(bridge, dev):
+        del_ovs_port(bridge, dev)

@@ -13,6 +13,8 @@ from nova.network import model
 from oslo_concurrency import processutils
 
 from nova_bhyve import guest
+from nova_bhyve.net import freebsd
+from nova_bhyve.net import linux
 from nova_bhyve.net import vif as network
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor import base
@@ -39,7 +41,7 @@ def test_names_like_neutron_agents():
     assert network.hybrid_names(v) == ('qbr5e1c1a83-8d', 'qvb5e1c1a83-8d',
                                        'qvo5e1c1a83-8d')
     assert network.mtu(v) == 1450
-    assert network.host_mac('fa:16:3e:11:22:33') == 'fe:16:3e:11:22:33'
+    assert linux.host_mac('fa:16:3e:11:22:33') == 'fe:16:3e:11:22:33'
     nic = network.nic_for(v)
     assert nic == guest.Nic(mac='fa:16:3e:11:22:33', ifname='tap5e1c1a83-8d',
                             model='virtio', mtu=1450)
@@ -98,8 +100,8 @@ def _freebsd(existing=()):
 
 def test_freebsd_bridge_binding():
     calls, fake = _freebsd()
-    with mock.patch.object(network, 'execute', fake):
-        nic = network.VifPlugger(impl=network._FreeBSD()).plug(
+    with mock.patch.object(freebsd, 'execute', fake):
+        nic = network.VifPlugger(impl=freebsd.FreeBSDLinks()).plug(
             Inst(), vif('bridge', bridge='brq-n', mtu=1400))
     assert nic.ifname == 'tap5e1c1a83-8d'
     assert calls == [
@@ -117,8 +119,8 @@ def test_freebsd_bridge_binding():
 
 def test_freebsd_ovs_binding_and_unplug():
     calls, fake = _freebsd(existing={'tap5e1c1a83-8d'})
-    plugger = network.VifPlugger(impl=network._FreeBSD())
-    with mock.patch.object(network, 'execute', fake):
+    plugger = network.VifPlugger(impl=freebsd.FreeBSDLinks())
+    with mock.patch.object(freebsd, 'execute', fake):
         plugger.plug(Inst(), vif('ovs'))
         add = calls[-1]
         del calls[:]

@@ -22,6 +22,7 @@ from oslo_privsep import priv_context
 from nova_bhyve import conf
 from nova_bhyve.privsep import net as privileged
 from nova_bhyve import privsep
+from nova_bhyve.cmd import privhelper
 
 CONF = conf.CONF
 MAC = 'fa:16:3e:aa:bb:cc'
@@ -49,14 +50,14 @@ def _unwrapped(name):
     ('del_ovs_port', ('br-int', 'lo')),
 ])
 def test_bad_arguments_are_refused_before_any_command(name, args):
-    with mock.patch('nova_bhyve.net.vif.platform') as platform:
+    with mock.patch('nova_bhyve.privsep.net.platform') as platform:
         with pytest.raises(privsep.Refused):
             _unwrapped(name)(*args)
     assert platform.mock_calls == []
 
 
 def test_good_arguments_reach_the_platform():
-    with mock.patch('nova_bhyve.net.vif.platform') as platform:
+    with mock.patch('nova_bhyve.privsep.net.platform') as platform:
         _unwrapped('create_tap')('tapab12', 'FA:16:3E:AA:BB:CC', 1450, 1000)
         _unwrapped('add_ovs_port')('br-int', 'tapab12', 'port-id', MAC,
                                    VM.upper(), None)
@@ -166,8 +167,8 @@ def test_privsep_daemon_refusal_crosses_back(transport):
                     'without sudo only when the test is root')
 def test_helper_transport_creates_and_deletes_a_tap(transport, tap_name):
     helper = '%s -c %s' % (sys.executable, shlex.quote(
-        'import sys; from nova_bhyve import privsep; '
-        'sys.exit(privsep.helper_main())'))
+        'import sys; from nova_bhyve.cmd import privhelper; '
+        'sys.exit(privhelper.main())'))
     transport('helper', helper)
     _check_tap_lifecycle(tap_name)
     with pytest.raises(privsep.Refused, match='not a tap'):
@@ -176,9 +177,9 @@ def test_helper_transport_creates_and_deletes_a_tap(transport, tap_name):
 
 
 def test_helper_refuses_unknown_functions_and_bad_json(capsys):
-    assert privsep.helper_main(['system', '["ls"]']) == privsep.EXIT_REFUSED
+    assert privhelper.main(['system', '["ls"]']) == privsep.EXIT_REFUSED
     assert 'usage' in capsys.readouterr().err
-    assert privsep.helper_main(['delete_tap', '{"a": 1}']) == \
+    assert privhelper.main(['delete_tap', '{"a": 1}']) == \
         privsep.EXIT_REFUSED
-    assert privsep.helper_main(['delete_tap', '[["tap0"]]']) == \
+    assert privhelper.main(['delete_tap', '[["tap0"]]']) == \
         privsep.EXIT_REFUSED
