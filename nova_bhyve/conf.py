@@ -4,6 +4,7 @@ Host-wide facts Nova already owns (instances_path, allocation ratios, reserved
 resources, shutdown timeouts) are read from Nova's own options, not repeated.
 """
 from oslo_config import cfg
+from oslo_privsep import priv_context
 
 GROUP = cfg.OptGroup(
     'bhyve', title='bhyve / QEMU driver options',
@@ -161,7 +162,6 @@ def register_opts(conf):
 def list_opts():
     """Entry point for oslo-config-generator (oslo.config.opts): [bhyve]
     and the oslo.privsep section of the driver's privileged daemon."""
-    from oslo_privsep import priv_context
     return [(GROUP, OPTS), ('nova_bhyve_privileged', priv_context.OPTS)]
 
 

@@ -136,7 +136,6 @@ def _init_osvif():
     global _osvif_ready
     with _osvif_lock:
         if not _osvif_ready:
-            import os_vif
             os_vif.initialize()
             _osvif_ready = True
 

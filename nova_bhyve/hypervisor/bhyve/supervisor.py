@@ -45,8 +45,10 @@ import select
 import signal
 import subprocess
 import sys
+import termios
 import threading
 import time
+import tty
 
 SUPERVISOR_PIDFILE = 'supervisor.pid'
 VM_PIDFILE = 'vm.pid'
@@ -171,8 +173,6 @@ def _set_raw(fd):
     """Raw mode without echo: the reader side of a tty pair must never
     echo the guest's output back to it as input."""
     try:
-        import termios
-        import tty
         tty.setraw(fd)
         attrs = termios.tcgetattr(fd)
         attrs[3] &= ~termios.ECHO

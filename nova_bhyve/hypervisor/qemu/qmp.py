@@ -157,7 +157,6 @@ def execute_until_event(path, command, arguments, event, match=None,
     on timeout. A QMP error reply to a retry is ignored; to the first
     command it is raised.
     """
-    import time
     deadline = time.monotonic() + timeout
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
