@@ -12,8 +12,8 @@ QemuHypervisor): the source is started from a VMSpec like the driver builds
 root disk); the destination is prepare_incoming() on the same host over
 loopback with the same disk path (shared storage, no block migration); the
 loop is the one of nova_bhyve.migration.live.Migration._migrate (sleep
-live_migration.poll_interval between polls: POLL, FAST_POLL near the end;
-live_migration._progress -> controller.decide -> handle.apply; on
+runner.poll_interval between polls: POLL, FAST_POLL near the end;
+runner._progress -> controller.decide -> handle.apply; on
 'completed' handle.finish() then handle.resume_destination(), which has the
 destination run the guest as the driver does before Nova's post step; then
 finish_incoming), with one of three controllers:
@@ -274,7 +274,7 @@ class LiveMigrationBench(unittest.TestCase):
                     common.say('%s', case)
 
     def one_case(self, name, rate, cap_mibps, wall_cap):
-        from nova_bhyve.migration import live as live_migration
+        from nova_bhyve.migration import runner
         from nova_bhyve.hypervisor import base
         from nova_bhyve.hypervisor.qemu import backend as qemu
         hyp = qemu.QemuHypervisor()
@@ -291,8 +291,8 @@ class LiveMigrationBench(unittest.TestCase):
         try:
             spec = self.spec(tmp, vm_uuid)
             hyp.start(spec, src)
-            case['poll_s'] = live_migration.POLL
-            case['fast_poll_s'] = live_migration.FAST_POLL
+            case['poll_s'] = runner.POLL
+            case['fast_poll_s'] = runner.FAST_POLL
             wait_in_file(src.console_log, b'NOVA-BHYVE-SHELL-READY', 300)
             type_in(src, 'nbmem %d %d %d &' % (rate, WORKING_SET_MIB,
                                                TICK_MS))
@@ -301,7 +301,7 @@ class LiveMigrationBench(unittest.TestCase):
             watcher.start()
             time.sleep(SETTLE_S)
             t_pre = time.monotonic()
-            data_bytes = MEMORY_MB * 1024 * 1024 + live_migration._allocated(
+            data_bytes = MEMORY_MB * 1024 * 1024 + runner.allocated_bytes(
                 spec.disks[0].path)
             ctl = make_controller(name, data_bytes, cap_mibps)
             endpoint = hyp.prepare_incoming(spec, dst, '127.0.0.1', False,
@@ -333,7 +333,7 @@ class LiveMigrationBench(unittest.TestCase):
                 if snap.status in ('failed', 'cancelled'):
                     outcome = 'failed: %s' % snap.error
                     break
-                if snap.status in live_migration.POSTCOPY_BROKEN:
+                if snap.status in runner.POSTCOPY_BROKEN:
                     outcome = 'post-copy broke: %s' % snap.status
                     break
                 if snap.status == 'postcopy-active' and t_switch is None:
@@ -345,13 +345,13 @@ class LiveMigrationBench(unittest.TestCase):
                         (time.monotonic() - t_switch) * 1000, 1)
                     continue
                 if t_switch is not None:
-                    time.sleep(live_migration.POLL)
+                    time.sleep(runner.POLL)
                     continue           # post-copy: nothing left to decide
                 if elapsed > wall_cap:
                     outcome = 'did not finish'
                     break
                 aborted = False
-                for step in ctl.decide(live_migration._progress(elapsed,
+                for step in ctl.decide(runner._progress(elapsed,
                                                                 snap)):
                     if step.kind == 'abort':
                         aborted = step.reason
@@ -364,9 +364,9 @@ class LiveMigrationBench(unittest.TestCase):
                 if aborted:
                     outcome = 'aborted by policy: %s' % aborted
                     break
-                interval = live_migration.poll_interval(
+                interval = runner.poll_interval(
                     snap, fast_spent, switching=switching)
-                if interval < live_migration.POLL:
+                if interval < runner.POLL:
                     fast_spent += interval
                 time.sleep(interval)
             t_end = time.monotonic()

@@ -150,3 +150,14 @@ def build(instance, image_meta, root_disk, kernel=None, ramdisk=None,
     return VMSpec(uuid=instance.uuid, name=instance.name,
                   vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
                   disks=[root_disk], nics=list(nics), boot=boot)
+
+
+def nic_model(image_meta):
+    """The NIC model the image asks for (hw_vif_model), virtio by default;
+    InvalidInput for one this driver has no device for."""
+    model = image_meta.properties.get('hw_vif_model', 'virtio')
+    if model not in NIC_MODELS:
+        raise exception.InvalidInput(
+            reason='hw_vif_model=%s is not supported by nova-bhyve '
+                   '(supported: %s)' % (model, ', '.join(NIC_MODELS)))
+    return model

@@ -6,7 +6,13 @@ import os
 import platform
 import subprocess
 
+import os_resource_classes as orc
+from nova.objects import fields as obj_fields
+from oslo_config import cfg
+from oslo_serialization import jsonutils
 from oslo_utils import units
+
+CONF = cfg.CONF
 
 
 def is_freebsd():
@@ -78,3 +84,45 @@ def _cpu_vendor():
     except OSError:
         pass
     return 'unknown'
+
+
+def available_resource(nodename, instances_path, vcpus_used, hv_info):
+    """The resource view of get_available_resource (Nova's dict)."""
+    mem_total, mem_used = memory_mb()
+    disk_total, disk_used, disk_free = disk_gb(instances_path)
+    return {
+        'vcpus': vcpus(),
+        'memory_mb': mem_total,
+        'local_gb': disk_total,
+        'vcpus_used': vcpus_used,
+        'memory_mb_used': mem_used,
+        'local_gb_used': disk_used,
+        'hypervisor_type': hv_info['hypervisor_type'],
+        'hypervisor_version': hv_info['hypervisor_version'],
+        'hypervisor_hostname': nodename,
+        'cpu_info': jsonutils.dumps(cpu_info()),
+        'disk_available_least': disk_free,
+        'supported_instances': [(obj_fields.Architecture.X86_64,
+                                 hv_info['hypervisor_type'],
+                                 obj_fields.VMMode.HVM)],
+        'numa_topology': None,
+    }
+
+
+def inventory(instances_path, ratios, reserved_disk_gb):
+    """Placement inventory of this host: VCPU, MEMORY_MB, DISK_GB, with
+    Nova's allocation ratios and reservations."""
+    mem_total, _ = memory_mb()
+    disk_total = disk_gb(instances_path)[0]
+    cpus = vcpus()
+
+    def record(total, rc, reserved):
+        return {'total': total, 'min_unit': 1, 'max_unit': total,
+                'step_size': 1, 'allocation_ratio': ratios[rc],
+                'reserved': reserved}
+    return {
+        orc.VCPU: record(cpus, orc.VCPU, CONF.reserved_host_cpus),
+        orc.MEMORY_MB: record(mem_total, orc.MEMORY_MB,
+                              CONF.reserved_host_memory_mb),
+        orc.DISK_GB: record(disk_total, orc.DISK_GB, reserved_disk_gb),
+    }

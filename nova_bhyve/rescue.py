@@ -9,12 +9,13 @@ first disk and the instance's disks follow in their usual order (with virtio:
 removes both files and starts the instance from ``spec.json`` again, so the
 original spec is restored byte for byte.
 
-Pure file and spec work; the driver stops and starts the VMs.
+File and spec work (the spec through instance_store); the driver stops
+and starts the VMs.
 """
 import copy
 import os
 
-from nova_bhyve import guest
+from nova_bhyve import instance_store
 
 RESCUE_DISK = 'disk.rescue'
 RESCUE_SPEC = 'spec.rescue.json'
@@ -42,15 +43,11 @@ def build_spec(spec, rescue_spec_base):
 
 
 def save_spec(vmdir, rescue_spec):
-    tmp = spec_path(vmdir) + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(rescue_spec.to_json())
-    os.rename(tmp, spec_path(vmdir))
+    instance_store.write_spec(vmdir, rescue_spec, RESCUE_SPEC)
 
 
 def load_spec(vmdir):
-    with open(spec_path(vmdir)) as f:
-        return guest.VMSpec.from_json(f.read())
+    return instance_store.read_spec(vmdir, RESCUE_SPEC)
 
 
 def remove(vmdir):

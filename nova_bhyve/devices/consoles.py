@@ -16,6 +16,7 @@
 The chosen ports live in the VM spec (spec.json), so an adopted VM's
 consoles are found again after a nova-compute restart.
 """
+import os
 import socket
 
 from nova.console import serial as serial_ports
@@ -118,3 +119,30 @@ def vnc_console(port):
         raise exception.ConsoleTypeUnavailable(console_type='vnc')
     return ctype.ConsoleVNC(host=CONF.vnc.server_proxyclient_address,
                             port=port)
+
+
+def rotate_log(path, keep):
+    """Keep a console log bounded: when it exceeds ``keep`` bytes, keep its
+    last ``keep`` bytes. Called only while the VM is not running."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return
+    if size <= keep:
+        return
+    with open(path, 'rb') as f:
+        f.seek(size - keep)
+        tail = f.read()
+    with open(path, 'wb') as f:
+        f.write(tail)
+
+
+def log_tail(path, limit):
+    """The last ``limit`` bytes of a console log (b'' when there is none)."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read(limit)
+    except FileNotFoundError:
+        return b''

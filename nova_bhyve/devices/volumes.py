@@ -17,10 +17,13 @@ import socket
 import sys
 
 from nova import exception
+from nova.virt import driver
 from oslo_log import log as logging
 
 from nova_bhyve import conf
 from nova_bhyve import guest
+from nova_bhyve.hypervisor import base
+from nova_bhyve import instance_store
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -104,3 +107,94 @@ def connector_properties():
     except OSError:
         pass
     return props
+
+
+# -- Nova's volume operations on an instance (the driver calls these) ------
+
+def connect_all(block_device_info):
+    """Connect the instance's volumes on this host; their guest.Disks."""
+    return [connect(bdm['connection_info'])
+            for bdm in driver.block_device_info_get_mapping(
+                block_device_info)]
+
+
+def disconnect_all(block_device_info):
+    for bdm in driver.block_device_info_get_mapping(block_device_info):
+        try:
+            disconnect(bdm['connection_info'])
+        except Exception as e:
+            LOG.warning('disconnecting volume %s: %s',
+                        volume_id(bdm['connection_info']), e)
+
+
+def refuse_at_boot(block_device_info):
+    """Clear errors for the block devices a new instance cannot have yet.
+
+    InvalidInput makes Nova abort the build with this message as the fault
+    instead of rescheduling to another host of the same kind."""
+    if driver.block_device_info_get_mapping(block_device_info):
+        raise exception.InvalidInput(
+            reason='volumes are not supported by nova-bhyve yet')
+    if driver.block_device_info_get_ephemerals(block_device_info) or \
+            driver.block_device_info_get_swap(block_device_info).get(
+                'swap_size'):
+        raise exception.InvalidInput(
+            reason='ephemeral and swap disks are not supported by '
+                   'nova-bhyve yet; use a flavor without them')
+
+
+def attach(hypervisor, vmdir, connection_info):
+    """Connect the volume, hot-plug it into a running VM, keep it in the
+    spec (under the spec's lock: no concurrent change is lost)."""
+    with instance_store.updating(vmdir) as spec:
+        disk = connect(connection_info)
+        if find(spec, disk.serial):
+            raise exception.InvalidVolume(
+                reason='volume %s is already attached' % disk.serial)
+        if hypervisor.is_running(vmdir):
+            if len([d for d in spec.disks if d.serial]) >= \
+                    spec.hotplug_ports:
+                raise exception.TooManyDiskDevices(
+                    maximum=spec.hotplug_ports)
+            try:
+                hypervisor.attach_disk(vmdir, disk)
+            except base.HypervisorError as e:
+                disconnect(connection_info)
+                raise exception.VolumeAttachFailed(
+                    volume_id=disk.serial, reason=str(e))
+        spec.disks.append(disk)
+
+
+def detach(hypervisor, vmdir, connection_info):
+    vol_id = volume_id(connection_info)
+    with instance_store.updating(vmdir) as spec:
+        disk = find(spec, vol_id)
+        if disk is None:
+            raise exception.DiskNotFound(location=vol_id)
+        if hypervisor.is_running(vmdir):
+            try:
+                hypervisor.detach_disk(vmdir, disk)
+            except base.HypervisorError as e:
+                raise exception.DeviceDetachFailed(device=vol_id,
+                                                   reason=str(e))
+        spec.disks.remove(disk)
+    disconnect(connection_info)
+
+
+def extend(hypervisor, vmdir, connection_info, requested_size):
+    """Tell a running VM the volume's new size: what Cinder really made it
+    (never grow Cinder's storage here)."""
+    with instance_store.updating(vmdir) as spec:
+        disk = find(spec, volume_id(connection_info))
+        if disk is None:
+            raise exception.DiskNotFound(location=volume_id(connection_info))
+        new_size = size(disk.path)
+        if new_size < requested_size:
+            LOG.warning('volume %s is %d bytes, %d were requested',
+                        disk.serial, new_size, requested_size)
+        if hypervisor.is_running(vmdir):
+            try:
+                hypervisor.resize_disk(vmdir, disk, new_size)
+            except base.HypervisorError as e:
+                raise exception.VolumeExtendFailed(
+                    volume_id=disk.serial, reason=str(e))

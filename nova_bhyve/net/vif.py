@@ -43,10 +43,12 @@ from nova.network import os_vif_util
 from oslo_log import log as logging
 import os_vif
 
+from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve.privsep import net as privileged
 
 LOG = logging.getLogger(__name__)
+CONF = conf.CONF
 
 SUPPORTED_BINDINGS = ('ovs', 'bridge', 'tap')
 NIC_NAME_LEN = 14          # Nova's network_model.NIC_NAME_LEN (IFNAMSIZ - 2)
@@ -255,3 +257,41 @@ class VifPlugger:
                 self._unplug_quietly(instance, vif)
             else:
                 self.unplug(instance, vif)
+
+
+def _plug_failed(event_name, instance):
+    LOG.error('Neutron reported failure on event %s', event_name,
+              instance=instance)
+    if CONF.vif_plugging_is_fatal:
+        raise exception.VirtualInterfaceCreateException()
+
+
+def plug_and_wait(virtapi, plugger, instance, network_info, model):
+    """Plug the VIFs; then wait until Neutron reports each port that was not
+    active yet as wired (network-vif-plugged), before the guest runs - as
+    the libvirt driver does: a guest that boots first misses its DHCP.
+    Nova's [DEFAULT] vif_plugging_timeout (0: do not wait) and
+    vif_plugging_is_fatal apply. Returns the NICs, of NIC model ``model``.
+    """
+    validate(network_info)
+    events = plug_events(network_info)
+    timeout = CONF.vif_plugging_timeout
+    nics = []
+    if not events or not timeout:
+        nics = plugger.plug_all(instance, network_info)
+    else:
+        try:
+            with virtapi.wait_for_instance_event(
+                    instance, events, timeout=timeout,
+                    error_callback=_plug_failed):
+                nics = plugger.plug_all(instance, network_info)
+        except exception.InstanceEventTimeout:
+            LOG.warning('no %s from Neutron within %d s (vm_state %s, '
+                        'task_state %s)', ', '.join(n for n, _ in events),
+                        timeout, instance.vm_state, instance.task_state,
+                        instance=instance)
+            if CONF.vif_plugging_is_fatal:
+                raise exception.VirtualInterfaceCreateException()
+    for nic in nics:
+        nic.model = model
+    return nics

@@ -124,6 +124,18 @@ def fetch_image(context, image_id, cache, disk_image=True):
     return path, fmt
 
 
+def fetch_kernel(context, kernel_id, ramdisk_id, cache):
+    """Cached paths of an instance's kernel and ramdisk images for direct
+    boot (None for each it has not)."""
+    kernel = ramdisk = None
+    if kernel_id:
+        kernel, _ = fetch_image(context, kernel_id, cache, disk_image=False)
+    if ramdisk_id:
+        ramdisk, _ = fetch_image(context, ramdisk_id, cache,
+                                 disk_image=False)
+    return kernel, ramdisk
+
+
 def _convert_to_qcow2(image_id, src, src_format, dst):
     """Sparse qcow2 copy of ``src`` by libvdsk's convert (parallel;
     unallocated and all-zero ranges are not written)."""

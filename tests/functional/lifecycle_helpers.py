@@ -76,7 +76,7 @@ class EventRecorder:
 
     def __init__(self, driver):
         self.names = []
-        watcher = driver._watcher
+        watcher = driver.watcher
         self._orig = watcher._emit
 
         def emit(event):

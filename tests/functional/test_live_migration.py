@@ -28,9 +28,9 @@ import fixtures
 from nova import context as nova_context
 from nova import objects
 
-from nova_bhyve.migration import live as live_migration
 from nova_bhyve.migration import policy as migration_policy
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.migration import runner
 
 import lifecycle_helpers
 import nova_harness
@@ -385,10 +385,10 @@ class TestForceComplete(_LiveMigrationBase):
     def test_force_complete_finishes_a_migration_that_cannot_converge(self):
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.migration.live.policy_factory',
+            'nova_bhyve.migration.runner.policy_factory',
             lambda data, bw: _Unchanging()))
-        self.assertIsNot(live_migration.policy_factory,
-                         live_migration.default_policy)
+        self.assertIsNot(runner.policy_factory,
+                         runner.default_policy)
         server = self.boot()
         src = self.host_vmdir('compute', server)
         dst = self.host_vmdir('compute2', server)
@@ -652,7 +652,7 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         A test policy that never converges keeps the migration going until
         then."""
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.migration.live.policy_factory',
+            'nova_bhyve.migration.runner.policy_factory',
             lambda data, bw: _Unchanging()))
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.migrate(self.server)
@@ -676,7 +676,7 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         the migration converge."""
         policy = _DowntimeWhenTold()
         self.useFixture(fixtures.MonkeyPatch(
-            'nova_bhyve.migration.live.policy_factory',
+            'nova_bhyve.migration.runner.policy_factory',
             lambda data, bw: policy))
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.migrate(self.server)

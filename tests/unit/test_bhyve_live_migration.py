@@ -69,16 +69,16 @@ class _Drv:
     def __init__(self, tmp_path, hyp):
         self.instances_path = str(tmp_path / 'instances')
         os.makedirs(self.instances_path, exist_ok=True)
-        self._host = 'src'
+        self.host_name = 'src'
         self.hypervisor = hyp
         self.vmdir = base.VMDir(os.path.join(self.instances_path, UUID))
         os.makedirs(self.vmdir.path, exist_ok=True)
-        bhyve_config.write_config(bhyve_config.render_config(_spec(), self.vmdir),
-                           hyp.config_path(self.vmdir))
+        bhyve_config.write_config(
+            bhyve_config.render_config(_spec(), self.vmdir),
+            hyp.config_path(self.vmdir))
         hyp.is_running = lambda vmdir: True
-
-    def _vmdir(self, instance):
-        return self.vmdir
+        self.store = types.SimpleNamespace(
+            vmdir=lambda instance: self.vmdir)
 
 
 def _instance():

@@ -25,6 +25,7 @@ from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve import instance_store
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -528,14 +529,14 @@ def test_console_ports_are_saved_only_into_spec_json(tmp_path):
     drv = nb_driver.BhyveDriver.__new__(nb_driver.BhyveDriver)
     drv.hypervisor = FakeHV()
     own = spec([root()])
-    nb_driver.BhyveDriver._save_spec(own, vmdir)
-    drv._prepare_consoles(own, vmdir)
+    instance_store.write_spec(vmdir, own)
+    drv.prepare_consoles(vmdir, own)
     with open(vmdir.spec) as f:
         saved = guest.VMSpec.from_json(f.read())
     assert saved.consoles.vnc_port == own.consoles.vnc_port is not None
     # a transient spec (rescue) gets ports but does not replace spec.json
     other = spec([guest.Disk(path=vmdir.path + '/disk.rescue')])
-    drv._prepare_consoles(other, vmdir)
+    drv.prepare_consoles(vmdir, other)
     assert other.consoles.vnc_port
     with open(vmdir.spec) as f:
         assert guest.VMSpec.from_json(f.read()) == saved

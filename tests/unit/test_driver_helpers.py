@@ -13,6 +13,8 @@ from nova.network import model as network_model
 from nova import objects
 from nova.virt import driver as nova_driver
 
+from nova_bhyve.devices import consoles
+from nova_bhyve.devices import volumes
 from nova_bhyve import driver
 
 objects.register_all()
@@ -26,7 +28,7 @@ def tmp_dir():
     shutil.rmtree(path)
 
 
-# -- _rotate_console_log ----------------------------------------------------------
+# -- consoles.rotate_log --
 
 def _write(path, data):
     with open(path, 'wb') as f:
@@ -40,7 +42,7 @@ def _read(path):
 
 def test_rotate_missing_log_creates_nothing(tmp_dir):
     path = os.path.join(tmp_dir, 'console.log')
-    driver._rotate_console_log(path, 4096)
+    consoles.rotate_log(path, 4096)
     assert not os.path.exists(path)
 
 
@@ -50,7 +52,7 @@ def test_rotate_small_log_untouched(tmp_dir, size):
     data = bytes(i % 251 for i in range(size))
     _write(path, data)
     before = os.stat(path)
-    driver._rotate_console_log(path, 4096)
+    consoles.rotate_log(path, 4096)
     assert _read(path) == data
     assert os.stat(path).st_ino == before.st_ino
 
@@ -60,31 +62,24 @@ def test_rotate_keeps_tail(tmp_dir, size):
     path = os.path.join(tmp_dir, 'console.log')
     data = bytes(i % 251 for i in range(size))
     _write(path, data)
-    driver._rotate_console_log(path, 4096)
+    consoles.rotate_log(path, 4096)
     assert _read(path) == data[-4096:]
 
 
 def test_rotate_twice_is_stable(tmp_dir):
     path = os.path.join(tmp_dir, 'console.log')
     _write(path, b'a' * 5000 + b'tail-marker')
-    driver._rotate_console_log(path, 100)
+    consoles.rotate_log(path, 100)
     first = _read(path)
-    driver._rotate_console_log(path, 100)
+    consoles.rotate_log(path, 100)
     assert _read(path) == first
     assert len(first) == 100 and first.endswith(b'tail-marker')
 
 
-# -- _refuse_unsupported ----------------------------------------------------------
+# -- volumes.refuse_at_boot --
 
 def instance():
     return objects.Instance(uuid=UUID, id=42)
-
-
-def vif():
-    return network_model.VIF(
-        id='5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e',
-        address='fa:16:3e:11:22:33',
-        network=network_model.Network(id='net', bridge='br-int'))
 
 
 def bdi(**kw):
@@ -103,23 +98,14 @@ def bdi(**kw):
 ])
 def test_refuse_unsupported_accepts_plain_instance(network_info,
                                                    block_device_info):
-    assert driver._refuse_unsupported(instance(), network_info,
-                                      block_device_info) is None
-
-
-def test_network_interfaces_are_accepted():
-    # ports are plugged now (nova_bhyve.net.vif); only unpluggable
-    # bindings are refused, by network.validate
-    driver._refuse_unsupported(
-        instance(), network_model.NetworkInfo([vif()]), bdi())
+    assert volumes.refuse_at_boot(block_device_info) is None
 
 
 def test_refuse_volumes():
     volume = {'connection_info': {'driver_volume_type': 'iscsi'},
               'mount_device': '/dev/vdb', 'delete_on_termination': False}
     with pytest.raises(exception.InvalidInput) as e:
-        driver._refuse_unsupported(
-            instance(), None, bdi(block_device_mapping=[volume]))
+        volumes.refuse_at_boot(bdi(block_device_mapping=[volume]))
     assert 'volumes are not supported' in str(e.value)
 
 
@@ -127,14 +113,13 @@ def test_refuse_ephemerals():
     eph = {'num': 0, 'size': 1, 'device_name': '/dev/vdb',
            'guest_format': None, 'disk_bus': 'virtio', 'device_type': 'disk'}
     with pytest.raises(exception.InvalidInput) as e:
-        driver._refuse_unsupported(instance(), None, bdi(ephemerals=[eph]))
+        volumes.refuse_at_boot(bdi(ephemerals=[eph]))
     assert 'ephemeral and swap disks are not supported' in str(e.value)
 
 
 def test_refuse_swap():
     with pytest.raises(exception.InvalidInput) as e:
-        driver._refuse_unsupported(
-            instance(), None,
+        volumes.refuse_at_boot(
             bdi(swap={'device_name': '/dev/vdc', 'swap_size': 512}))
     assert 'ephemeral and swap disks are not supported' in str(e.value)
 

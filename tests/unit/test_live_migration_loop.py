@@ -1,4 +1,4 @@
-"""The source's orchestration loop (live_migration.Migration.run) with a
+"""The source's orchestration loop (runner.Migration.run) with a
 scripted MigrationHandle: what it does for a handle without progress or
 cancel (bhyve) and for a post-copy migration whose link breaks.
 
@@ -12,8 +12,8 @@ import types
 
 from nova.compute import vm_states
 
-from nova_bhyve.migration import live as live_migration
 from nova_bhyve.hypervisor import base
+from nova_bhyve.migration import runner
 
 
 class Scripted(base.MigrationHandle):
@@ -72,19 +72,19 @@ class Saved(types.SimpleNamespace):
 
 
 def migration(handle, monkeypatch, policy):
-    monkeypatch.setattr(live_migration, 'POLL', 0)
-    monkeypatch.setattr(live_migration, 'policy_factory',
+    monkeypatch.setattr(runner, 'POLL', 0)
+    monkeypatch.setattr(runner, 'policy_factory',
                         lambda data, bw: policy)
-    monkeypatch.setattr(live_migration, 'bandwidth_mibps', lambda: 0)
+    monkeypatch.setattr(runner, 'bandwidth_mibps', lambda: 0)
     # __init__ bypassed: it reads the instance directory, none here
-    m = live_migration.Migration.__new__(live_migration.Migration)
+    m = runner.Migration.__new__(runner.Migration)
     hyp = types.SimpleNamespace(
         name='test', pid=lambda vmdir: 1,
         endpoint_from_json=lambda text: types.SimpleNamespace(uri=text),
         migrate_to=lambda *a, **k: handle)
     watcher = types.SimpleNamespace(unwatch=lambda uuid: None,
                                     watch=lambda vmdir: None)
-    m.drv = types.SimpleNamespace(hypervisor=hyp, _watcher=watcher)
+    m.drv = types.SimpleNamespace(hypervisor=hyp, watcher=watcher)
     m.context = None
     m.instance = Saved(uuid='u', vm_state=vm_states.ACTIVE,
                        task_state='migrating', progress=0)

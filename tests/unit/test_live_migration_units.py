@@ -18,6 +18,9 @@ from nova_bhyve import guest
 from nova_bhyve.migration import live as live_migration
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
+from nova_bhyve.migration import runner
+from nova_bhyve.migration import incoming
+from nova_bhyve import instance_store
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 
@@ -97,7 +100,7 @@ def test_snapshot_maps_qemu_counters():
     assert snap.rounds == 3 and snap.downtime_ms == 42
     assert (snap.disk_total, snap.disk_processed,
             snap.disk_remaining) == (150, 120, 30)
-    progress = live_migration._progress(12.5, snap)
+    progress = runner._progress(12.5, snap)
     assert progress.elapsed == 12.5 and progress.disk_remaining == 30
     assert progress.cpu_throttle == 20
     assert type(progress).__module__ == 'nova_bhyve.migration.policy'
@@ -105,21 +108,20 @@ def test_snapshot_maps_qemu_counters():
 
 def test_default_policy_is_the_convergence_policy():
     from nova_bhyve.migration import policy as migration_policy
-    policy = live_migration.default_policy(1024 ** 3, 0)
+    policy = runner.default_policy(1024 ** 3, 0)
     assert isinstance(policy, migration_policy.ConvergencePolicy)
 
 
 class _Drv:
     def __init__(self, tmp_path):
         self.instances_path = str(tmp_path)
-        self._host = 'src'
+        self.host_name = 'src'
         self.hypervisor = types.SimpleNamespace(
             supports_live_migration=True, supports_block_migration=True,
             name='qemu', is_running=lambda vmdir: True,
             check_live_migration=lambda vmdir, block, bw: None)
 
-    def _vmdir(self, instance):
-        return None
+        self.store = types.SimpleNamespace(vmdir=lambda instance: None)
 
 
 def _instance(config_drive=False):
@@ -185,9 +187,9 @@ def test_source_check_refusals(tmp_path, monkeypatch):
 
 def test_incoming_policy_matches_the_sources_estimate(monkeypatch):
     seen = []
-    monkeypatch.setattr(live_migration, 'policy_factory',
+    monkeypatch.setattr(runner, 'policy_factory',
                         lambda data, bw: seen.append((data, bw)) or 'p')
-    monkeypatch.setattr(live_migration, 'bandwidth_mibps', lambda: 7)
+    monkeypatch.setattr(runner, 'bandwidth_mibps', lambda: 7)
     info = {'disks': [{'disk_size': 4096}, {'disk_size': 0}]}
     assert live_migration._incoming_policy(spec(), info) == 'p'
     assert seen == [(128 * 1024 * 1024 + 4096, 7)]
@@ -206,19 +208,19 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
     uuid = 'a0a0a0a0-0000-4000-8000-000000000002'
     vmdir = base.VMDir(str(tmp_path / uuid))
     os.makedirs(vmdir.path)
-    open(os.path.join(vmdir.path, live_migration.INCOMING_MARKER),
-         'w').close()
+    incoming.mark(vmdir, 'compute')
     impl = mock.Mock()
     drv = types.SimpleNamespace(
-        _vmdir_for_uuid=lambda u: vmdir,
-        _remove=mock.Mock(side_effect=lambda d: shutil.rmtree(d.path)),
+        store=types.SimpleNamespace(vmdir_for=lambda u: vmdir),
+        remove_instance_dir=mock.Mock(
+            side_effect=lambda d: shutil.rmtree(d.path)),
         vifs=network.VifPlugger(impl=impl))
     vifs = [model.VIF(id='5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e', type='tap',
                       address='fa:16:3e:11:22:33', vnic_type='normal',
                       devname='tap5e1c1a83-8d')]
     live_migration.rollback_at_destination(
         drv, types.SimpleNamespace(uuid=uuid), vifs, True)
-    drv._remove.assert_called_once_with(vmdir)
+    drv.remove_instance_dir.assert_called_once_with(vmdir)
     assert not os.path.exists(vmdir.path)
     impl.delete.assert_called_once_with('tap5e1c1a83-8d')
 
@@ -231,57 +233,57 @@ def _snap(status='active', remaining=0, disk=0, bandwidth=0.0):
 
 
 def test_poll_interval_fast_only_near_the_end():
-    poll, fast = live_migration.POLL, live_migration.FAST_POLL
+    poll, fast = runner.POLL, runner.FAST_POLL
     assert fast < poll
     bw = 32 * 2 ** 20                       # 32 MiB/s measured
     # far from the end: more than one POLL's worth of data left
-    assert live_migration.poll_interval(
+    assert runner.poll_interval(
         _snap(remaining=int(bw * poll) + 1, bandwidth=bw)) == poll
     # memory alone fits, memory + disk does not
-    assert live_migration.poll_interval(
+    assert runner.poll_interval(
         _snap(remaining=int(bw * poll) - 4096, disk=8192,
               bandwidth=bw)) == poll
     # within one POLL at the measured bandwidth: poll fast
-    assert live_migration.poll_interval(
+    assert runner.poll_interval(
         _snap(remaining=int(bw * poll), bandwidth=bw)) == fast
-    assert live_migration.poll_interval(
+    assert runner.poll_interval(
         _snap(remaining=4096, disk=4096, bandwidth=bw)) == fast
     # no bandwidth measured yet (first poll, or a backend without
     # counters): nothing to judge by
-    assert live_migration.poll_interval(_snap(remaining=0)) == poll
-    assert live_migration.poll_interval(_snap(status='setup')) == poll
+    assert runner.poll_interval(_snap(remaining=0)) == poll
+    assert runner.poll_interval(_snap(status='setup')) == poll
     # QEMU's last step before the switchover
     for status in ('device', 'pre-switchover'):
-        assert live_migration.poll_interval(_snap(status=status)) == fast
+        assert runner.poll_interval(_snap(status=status)) == fast
     # post-copy, final states: not the near-end of pre-copy
     for status in ('postcopy-active', 'completed', 'failed'):
-        assert live_migration.poll_interval(
+        assert runner.poll_interval(
             _snap(status=status, remaining=0, bandwidth=bw)) == poll
 
 
 def test_poll_interval_fast_while_a_switch_is_pending():
     """After migrate-start-postcopy (or a force complete) the source's
     vCPUs are stopped: the switch is looked for every FAST_POLL."""
-    poll, fast = live_migration.POLL, live_migration.FAST_POLL
+    poll, fast = runner.POLL, runner.FAST_POLL
     far = _snap(remaining=2 ** 30, bandwidth=2 ** 20)
-    assert live_migration.poll_interval(far) == poll
-    assert live_migration.poll_interval(far, switching=True) == fast
-    assert live_migration.poll_interval(
-        far, live_migration.FAST_POLL_BUDGET, switching=True) == poll
+    assert runner.poll_interval(far) == poll
+    assert runner.poll_interval(far, switching=True) == fast
+    assert runner.poll_interval(
+        far, runner.FAST_POLL_BUDGET, switching=True) == poll
     post = _snap(status='postcopy-active', remaining=2 ** 30)
-    assert live_migration.poll_interval(post, switching=True) == poll
+    assert runner.poll_interval(post, switching=True) == poll
 
 
 def test_poll_interval_fast_polling_is_bounded():
     """A migration hovering just above its downtime limit does not poll
     fast for ever: past FAST_POLL_BUDGET seconds of fast polls, POLL."""
     near = _snap(remaining=4096, bandwidth=2 ** 20)
-    budget = live_migration.FAST_POLL_BUDGET
-    assert live_migration.poll_interval(near, budget - 0.01) == \
-        live_migration.FAST_POLL
-    assert live_migration.poll_interval(near, budget) == live_migration.POLL
-    assert live_migration.poll_interval(_snap(status='device'), budget) == \
-        live_migration.POLL
+    budget = runner.FAST_POLL_BUDGET
+    assert runner.poll_interval(near, budget - 0.01) == \
+        runner.FAST_POLL
+    assert runner.poll_interval(near, budget) == runner.POLL
+    assert runner.poll_interval(_snap(status='device'), budget) == \
+        runner.POLL
 
 
 # -- live_migration_abort after a nova-compute restart ------------------------
@@ -307,14 +309,12 @@ class _OrphanHypervisor:
 
 def _orphan_driver(hyp, tmp_path):
     from nova_bhyve import driver as driver_mod
-    from nova_bhyve.hypervisor import base
     drv = driver_mod.BhyveDriver.__new__(driver_mod.BhyveDriver)
     drv.hypervisor = hyp
     drv._live_migrations = {}
-    drv._vmdir = lambda inst, must_exist=True: base.VMDir(
-        str(tmp_path / inst.uuid))
+    drv.store = instance_store.InstanceStore(str(tmp_path))
     watched = []
-    drv._watcher = types.SimpleNamespace(watch=watched.append)
+    drv.watcher = types.SimpleNamespace(watch=watched.append)
     return drv, watched
 
 
@@ -370,18 +370,18 @@ def test_restarted_destination_stops_its_own_unfinished_incoming_vm(
     asked = []
     hyp = types.SimpleNamespace(
         stop_unfinished_incoming=lambda vm: asked.append(vm.path) or 'active')
-    drv = types.SimpleNamespace(_host='compute2', hypervisor=hyp)
-    vm = live_migration.runtime_dir(vmdir) if shared else vmdir
+    drv = types.SimpleNamespace(host_name='compute2', hypervisor=hyp)
+    vm = incoming.runtime_dir(vmdir) if shared else vmdir
     if shared:
         os.makedirs(vm.path)
-    live_migration._mark_incoming(drv, vm)
-    assert live_migration.is_incoming(vmdir)
+    incoming.mark(vm, drv.host_name)
+    assert incoming.is_incoming(vmdir)
     live_migration.after_restart_at_destination(drv, vmdir)
     assert asked == [vm.path]
     # seen from another host (shared storage), or an unrecorded host
-    other = types.SimpleNamespace(_host='compute', hypervisor=hyp)
+    other = types.SimpleNamespace(host_name='compute', hypervisor=hyp)
     live_migration.after_restart_at_destination(other, vmdir)
-    with open(os.path.join(vm.path, live_migration.INCOMING_MARKER),
+    with open(os.path.join(vm.path, incoming.MARKER),
               'w'):
         pass
     live_migration.after_restart_at_destination(drv, vmdir)

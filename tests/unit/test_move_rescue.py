@@ -23,11 +23,13 @@ from oslo_utils import units
 from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
 from nova_bhyve import driver
+from nova_bhyve.migration import resize
 from nova_bhyve import rescue
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
+from nova_bhyve import instance_store
 
 objects.register_all()
 CONF = conf.CONF
@@ -205,7 +207,7 @@ def bhyve_env(tmp_path):
 def _driver(path, host):
     CONF.set_override('instances_path', str(path))
     drv = driver.BhyveDriver(None)
-    drv._host = host
+    drv.host_name = host
     cold_migration.register_compute(host, str(path))
     return drv
 
@@ -229,14 +231,15 @@ def _image_meta():
 def _spawned(drv, instance, size=1 * units.Gi):
     """An instance directory as spawn leaves it on bhyve: a raw disk and
     the spec (spawn itself is covered by the spawn tests)."""
-    vmdir = drv._vmdir_for_uuid(instance.uuid)
+    vmdir = drv.store.vmdir_for(instance.uuid)
     os.makedirs(vmdir.path)
     vdsk.create(vmdir.disk('disk'), 'raw', size)
     with vdsk.open(vmdir.disk('disk'), fmt='raw') as img:
         img.write(0, b'instance data')
         img.flush()
     root = driver.guest.Disk(path=vmdir.disk('disk'), format='raw')
-    drv._save_spec(driver.guest.build(instance, _image_meta(), root), vmdir)
+    instance_store.write_spec(
+        vmdir, driver.guest.build(instance, _image_meta(), root))
     return vmdir
 
 
@@ -252,7 +255,7 @@ def test_bhyve_resize_to_other_host_confirm(bhyve_env):
     inst = _instance()
     vmdir = _spawned(src, inst)
     spawns = []
-    with mock.patch.object(driver, '_migration_dest_compute',
+    with mock.patch.object(resize, '_dest_compute',
                            return_value='b'), \
             mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
                               return_value=True), \
@@ -270,7 +273,7 @@ def test_bhyve_resize_to_other_host_confirm(bhyve_env):
         inst.flavor = _instance(2).flavor
         dst.finish_migration(None, None, inst, info, None, _image_meta(),
                              True, {}, power_on=True)
-    new = dst._vmdir_for_uuid(UUID)
+    new = dst.store.vmdir_for(UUID)
     # the disk moved, grown (sparse, raw: bhyve has no qcow2) to 2 GiB
     assert vdsk.info(new.disk('disk')) ['virtual_size'] == 2 * units.Gi
     with vdsk.open(new.disk('disk'), readonly=True) as img:
@@ -296,7 +299,7 @@ def test_bhyve_resize_revert_restores_the_source_exactly(bhyve_env):
     vmdir = _spawned(src, inst)
     before = {n: open(os.path.join(vmdir.path, n), 'rb').read()
               for n in os.listdir(vmdir.path)}
-    with mock.patch.object(driver, '_migration_dest_compute',
+    with mock.patch.object(resize, '_dest_compute',
                            return_value='b'), \
             mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
                               return_value=False), \
@@ -334,7 +337,7 @@ def _fetch(drv, tmp_path, base_content=b'rescue image'):
     with vdsk.open(base, fmt='raw') as img:
         img.write(0, base_content)
         img.flush()
-    return mock.patch.object(driver.storage, 'fetch_image',
+    return mock.patch.object(storage, 'fetch_image',
                              return_value=(base, 'raw'))
 
 
@@ -430,7 +433,7 @@ def test_volumes_follow_a_cold_migration(bhyve_env, tmp_path):
     dst = _driver(bhyve_env / 'b', 'b')
     inst = _instance()
     _spawned(src, inst)
-    with mock.patch.object(driver, '_migration_dest_compute',
+    with mock.patch.object(resize, '_dest_compute',
                            return_value='b'), \
             mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
                               return_value=False), \
@@ -443,6 +446,6 @@ def test_volumes_follow_a_cold_migration(bhyve_env, tmp_path):
         dst.finish_migration(None, None, inst, info, None, _image_meta(),
                              True, {}, block_device_info=bdi,
                              power_on=False)
-    spec = dst._load_spec(dst._vmdir_for_uuid(UUID))
+    spec = instance_store.read_spec(dst.store.vmdir_for(UUID))
     assert [d.serial for d in spec.disks] == [None, vol_id]
     assert spec.disks[1].path == str(vol)

@@ -23,7 +23,7 @@ from oslo_utils import units
 
 from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
-from nova_bhyve import driver
+from nova_bhyve.migration import resize
 from nova_bhyve import guest
 from nova_bhyve.storage import vdsk
 from nova_bhyve.migration import warm as warm_migration
@@ -164,7 +164,7 @@ def test_bhyve_warm_resize_then_revert(bhyve_env, warm_on):
     for p in patches:
         p.start()
     try:
-        with mock.patch.object(driver, '_migration_dest_compute',
+        with mock.patch.object(resize, '_dest_compute',
                                return_value='b'):
             info = src.migrate_disk_and_power_off(
                 None, inst, CONF.my_ip, _instance(2).flavor, None,
@@ -184,7 +184,7 @@ def test_bhyve_warm_resize_then_revert(bhyve_env, warm_on):
     assert warm['files'] == ['suspended.state', 'suspended.state.kern',
                              'suspended.state.meta', 'console.log']
     assert warm['signature']['memory_mb'] == 256
-    new = dst._vmdir_for_uuid(UUID)
+    new = dst.store.vmdir_for(UUID)
     kept = vmdir.path + '_resize'
     for name in warm['files']:     # moved, and kept on the source
         assert open(os.path.join(new.path, name), 'rb').read() == \
@@ -233,7 +233,7 @@ def test_bhyve_without_snapshot_support_migrates_cold(bhyve_env, warm_on):
     src.hypervisor._snapshot_support = False
     inst = _instance()
     _spawned(src, inst)
-    with mock.patch.object(driver, '_migration_dest_compute',
+    with mock.patch.object(resize, '_dest_compute',
                            return_value='b'), \
             mock.patch.object(bhyve.BhyveHypervisor, 'power_state',
                               return_value=power_state.RUNNING), \
@@ -263,7 +263,7 @@ def test_bhyve_failed_copy_resumes_the_guest_on_the_source(bhyve_env,
         raise OSError(errno.ENOSPC, 'No space left on device', dst_path)
 
     try:
-        with mock.patch.object(driver, '_migration_dest_compute',
+        with mock.patch.object(resize, '_dest_compute',
                                return_value='b'), \
                 mock.patch.object(cold_migration.LocalCopier, 'copy',
                                   no_space), \
