@@ -12,6 +12,7 @@ directory given as the argument (default: the working directory):
 
     VDSK_SANITIZE=1 python native/vdsk_build.py native/_build/asan-python
 """
+import glob
 import os
 import sys
 
@@ -147,10 +148,21 @@ int vdsk_bench(const char *path, const char *fmt,
     const struct vdsk_bench_opts *opts, struct vdsk_bench_result *res);
 """
 
-# the library (keep in step with LIBSRCS in native/Makefile)
-SOURCES = ['vdsk.c', 'raw.c', 'qcow2.c', 'qcow2_cluster.c', 'qcow2_refcount.c',
-           'qcow2_snapshot.c', 'qcow2_check.c', 'qcow2_rebase.c', 'vmdk.c',
-           'vmdk_desc.c', 'vdi.c', 'vhd.c', 'rangelock.c', 'ops.c', 'bench.c']
+def _read(*parts):
+    with open(os.path.join(_VDSK, *parts)) as f:
+        return f.read()
+
+
+def sources():
+    """The library's C files, one a line in vdsk/sources.list (which
+    native/Makefile reads too)."""
+    return _read('sources.list').split()
+
+
+def headers():
+    return sorted(glob.glob(os.path.join(_VDSK, '*.h')) +
+                  glob.glob(os.path.join(_VDSK, 'include', '*.h')))
+
 
 # -fno-sanitize-recover: any UBSan finding aborts, as ASan's do;
 # -fno-wrapv undoes Python's -fwrapv, which hides signed overflow from UBSan
@@ -164,10 +176,10 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     'nova_bhyve._vdsk',
     '#include "vdsk.h"',
-    sources=[_path(f) for f in SOURCES],
+    sources=[_path(f) for f in sources()],
     include_dirs=[_path('include'), _path()],
-    depends=[_path('include', 'vdsk.h'), _path('vdsk_impl.h'),
-             _path('qcow2.h'), _path('vmdk_impl.h'), _path('rangelock.h')],
+    depends=[_path(os.path.relpath(h, _VDSK)) for h in headers()] +
+    [_path('sources.list')],
     extra_compile_args=['-Wall', '-Wextra'] +
     (SANITIZE_FLAGS if SANITIZE else []),
     extra_link_args=SANITIZE_FLAGS if SANITIZE else [],
