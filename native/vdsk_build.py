@@ -6,7 +6,8 @@ file and made relative to the working directory when they can be, as
 setuptools prefers relative source paths.
 
 The declarations given to cffi are vdsk.h's own (cdef() below), the C
-files those listed in vdsk/sources.list.
+files those listed in vdsk/sources.list.  The C code is compiled with
+-Wall -Wextra, plus -Werror when CI=true or VDSK_WERROR=1.
 
 VDSK_SANITIZE=1 in the environment builds an ASan+UBSan variant (for the
 test suite only: it needs the sanitizer runtimes preloaded into Python,
@@ -60,6 +61,13 @@ def headers():
                   glob.glob(os.path.join(_VDSK, 'include', '*.h')))
 
 
+# -Werror in CI (CI=true, as CI systems set it) or on request: the build
+# must stay warning-free, but a user's newer compiler must not break
+# pip install.
+WERROR = os.environ.get('CI', '').lower() == 'true' or \
+    os.environ.get('VDSK_WERROR', '') not in ('', '0')
+WARN_FLAGS = ['-Wall', '-Wextra'] + (['-Werror'] if WERROR else [])
+
 # -fno-sanitize-recover: any UBSan finding aborts, as ASan's do;
 # -fno-wrapv undoes Python's -fwrapv, which hides signed overflow from UBSan
 SANITIZE_FLAGS = ['-O1', '-g', '-fno-omit-frame-pointer', '-fno-wrapv',
@@ -76,8 +84,7 @@ ffibuilder.set_source(
     include_dirs=[_path('include'), _path()],
     depends=[_path(os.path.relpath(h, _VDSK)) for h in headers()] +
     [_path('sources.list')],
-    extra_compile_args=['-Wall', '-Wextra'] +
-    (SANITIZE_FLAGS if SANITIZE else []),
+    extra_compile_args=WARN_FLAGS + (SANITIZE_FLAGS if SANITIZE else []),
     extra_link_args=SANITIZE_FLAGS if SANITIZE else [],
     libraries=['z', 'zstd', 'pthread'],
 )
