@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "vdsk.h"
+#include "vdsk_endian.h"
 #include "fuzz_common.h"
 
 #define READ_BUDGET     (1u << 20)
@@ -115,17 +116,6 @@ setup(void)
 	atexit(cleanup);
 }
 
-static uint64_t
-be64(const uint8_t *p)
-{
-	uint64_t v = 0;
-	int i;
-
-	for (i = 0; i < 8; i++)
-		v = v << 8 | p[i];
-	return v;
-}
-
 /* Store the VHD checksum of b[0..len) (field at ck) if b has the magic. */
 static void
 vhd_fix(uint8_t *b, size_t len, size_t ck, const char *magic)
@@ -138,9 +128,7 @@ vhd_fix(uint8_t *b, size_t len, size_t ck, const char *magic)
 	for (i = 0; i < len; i++)
 		if (i < ck || i >= ck + 4)
 			sum += b[i];
-	sum = ~sum;
-	for (i = 0; i < 4; i++)
-		b[ck + i] = (uint8_t)(sum >> (24 - 8 * i));
+	be32_put(b + ck, ~sum);
 }
 
 /* Footer copy at 0, footer at the end, the dynamic header it points to. */
@@ -153,7 +141,8 @@ vhd_fix_checksums(uint8_t *b, size_t n)
 		return;
 	vhd_fix(b, 512, 64, "conectix");
 	vhd_fix(b + n - 512, 512, 64, "conectix");
-	dh = be64(memcmp(b, "conectix", 8) == 0 ? b + 16 : b + n - 512 + 16);
+	dh = be64_get(memcmp(b, "conectix", 8) == 0 ? b + 16 :
+	    b + n - 512 + 16);
 	if (dh <= n && n - dh >= 1024)
 		vhd_fix(b + dh, 1024, 36, "cxsparse");
 	/* a dynamic header overlapping a footer changed it: redo them */

@@ -65,35 +65,6 @@ struct vdi {
 	uint8_t hdr[512];               /* the header sector as read */
 };
 
-static uint32_t
-le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-	    (uint32_t)p[3] << 24;
-}
-
-static uint64_t
-le64(const uint8_t *p)
-{
-	return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
-static void
-le32_put(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
-}
-
-static void
-le64_put(uint8_t *p, uint64_t v)
-{
-	le32_put(p, (uint32_t)v);
-	le32_put(p + 4, (uint32_t)(v >> 32));
-}
-
 static int
 is_null_uuid(const uint8_t *p)
 {
@@ -117,32 +88,33 @@ vdi_open(struct vdsk *d)
 	if ((r = vdsk_pread(d, h, sizeof(h), 0, "VDI header")) < 0)
 		return r;
 	memcpy(v->hdr, h, sizeof(h));
-	if (le32(h + H_SIG) != VDI_SIGNATURE)
+	if (le32_get(h + H_SIG) != VDI_SIGNATURE)
 		return vdsk_error(EINVAL, "%s: not a VDI image", d->path);
-	if (le32(h + H_VERSION) != VDI_VERSION)
+	if (le32_get(h + H_VERSION) != VDI_VERSION)
 		return vdsk_error(ENOTSUP, "%s: unsupported VDI version %u.%u",
-		    d->path, le32(h + H_VERSION) >> 16,
-		    le32(h + H_VERSION) & 0xffff);
-	if (le32(h + H_HSIZE) < VDI_HDR_SIZE ||
-	    le32(h + H_HSIZE) > 512 - VDI_HDR_OFF)
+		    d->path, le32_get(h + H_VERSION) >> 16,
+		    le32_get(h + H_VERSION) & 0xffff);
+	if (le32_get(h + H_HSIZE) < VDI_HDR_SIZE ||
+	    le32_get(h + H_HSIZE) > 512 - VDI_HDR_OFF)
 		return vdsk_error(EINVAL, "%s: invalid VDI header size %u",
-		    d->path, le32(h + H_HSIZE));
-	v->type = le32(h + H_TYPE);
+		    d->path, le32_get(h + H_HSIZE));
+	v->type = le32_get(h + H_TYPE);
 	if (v->type != VDI_DYNAMIC && v->type != VDI_STATIC)
 		return vdsk_error(ENOTSUP, "%s: unsupported VDI image type %u "
 		    "(only dynamic and static)", d->path, v->type);
 	if (!is_null_uuid(h + H_UUID_LINK) || !is_null_uuid(h + H_UUID_PARENT))
 		return vdsk_error(ENOTSUP, "%s: differencing VDI images are "
 		    "not supported", d->path);
-	if (le32(h + H_SECSIZE) != 512)
+	if (le32_get(h + H_SECSIZE) != 512)
 		return vdsk_error(ENOTSUP, "%s: unsupported VDI sector size %u",
-		    d->path, le32(h + H_SECSIZE));
-	if (le32(h + H_BLOCKSIZE) != VDI_BLOCK || le32(h + H_BLOCKEXTRA) != 0)
+		    d->path, le32_get(h + H_SECSIZE));
+	if (le32_get(h + H_BLOCKSIZE) != VDI_BLOCK ||
+	    le32_get(h + H_BLOCKEXTRA) != 0)
 		return vdsk_error(ENOTSUP, "%s: unsupported VDI block size %u "
 		    "(+%u): only 1 MiB blocks", d->path,
-		    le32(h + H_BLOCKSIZE), le32(h + H_BLOCKEXTRA));
-	v->blocks = le32(h + H_BLOCKS);
-	disk = le64(h + H_DISKSIZE);
+		    le32_get(h + H_BLOCKSIZE), le32_get(h + H_BLOCKEXTRA));
+	v->blocks = le32_get(h + H_BLOCKS);
+	disk = le64_get(h + H_DISKSIZE);
 	if (v->blocks > VDI_MAX_BLOCKS)
 		return vdsk_error(EFBIG, "%s: too many VDI blocks (%u)",
 		    d->path, v->blocks);
@@ -151,8 +123,8 @@ vdi_open(struct vdsk *d)
 		    "block map (%u blocks)", d->path,
 		    (unsigned long long)disk, v->blocks);
 	d->size = disk & ~511ULL;
-	v->offset_bmap = le32(h + H_BMAP);
-	v->offset_data = le32(h + H_DATA);
+	v->offset_bmap = le32_get(h + H_BMAP);
+	v->offset_data = le32_get(h + H_DATA);
 	bmap_bytes = (uint64_t)v->blocks * 4;
 	if (v->offset_bmap % 512 != 0 || v->offset_data % 512 != 0 ||
 	    v->offset_bmap < 512 ||
@@ -170,7 +142,7 @@ vdi_open(struct vdsk *d)
 	    "VDI block map")) < 0)
 		return r;
 	for (i = 0; i < v->blocks; i++) {
-		uint32_t e = le32((uint8_t *)&v->bmap[i]);
+		uint32_t e = le32_get((uint8_t *)&v->bmap[i]);
 
 		v->bmap[i] = e;
 		if (e >= VDI_DISCARDED)

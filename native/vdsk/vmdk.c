@@ -76,35 +76,6 @@ struct vmdk {
 	struct vmdk_desc desc;
 };
 
-static uint32_t
-le32(const uint8_t *p)
-{
-	return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-	    (uint32_t)p[3] << 24;
-}
-
-static uint64_t
-le64(const uint8_t *p)
-{
-	return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
-}
-
-static void
-le32_put(uint8_t *p, uint32_t v)
-{
-	p[0] = (uint8_t)v;
-	p[1] = (uint8_t)(v >> 8);
-	p[2] = (uint8_t)(v >> 16);
-	p[3] = (uint8_t)(v >> 24);
-}
-
-static void
-le64_put(uint8_t *p, uint64_t v)
-{
-	le32_put(p, (uint32_t)v);
-	le32_put(p + 4, (uint32_t)(v >> 32));
-}
-
 /* ---- sparse header ---- */
 
 static int
@@ -127,7 +98,7 @@ load_dir(struct vdsk *d, uint64_t sector, uint32_t n, uint32_t **out,
 		return r;
 	}
 	for (i = 0; i < n; i++)
-		t[i] = le32((uint8_t *)&t[i]);
+		t[i] = le32_get((uint8_t *)&t[i]);
 	*out = t;
 	return 0;
 }
@@ -139,20 +110,20 @@ parse_header(struct vdsk *d, const uint8_t *h, uint64_t *gd_off,
 	struct vmdk *v = d->priv;
 	uint64_t cap, per_gt, n;
 
-	if (le32(h) != SPARSE_MAGIC)
+	if (le32_get(h) != SPARSE_MAGIC)
 		return vdsk_error(EINVAL, "%s: not a VMDK sparse extent",
 		    d->path);
-	v->version = le32(h + 4);
+	v->version = le32_get(h + 4);
 	if (v->version < 1 || v->version > 3)
 		return vdsk_error(ENOTSUP, "%s: unsupported VMDK version %u",
 		    d->path, v->version);
-	v->flags = le32(h + 8);
-	cap = le64(h + 12);
-	v->grain_sect = le64(h + 20);
-	v->gtes = le32(h + 44);
-	*rgd_off = le64(h + 48);
-	*gd_off = le64(h + 56);
-	v->overhead = le64(h + 64);
+	v->flags = le32_get(h + 8);
+	cap = le64_get(h + 12);
+	v->grain_sect = le64_get(h + 20);
+	v->gtes = le32_get(h + 44);
+	*rgd_off = le64_get(h + 48);
+	*gd_off = le64_get(h + 56);
+	v->overhead = le64_get(h + 64);
 	if (cap > (uint64_t)INT64_MAX / 512)
 		return vdsk_error(EFBIG, "%s: VMDK capacity too large", d->path);
 	if (v->grain_sect == 0 || v->grain_sect > MAX_GRAIN_SECT ||
@@ -187,7 +158,7 @@ static int
 read_descriptor_embedded(struct vdsk *d, const uint8_t *h)
 {
 	struct vmdk *v = d->priv;
-	uint64_t off = le64(h + 28), len = le64(h + 36);
+	uint64_t off = le64_get(h + 28), len = le64_get(h + 36);
 	char *text;
 	int r;
 
@@ -307,7 +278,7 @@ gt_get(struct vdsk *d, uint64_t sector, uint32_t **out)
 	if ((r = vdsk_pread(d, s->e, bytes, off, "VMDK grain table")) < 0)
 		return r;
 	for (i = 0; i < v->gtes; i++)
-		s->e[i] = le32((uint8_t *)&s->e[i]);
+		s->e[i] = le32_get((uint8_t *)&s->e[i]);
 	s->off = off;
 	*out = s->e;
 	return 0;
@@ -368,7 +339,7 @@ read_compressed(struct vdsk *d, uint64_t g, uint64_t sector)
 	first = avail < v->zmax ? (size_t)avail : v->zmax;
 	if ((r = vdsk_pread(d, v->zbuf, first, off, "VMDK grain")) < 0)
 		return r;
-	zlen = le32(v->zbuf + 8);
+	zlen = le32_get(v->zbuf + 8);
 	if (zlen == 0 || zlen > first - MARKER_LEN)
 		return vdsk_error(EINVAL, "%s: VMDK compressed grain %llu has "
 		    "a bad length %u", d->path, (unsigned long long)g, zlen);
@@ -502,7 +473,7 @@ vmdk_open(struct vdsk *d)
 		    d->path);
 	if ((r = vdsk_pread(d, magic, 4, 0, "VMDK magic")) < 0)
 		return r;
-	if (le32(magic) == SPARSE_MAGIC)
+	if (le32_get(magic) == SPARSE_MAGIC)
 		return open_sparse(d);
 	v->kind = VMDK_FLAT;
 	return vmdk_desc_open(d, &v->desc, MAX_DESC);

@@ -40,9 +40,4 @@ int vmdk_desc_io(struct vdsk *d, struct vmdk_desc *desc, void *buf,
 int vmdk_desc_flush(struct vdsk *d, struct vmdk_desc *desc);
 void vmdk_desc_free(struct vmdk_desc *desc);
 
-static inline uint16_t le16_get(const uint8_t *p)
-{
-	return (uint16_t)(p[0] | (unsigned)p[1] << 8);
-}
-
 #endif /* VMDK_IMPL_H */

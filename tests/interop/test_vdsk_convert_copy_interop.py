@@ -215,17 +215,17 @@ NATIVE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def strace_convert(tmp_path, src, dst, *args):
-    """Run the C CLI's convert under strace; return the trace lines."""
+    """Run vdsktool's convert under strace; return the trace lines."""
     if shutil.which('strace') is None:
         pytest.skip('needs strace (tools/setup-host installs it)')
-    p = subprocess.run(['make', '-s', '-C', NATIVE, '_build/vdsk'],
+    p = subprocess.run(['make', '-s', '-C', NATIVE, '_build/vdsktool'],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     log = str(tmp_path / 'strace.log')
     p = subprocess.run(['strace', '-f', '-o', log, '-e',
                         'trace=copy_file_range,pwrite64,fsync,'
                         'sync_file_range',
-                        os.path.join(NATIVE, '_build', 'vdsk'), 'convert']
+                        os.path.join(NATIVE, '_build', 'vdsktool'), 'convert']
                        + list(args) + [src, dst],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

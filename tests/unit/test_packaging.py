@@ -149,7 +149,7 @@ SDIST_MUST_CARRY = (
     'native/vdsk_build.py', 'native/Makefile',
     'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
     'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
-    'native/vdsk/tools/vdsk.c',
+    'native/vdsk/tools/vdsktool.c', 'native/vdsk/sources.list',
     'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
     'etc/nova-bhyve/nova-bhyve-config-generator.conf',
     'etc/nova-bhyve/nova-bhyve.conf.sample',

@@ -1,4 +1,4 @@
-"""vdsk_convert() through the ASan+UBSan build of the vdsk CLI: the
+"""vdsk_convert() through the ASan+UBSan build of vdsktool: the
 in-kernel copy path (copy_file_range into cluster runs, probed zero
 granules, partial clusters through a buffer) with 1-4 workers and several
 cluster sizes, the buffered path for compressed output and backing
@@ -51,8 +51,8 @@ def test_convert_copy_path(cli, tmp_path, cluster, workers):  # noqa: F811
     src = str(tmp_path / 'src.raw')
     make_source(run, src)
     q = str(tmp_path / 'dst.qcow2')
-    run('convert', '-f', 'raw', '-O', 'qcow2', '-c', cluster, '-m', workers,
-        '-B', '256K', src, q)
+    run('convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=' + cluster,
+        '-m', workers, '-B', '256K', src, q)
     same(src, q, 'raw', 'qcow2')
     qcheck(q)
     run('check', q)
@@ -60,7 +60,8 @@ def test_convert_copy_path(cli, tmp_path, cluster, workers):  # noqa: F811
     run('convert', '-f', 'qcow2', '-O', 'raw', '-m', workers, q, back)
     same(src, back, 'raw', 'raw')
     q2 = str(tmp_path / 'again.qcow2')
-    run('convert', '-f', 'qcow2', '-O', 'qcow2', '-c', '64K', q, q2)
+    run('convert', '-f', 'qcow2', '-O', 'qcow2', '-o', 'cluster_size=64K', q,
+        q2)
     same(src, q2, 'raw', 'qcow2')
     qcheck(q2)
 
@@ -70,7 +71,7 @@ def test_convert_buffered_paths_and_errors(cli, tmp_path):  # noqa: F811
     src = str(tmp_path / 'src.raw')
     make_source(run, src)
     comp = str(tmp_path / 'comp.qcow2')
-    run('convert', '-f', 'raw', '-O', 'qcow2', '--compressed', src, comp)
+    run('convert', '-f', 'raw', '-O', 'qcow2', '-c', src, comp)
     same(src, comp, 'raw', 'qcow2')
     qcheck(comp)
     top = str(tmp_path / 'top.qcow2')
@@ -104,8 +105,9 @@ def test_convert_workers_under_tsan(tmp_path, dst_fmt, cluster):
     p = subprocess.run(['make', '-C', native, 'tsan'], capture_output=True,
                        text=True)
     assert p.returncode == 0, p.stdout + p.stderr
-    run = Runner(os.path.join(native, '_build', 'vdsk'))
-    subprocess.run(['make', '-s', '-C', native, '_build/vdsk'], check=True)
+    run = Runner(os.path.join(native, '_build', 'vdsktool'))
+    subprocess.run(['make', '-s', '-C', native, '_build/vdsktool'],
+                   check=True)
     src = str(tmp_path / 'src.raw')
     make_source(run, src)
     dst = str(tmp_path / ('dst.' + dst_fmt))

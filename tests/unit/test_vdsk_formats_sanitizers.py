@@ -1,4 +1,4 @@
-"""The vmdk / vdi / vpc drivers under the ASan+UBSan build of the vdsk CLI:
+"""The vmdk / vdi / vpc drivers under the ASan+UBSan build of vdsktool:
 a create/write/read workload, then corrupted, truncated and hostile
 headers and tables, which must give an error exit, never a sanitizer
 report or a crash."""

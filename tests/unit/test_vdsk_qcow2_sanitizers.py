@@ -1,6 +1,6 @@
 """The qcow2 feature paths (compressed clusters, snapshots with
 copy-on-write, discard, resize, check and repair) through the ASan+UBSan
-build of the vdsk CLI; fails on any sanitizer report."""
+build of vdsktool; fails on any sanitizer report."""
 import json
 import random
 import shutil
@@ -29,7 +29,7 @@ class Runner(_Runner):
         if ok is True:
             assert p.returncode == 0, err
         elif ok is False:
-            assert p.returncode != 0 and 'vdsk:' in err, err
+            assert p.returncode != 0 and 'vdsktool:' in err, err
         return p
 
 
@@ -37,10 +37,10 @@ def test_qcow2_features_workload(cli, tmp_path):  # noqa: F811
     run = Runner(cli)
     rnd = random.Random(11)
     img = tmp_path / 'f.qcow2'
-    run('create', '-f', 'qcow2', '-c', '4096', img, '4M')
+    run('create', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '4M')
     model = bytearray(4 * MiB)
     chunk = (b'compressible ' * 400)[:4096] * 64
-    run('write', '--compressed', img, 0, data=chunk)
+    run('write', '-c', img, 0, data=chunk)
     model[0:len(chunk)] = chunk
     for i in range(3):
         for _ in range(10):

@@ -1,4 +1,4 @@
-"""Run a libvdsk workload through the ASan+UBSan build of the vdsk CLI
+"""Run a libvdsk workload through the ASan+UBSan build of vdsktool
 (create, writes, reads, info on good and corrupt images) and fail on any
 sanitizer report."""
 import json
@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 NATIVE = pathlib.Path(__file__).resolve().parents[2] / 'native'
-VDSK = NATIVE / '_build' / 'asan' / 'vdsk'
+VDSK = NATIVE / '_build' / 'asan' / 'vdsktool'
 KiB, MiB = 1 << 10, 1 << 20
 SAN_MARKERS = ('AddressSanitizer', 'LeakSanitizer', 'runtime error:',
                'UndefinedBehaviorSanitizer', 'SUMMARY:')
@@ -49,7 +49,7 @@ class Runner(object):
         if ok is True:
             assert p.returncode == 0, err
         elif ok is False:
-            assert p.returncode != 0 and 'vdsk:' in err, err
+            assert p.returncode != 0 and 'vdsktool:' in err, err
         return p
 
 
@@ -69,7 +69,7 @@ def test_workload(cli, tmp_path):
     for cs, backing in [(512, None), (65536, None), (4096, 'base.raw'),
                         (2 * MiB, 'base.raw')]:
         img = tmp_path / ('img-%d.qcow2' % cs)
-        args = ['create', '-f', 'qcow2', '-c', cs]
+        args = ['create', '-f', 'qcow2', '-o', 'cluster_size=%d' % cs]
         if backing:
             args += ['-b', backing, '-F', 'raw']
         run(*(args + [img, '5M']))
@@ -91,7 +91,7 @@ def test_workload(cli, tmp_path):
 
     # refcount table growth with small clusters
     big = tmp_path / 'grow.qcow2'
-    run('create', '-f', 'qcow2', '-c', '512', big, '1G')
+    run('create', '-f', 'qcow2', '-o', 'cluster_size=512', big, '1G')
     payload = rnd.randbytes(12 * MiB)
     run('write', big, 4097, data=payload)
     assert run('read', big, 4097, 12 * MiB).stdout == payload
@@ -119,7 +119,7 @@ def test_workload(cli, tmp_path):
 def test_corrupt_images(cli, tmp_path):
     run = Runner(cli)
     good = tmp_path / 'good.qcow2'
-    run('create', '-f', 'qcow2', '-c', '4096', good, '4M')
+    run('create', '-f', 'qcow2', '-o', 'cluster_size=4096', good, '4M')
     run('write', good, 0, data=b'A' * 20000)
     run('write', good, 3 * MiB, data=b'B' * 5000)
     data = good.read_bytes()

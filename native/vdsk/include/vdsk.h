@@ -22,6 +22,11 @@
 extern "C" {
 #endif
 
+/*
+ * cffi cdef begin: native/vdsk_build.py hands the text from here to "cdef
+ * end" to cffi as the binding's declarations.  So in between: no
+ * preprocessor lines but #define NAME <integer>.
+ */
 typedef struct vdsk vdsk_t;
 
 /* vdsk_open() flags */
@@ -204,6 +209,7 @@ int vdsk_check(const char *path, const char *fmt, int flags,
 
 int vdsk_errno(void);
 const char *vdsk_errmsg(void);
+/* cffi cdef end */
 
 #ifdef __cplusplus
 }

@@ -1,23 +1,28 @@
 /*
- * vdsk: a small command line front end to libvdsk, used by tests.
+ * vdsktool: a small command line front end to libvdsk, for tests and
+ * development (users have the Python `vdsk` command, nova_bhyve/vdsk_cli.py;
+ * where the two share a flag it means the same thing).
  *
- *   vdsk info [--json] [-f FMT] FILE
- *   vdsk create -f FMT [-o subformat=SUB] [-b BACKING [-F BFMT]]
- *               [-c CLUSTER] FILE [SIZE]
- *   vdsk read [-f FMT] FILE OFFSET LEN      > data
- *   vdsk write [-f FMT] [--compressed] FILE OFFSET   < data
- *   vdsk check [-r leaks] [--json] [-f FMT] FILE   exit 0 clean, 2 corrupt,
- *                                                  3 leaks (qemu-img's codes)
- *   vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE
- *   vdsk resize [-f FMT] FILE SIZE
- *   vdsk discard [-f FMT] FILE OFFSET LEN
- *   vdsk convert [-f FMT] -O FMT [-c CLUSTER] [--compressed] [-m WORKERS]
- *                [-B BUFSIZE] SRC DST
+ *   vdsktool info [--json] [-f FMT] FILE
+ *   vdsktool create -f FMT [-o subformat=SUB,cluster_size=N]
+ *                   [-b BACKING [-F BFMT]] FILE [SIZE]
+ *   vdsktool read [-f FMT] FILE OFFSET LEN       > data
+ *   vdsktool write [-f FMT] [-c] FILE OFFSET     < data   (-c: compressed)
+ *   vdsktool check [-r leaks|all] [--json] [-f FMT] FILE
+ *       exit 0 clean, 2 corrupt, 3 leaks (qemu-img's codes); -r all
+ *       repairs leaks only, as in vdsk
+ *   vdsktool snapshot -c NAME | -l | -a NAME | -d NAME FILE
+ *   vdsktool resize [-f FMT] FILE SIZE
+ *   vdsktool discard [-f FMT] FILE OFFSET LEN
+ *   vdsktool convert [-f FMT] -O FMT [-c] [-o cluster_size=N] [-m WORKERS]
+ *                    [-B BUFSIZE] [-t writeback|unsafe] SRC DST
  *
+ * -c is --compress (write, convert) or create (snapshot), as in vdsk.
  * Sizes and offsets accept K, M, G, T suffixes (powers of 1024).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,24 +36,25 @@ static int
 usage(void)
 {
 	fprintf(stderr,
-	    "usage: vdsk info [--json] [-f FMT] FILE\n"
-	    "       vdsk create -f FMT [-o subformat=SUB] [-b BACKING "
-	    "[-F BFMT]] [-c CLUSTER] FILE [SIZE]\n"
-	    "       vdsk read [-f FMT] FILE OFFSET LEN\n"
-	    "       vdsk write [-f FMT] [--compressed] FILE OFFSET\n"
-	    "       vdsk check [-r leaks] [--json] [-f FMT] FILE\n"
-	    "       vdsk snapshot -c NAME | -l | -a NAME | -d NAME FILE\n"
-	    "       vdsk resize [-f FMT] FILE SIZE\n"
-	    "       vdsk discard [-f FMT] FILE OFFSET LEN\n"
-	    "       vdsk convert [-f FMT] -O FMT [-c CLUSTER] [--compressed] "
-	    "[-m WORKERS] [-B BUFSIZE] SRC DST\n");
+	    "usage: vdsktool info [--json] [-f FMT] FILE\n"
+	    "       vdsktool create -f FMT [-o subformat=SUB,cluster_size=N]\n"
+	    "                       [-b BACKING [-F BFMT]] FILE [SIZE]\n"
+	    "       vdsktool read [-f FMT] FILE OFFSET LEN\n"
+	    "       vdsktool write [-f FMT] [-c] FILE OFFSET\n"
+	    "       vdsktool check [-r leaks|all] [--json] [-f FMT] FILE\n"
+	    "       vdsktool snapshot -c NAME | -l | -a NAME | -d NAME FILE\n"
+	    "       vdsktool resize [-f FMT] FILE SIZE\n"
+	    "       vdsktool discard [-f FMT] FILE OFFSET LEN\n"
+	    "       vdsktool convert [-f FMT] -O FMT [-c] "
+	    "[-o cluster_size=N] [-m WORKERS] [-B BUFSIZE]\n"
+	    "                        [-t writeback|unsafe] SRC DST\n");
 	return 2;
 }
 
 static int
 fail(const char *what)
 {
-	fprintf(stderr, "vdsk: %s: %s (errno %d)\n", what, vdsk_errmsg(),
+	fprintf(stderr, "vdsktool: %s: %s (errno %d)\n", what, vdsk_errmsg(),
 	    vdsk_errno());
 	return 1;
 }
@@ -106,75 +112,113 @@ json_str(const char *key, const char *s, int last)
 
 struct args {
 	const char *fmt, *backing, *bfmt, *ofmt, *subformat, *pos[4];
-	int npos, json, compressed, repair;
+	int npos, json, repair, no_flush;
 	uint64_t cluster, workers, buf;
+	int seen[128];              /* count of each argument-less flag */
 };
 
+/* long-only options */
+enum { OPT_JSON = 256 };
+
+static const struct option json_longopts[] = {
+	{ "json", no_argument, NULL, OPT_JSON },
+	{ NULL, 0, NULL, 0 },
+};
+
+static const struct option compress_longopts[] = {
+	{ "compress", no_argument, NULL, 'c' },
+	{ NULL, 0, NULL, 0 },
+};
+
+static const struct option no_longopts[] = {
+	{ NULL, 0, NULL, 0 },
+};
+
+/* -o: comma-separated key=value pairs, as in qemu-img and vdsk */
 static int
-parse_args(int argc, char **argv, struct args *a)
+parse_o(char *list, struct args *a)
 {
-	int i;
+	char *kv, *save = NULL;
+
+	for (kv = strtok_r(list, ",", &save); kv != NULL;
+	    kv = strtok_r(NULL, ",", &save)) {
+		char *v = strchr(kv, '=');
+
+		if (v == NULL)
+			return -1;
+		*v++ = '\0';
+		if (strcmp(kv, "subformat") == 0)
+			a->subformat = v;
+		else if (strcmp(kv, "cluster_size") == 0 ||
+		    strcmp(kv, "cluster-size") == 0) {
+			if (parse_size(v, &a->cluster) < 0 ||
+			    a->cluster > UINT32_MAX)
+				return -1;
+		} else
+			return -1;
+	}
+	return 0;
+}
+
+static int
+parse_count(const char *s, uint64_t *out)
+{
+	return parse_size(s, out) < 0 || *out > INT32_MAX ? -1 : 0;
+}
+
+/*
+ * Options of one command (getopt_long, GNU argument permutation: options
+ * may follow the operands), then its operands into a->pos.
+ */
+static int
+parse_args(int argc, char **argv, const char *shortopts,
+    const struct option *longopts, struct args *a)
+{
+	int c;
 
 	memset(a, 0, sizeof(*a));
-	for (i = 0; i < argc; i++) {
-		const char *s = argv[i];
-		const char **dst = NULL;
-
-		if (strcmp(s, "--json") == 0) {
-			a->json = 1;
-			continue;
-		}
-		if (strcmp(s, "--compressed") == 0) {
-			a->compressed = 1;
-			continue;
-		}
-		if (strcmp(s, "-r") == 0) {
-			if (i + 1 >= argc || strcmp(argv[++i], "leaks") != 0)
+	while ((c = getopt_long(argc, argv, shortopts, longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f': a->fmt = optarg; break;
+		case 'b': a->backing = optarg; break;
+		case 'F': a->bfmt = optarg; break;
+		case 'O': a->ofmt = optarg; break;
+		case OPT_JSON: a->json = 1; break;
+		case 'o':
+			if (parse_o(optarg, a) < 0)
+				return -1;
+			break;
+		case 'm':
+			if (parse_count(optarg, &a->workers) < 0)
+				return -1;
+			break;
+		case 'B':
+			if (parse_count(optarg, &a->buf) < 0)
+				return -1;
+			break;
+		case 'r':
+			if (strcmp(optarg, "leaks") != 0 &&
+			    strcmp(optarg, "all") != 0)
 				return -1;
 			a->repair = 1;
-			continue;
-		}
-		if (strcmp(s, "-f") == 0)
-			dst = &a->fmt;
-		else if (strcmp(s, "-b") == 0)
-			dst = &a->backing;
-		else if (strcmp(s, "-F") == 0)
-			dst = &a->bfmt;
-		else if (strcmp(s, "-O") == 0)
-			dst = &a->ofmt;
-		else if (strcmp(s, "-m") == 0 || strcmp(s, "-B") == 0) {
-			if (i + 1 >= argc || parse_size(argv[i + 1],
-			    s[1] == 'm' ? &a->workers : &a->buf) < 0 ||
-			    (s[1] == 'm' ? a->workers : a->buf) > INT32_MAX)
+			break;
+		case 't':
+			if (strcmp(optarg, "unsafe") == 0)
+				a->no_flush = 1;
+			else if (strcmp(optarg, "writeback") != 0)
 				return -1;
-			i++;
-			continue;
-		}
-		else if (strcmp(s, "-o") == 0) {
-			if (i + 1 >= argc || strncmp(argv[i + 1], "subformat=",
-			    10) != 0)
-				return -1;
-			a->subformat = argv[++i] + 10;
-			continue;
-		}
-		else if (strcmp(s, "-c") == 0) {
-			if (i + 1 >= argc || parse_size(argv[++i],
-			    &a->cluster) < 0 || a->cluster > UINT32_MAX)
-				return -1;
-			continue;
-		}
-		if (dst != NULL) {
-			if (i + 1 >= argc)
-				return -1;
-			*dst = argv[++i];
-			continue;
-		}
-		if (s[0] == '-' && s[1] != '\0')
+			break;
+		case 'c': case 'l': case 'a': case 'd':
+			a->seen[c]++;
+			break;
+		default:        /* '?': getopt has said what is wrong */
 			return -1;
-		if (a->npos >= 4)
-			return -1;
-		a->pos[a->npos++] = s;
+		}
 	}
+	if (argc - optind > 4)
+		return -1;
+	for (c = optind; c < argc; c++)
+		a->pos[a->npos++] = argv[c];
 	return 0;
 }
 
@@ -239,7 +283,7 @@ cmd_create(struct args *a)
 	    (a->bfmt != NULL && a->backing == NULL))
 		return usage();
 	if (a->npos == 2 && parse_size(a->pos[1], &size) < 0) {
-		fprintf(stderr, "vdsk: invalid size '%s'\n", a->pos[1]);
+		fprintf(stderr, "vdsktool: invalid size '%s'\n", a->pos[1]);
 		return 2;
 	}
 	if (vdsk_create_subformat(a->pos[0], a->fmt, a->subformat, size,
@@ -263,7 +307,7 @@ cmd_read(struct args *a)
 		return fail("open");
 	if ((buf = malloc(CHUNK)) == NULL) {
 		vdsk_close(d);
-		fprintf(stderr, "vdsk: out of memory\n");
+		fprintf(stderr, "vdsktool: out of memory\n");
 		return 1;
 	}
 	while (len > 0) {
@@ -273,7 +317,7 @@ cmd_read(struct args *a)
 			break;
 		}
 		if (fwrite(buf, 1, n, stdout) != n) {
-			perror("vdsk: stdout");
+			perror("vdsktool: stdout");
 			rc = 1;
 			break;
 		}
@@ -302,10 +346,10 @@ cmd_write(struct args *a)
 		return fail("open");
 	if ((buf = malloc(CHUNK)) == NULL) {
 		vdsk_close(d);
-		fprintf(stderr, "vdsk: out of memory\n");
+		fprintf(stderr, "vdsktool: out of memory\n");
 		return 1;
 	}
-	if (a->compressed) {
+	if (a->seen['c']) {
 		struct vdsk_info info;
 
 		if (vdsk_info(d, &info) < 0 || info.cluster_size == 0)
@@ -319,7 +363,7 @@ cmd_write(struct args *a)
 			off += n;
 		}
 	}
-	while (rc == 0 && !a->compressed &&
+	while (rc == 0 && !a->seen['c'] &&
 	    (n = fread(buf, 1, CHUNK, stdin)) > 0) {
 		if (vdsk_write(d, buf, off, n) < 0) {
 			rc = fail("write");
@@ -328,7 +372,7 @@ cmd_write(struct args *a)
 		off += n;
 	}
 	if (rc == 0 && ferror(stdin)) {
-		perror("vdsk: stdin");
+		perror("vdsktool: stdin");
 		rc = 1;
 	}
 	if (rc == 0 && vdsk_flush(d) < 0)
@@ -385,24 +429,24 @@ cmd_check(struct args *a)
 }
 
 static int
-cmd_snapshot(int argc, char **argv)
+cmd_snapshot(struct args *a)
 {
 	const char *name = NULL, *path;
 	struct vdsk_snapshot *sn = NULL;
-	char op = 0;
+	char op;
 	vdsk_t *d;
 	int n, i, r = 0;
 
-	if (argc == 2 && strcmp(argv[0], "-l") == 0) {
-		op = 'l';
-	} else if (argc == 3 && argv[0][0] == '-' && argv[0][2] == '\0' &&
-	    strchr("cad", argv[0][1]) != NULL) {
-		op = argv[0][1];
-		name = argv[1];
-	} else {
+	/* exactly one of -c, -l, -a, -d; all but -l name a snapshot */
+	if (a->seen['c'] + a->seen['l'] + a->seen['a'] + a->seen['d'] != 1)
 		return usage();
-	}
-	path = argv[argc - 1];
+	op = a->seen['c'] ? 'c' : a->seen['l'] ? 'l' : a->seen['a'] ? 'a' :
+	    'd';
+	if (a->npos != (op == 'l' ? 1 : 2))
+		return usage();
+	if (op != 'l')
+		name = a->pos[0];
+	path = a->pos[a->npos - 1];
 	d = vdsk_open(path, NULL, (op == 'l' ? VDSK_RDONLY : 0) |
 	    VDSK_NO_BACKING);
 	if (d == NULL)
@@ -412,7 +456,7 @@ cmd_snapshot(int argc, char **argv)
 		n = vdsk_snapshot_list(d, NULL, 0);
 		if (n > 0 && (sn = calloc((size_t)n, sizeof(*sn))) == NULL) {
 			vdsk_close(d);
-			fprintf(stderr, "vdsk: out of memory\n");
+			fprintf(stderr, "vdsktool: out of memory\n");
 			return 1;
 		}
 		if (n > 0)
@@ -471,48 +515,72 @@ cmd_resize_discard(struct args *a, int discard)
 }
 
 static int
+cmd_resize(struct args *a)
+{
+	return cmd_resize_discard(a, 0);
+}
+
+static int
+cmd_discard(struct args *a)
+{
+	return cmd_resize_discard(a, 1);
+}
+
+static int
 cmd_convert(struct args *a)
 {
 	struct vdsk_convert_opts o;
 
-	if (a->npos != 2 || a->ofmt == NULL)
+	if (a->npos != 2 || a->ofmt == NULL || a->subformat != NULL)
 		return usage();
 	memset(&o, 0, sizeof(o));
 	o.workers = (int)a->workers;
 	o.buf_size = (uint32_t)a->buf;
 	o.cluster_size = (uint32_t)a->cluster;
-	o.flags = a->compressed ? VDSK_CONVERT_COMPRESS : 0;
+	o.flags = (a->seen['c'] ? VDSK_CONVERT_COMPRESS : 0) |
+	    (a->no_flush ? VDSK_CONVERT_NO_FLUSH : 0);
 	if (vdsk_convert(a->pos[0], a->fmt, a->pos[1], a->ofmt, &o) < 0)
 		return fail("convert");
 	return 0;
 }
 
+/* each command's options: a getopt optstring and its long options */
+static const struct command {
+	const char *name;
+	const char *shortopts;
+	const struct option *longopts;
+	int (*run)(struct args *);
+} commands[] = {
+	{ "info", "f:", json_longopts, cmd_info },
+	{ "create", "f:o:b:F:", no_longopts, cmd_create },
+	{ "read", "f:", no_longopts, cmd_read },
+	{ "write", "f:c", compress_longopts, cmd_write },
+	{ "check", "f:r:", json_longopts, cmd_check },
+	{ "snapshot", "clad", no_longopts, cmd_snapshot },
+	{ "resize", "f:", no_longopts, cmd_resize },
+	{ "discard", "f:", no_longopts, cmd_discard },
+	{ "convert", "f:O:co:m:B:t:", compress_longopts, cmd_convert },
+};
+
 int
 main(int argc, char **argv)
 {
 	struct args a;
+	size_t i;
 
 	if (argc < 2)
 		return usage();
-	if (strcmp(argv[1], "snapshot") == 0)
-		return cmd_snapshot(argc - 2, argv + 2);
-	if (parse_args(argc - 2, argv + 2, &a) < 0)
-		return usage();
-	if (strcmp(argv[1], "info") == 0)
-		return cmd_info(&a);
-	if (strcmp(argv[1], "create") == 0)
-		return cmd_create(&a);
-	if (strcmp(argv[1], "read") == 0)
-		return cmd_read(&a);
-	if (strcmp(argv[1], "write") == 0)
-		return cmd_write(&a);
-	if (strcmp(argv[1], "check") == 0)
-		return cmd_check(&a);
-	if (strcmp(argv[1], "resize") == 0)
-		return cmd_resize_discard(&a, 0);
-	if (strcmp(argv[1], "discard") == 0)
-		return cmd_resize_discard(&a, 1);
-	if (strcmp(argv[1], "convert") == 0)
-		return cmd_convert(&a);
+	for (i = 0; i < sizeof(commands) / sizeof(commands[0]); i++) {
+		const struct command *c = &commands[i];
+
+		if (strcmp(argv[1], c->name) != 0)
+			continue;
+		/* getopt sees the command name as argv[0] (its messages'
+		 * prefix) and starts at the word after it */
+		if (parse_args(argc - 1, argv + 1, c->shortopts, c->longopts,
+		    &a) < 0)
+			return usage();
+		return c->run(&a);
+	}
 	return usage();
 }
