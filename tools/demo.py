@@ -280,10 +280,11 @@ def demo_case(term, handlers):
         def run_demo(self):
             m = self.manifest
             image = self.direct_boot_image('qcow2')
-            term.say("Image %s: the test guest (Linux %s, busybox), a "
-                     "%.1f MiB qcow2 root disk booted with its own kernel and "
-                     "initrd images", image['id'], m['kernel']['version'],
-                     os.path.getsize(m['root_qcow2']) / 2 ** 20)
+            term.say("Glance image %s: the test guest, a %.1f MiB qcow2 "
+                     "root disk with kernel (Linux %s) and initrd images for "
+                     "direct kernel boot", image['id'],
+                     os.path.getsize(m['root_qcow2']) / 2 ** 20,
+                     m['kernel']['version'])
             flavor = self.api.get_flavor(self.flavor_id)
             term.say("Flavor %s: %d vCPU, %d MiB RAM, %d GiB disk",
                      flavor['name'], flavor['vcpus'], flavor['ram'],
