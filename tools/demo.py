@@ -389,7 +389,8 @@ def demo_case(term, handlers):
                     raise DemoError(
                         'the guest did not reach %s within %d s (the console '
                         'so far is in the log)' % (MARKER, timeout))
-                lines = [ln for ln in clean_console(output).splitlines()
+                complete = output[:output.rfind('\n') + 1]
+                lines = [ln for ln in clean_console(complete).splitlines()
                          if ln.strip()]
                 last = lines[-1].strip() if lines else '(no output yet)'
                 term.progress("Booting the guest: %3d s  console: %s" % (
