@@ -43,8 +43,8 @@ import tempfile
 import threading
 import time
 
-import common  # noqa: F401  (sys.path)
 import boot_bare  # noqa: E402
+import common  # noqa: F401  (sys.path)
 import nova_harness  # noqa: E402
 
 RESULT = {}

@@ -22,9 +22,9 @@ sys.path.insert(0, REPO)
 
 from nova_bhyve import conf  # noqa: E402
 from nova_bhyve import guest  # noqa: E402
-from nova_bhyve.storage import vdsk  # noqa: E402
 from nova_bhyve.hypervisor import base  # noqa: E402
 from nova_bhyve.hypervisor.qemu import backend as qemu  # noqa: E402
+from nova_bhyve.storage import vdsk  # noqa: E402
 
 conf.CONF([], project='nova')
 conf.CONF.set_override('qemu_accel', 'tcg', 'bhyve')

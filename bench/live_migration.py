@@ -6,8 +6,9 @@ convergence policy against QEMU's defaults and libvirt's downtime stepping.
         [--wall-cap 120] [--guest-dir DIR]
         [--controllers policy,qemu,libvirt]   (also: policy-postcopy)
 
-Drives the migration at the hypervisor layer (nova_bhyve.hypervisor.qemu.backend.
-QemuHypervisor): the source is started from a VMSpec like the driver builds
+Drives the migration at the hypervisor layer
+(nova_bhyve.hypervisor.qemu.backend.QemuHypervisor): the source is started
+from a VMSpec like the driver builds
 (1 vCPU, 1024 MiB, direct kernel boot of the test guest, a qcow2 overlay as
 root disk); the destination is prepare_incoming() on the same host over
 loopback with the same disk path (shared storage, no block migration); the
@@ -274,9 +275,9 @@ class LiveMigrationBench(unittest.TestCase):
                     common.say('%s', case)
 
     def one_case(self, name, rate, cap_mibps, wall_cap):
-        from nova_bhyve.migration import runner
         from nova_bhyve.hypervisor import base
         from nova_bhyve.hypervisor.qemu import backend as qemu
+        from nova_bhyve.migration import runner
         hyp = qemu.QemuHypervisor()
         tmp = tempfile.mkdtemp(prefix='migbench-')
         vm_uuid = str(uuidlib.uuid4())

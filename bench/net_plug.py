@@ -25,8 +25,8 @@ import time
 import uuid
 
 import common  # noqa: F401  (sys.path)
-from common import say, summary
-
+from common import say
+from common import summary
 import nethelpers  # noqa: E402
 
 
@@ -54,6 +54,7 @@ def plug_latency(n):
     import os_vif
     from oslo_config import cfg
     from vif_plug_ovs import privsep as ovs_privsep
+
     from nova_bhyve.net import vif as network
 
     class Cleanups:
@@ -112,8 +113,8 @@ def plug_latency(n):
 
 
 def spawn_to_ping(runs):
-    import nova_harness
     from common import run_case
+    import nova_harness
     results = {}
 
     class Case(nova_harness.BhyveFunctionalTestBase):

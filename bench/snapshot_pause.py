@@ -7,8 +7,8 @@ One TCG test guest (256 MiB, private copy of the root image). The guest
 writes --fill-mb of random data to its root disk, then runs a tight loop
 printing /proc/uptime on its serial console. The host timestamps every line
 as it arrives on the serial socket. Each run takes a snapshot the way the
-driver does (nova_bhyve.storage.snapshot: freeze = blockdev-snapshot-sync onto an
-overlay, export of the frozen chain with libvdsk to a standalone qcow2,
+driver does (nova_bhyve.storage.snapshot: freeze = blockdev-snapshot-sync onto
+an overlay, export of the frozen chain with libvdsk to a standalone qcow2,
 thaw = block-commit + block-job-complete) and reports:
 
 * pause_host_s: the longest gap between two console lines while the
@@ -37,8 +37,8 @@ from nova_bhyve.storage import snapshot
 def gaps(lines, t0, t1):
     """(max host gap, max guest-clock gap) among the uptime lines that
     arrived in [t0, t1] (plus the line just before t0)."""
-    sel = [(t, float(l.split()[0])) for t, l in lines
-           if _is_uptime(l)]
+    sel = [(t, float(line.split()[0])) for t, line in lines
+           if _is_uptime(line)]
     before = [x for x in sel if x[0] < t0][-1:]
     win = before + [x for x in sel if t0 <= x[0] <= t1]
     after = [x for x in sel if x[0] > t1][:1]

@@ -26,8 +26,8 @@ import time
 import lifecycle_vm as lv
 
 from nova_bhyve.hypervisor.qemu import backend as qemu
-from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.hypervisor.qemu import state as qemu_state
 
 
 def wait_migrate(vm):

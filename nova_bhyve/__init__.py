@@ -1,1 +1,2 @@
-"""nova-bhyve: an OpenStack Nova compute driver for bhyve, with a QEMU backend."""
+"""nova-bhyve: an OpenStack Nova compute driver for bhyve, with a QEMU
+backend."""

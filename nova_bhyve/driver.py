@@ -16,25 +16,26 @@ The migration modules take this driver and use its public members only:
 import os
 
 from nova.compute import power_state
+from oslo_log import log as logging
+from oslo_utils import excutils
+
 from nova import exception
 from nova.virt import driver
 from nova.virt import hardware
 from nova.virt import images
 from nova.virt import node as virt_node
-from oslo_log import log as logging
-from oslo_utils import excutils
-
 from nova_bhyve import conf
-from nova_bhyve.devices import configdrive
-from nova_bhyve.devices import consoles
-from nova_bhyve.devices import volumes
 from nova_bhyve import diagnostics
 from nova_bhyve import events
 from nova_bhyve import guest
 from nova_bhyve import host
+from nova_bhyve import instance_store
+from nova_bhyve import rescue
+from nova_bhyve.devices import configdrive
+from nova_bhyve.devices import consoles
+from nova_bhyve.devices import volumes
 from nova_bhyve.hypervisor import backends
 from nova_bhyve.hypervisor import base
-from nova_bhyve import instance_store
 from nova_bhyve.migration import cold
 from nova_bhyve.migration import incoming
 from nova_bhyve.migration import live
@@ -42,7 +43,6 @@ from nova_bhyve.migration import resize
 from nova_bhyve.migration import runner
 from nova_bhyve.net import hotplug
 from nova_bhyve.net import vif as net_vif
-from nova_bhyve import rescue
 from nova_bhyve.storage import image_cache
 from nova_bhyve.storage import snapshot
 

@@ -10,8 +10,9 @@ import threading
 import time
 
 from nova.compute import power_state
-from nova.virt import event as virtevent
 from oslo_log import log as logging
+
+from nova.virt import event as virtevent
 
 LOG = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import os
 import platform
 import subprocess
 
-import os_resource_classes as orc
 from nova.objects import fields as obj_fields
+import os_resource_classes as orc
 from oslo_config import cfg
 from oslo_serialization import jsonutils
 from oslo_utils import units

@@ -11,8 +11,8 @@ import argparse
 import os
 import pathlib
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time

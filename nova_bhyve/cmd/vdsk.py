@@ -1,7 +1,8 @@
 """The `vdsk` console script: qemu-img-like commands over libvdsk.
 
     vdsk info [--json] [-f FMT] FILE
-    vdsk create -f FMT [-b BACKING [-F BACKING_FMT]] [-o cluster_size=N] FILE [SIZE]
+    vdsk create -f FMT [-b BACKING [-F BACKING_FMT]] [-o cluster_size=N]
+                FILE [SIZE]
     vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] [-t CACHE] SRC DST
     vdsk check [-r leaks|all] [-f FMT] FILE     (-r all: leaks only)
     vdsk snapshot (-c|-l|-a|-d) [NAME] FILE

@@ -21,9 +21,9 @@ import socket
 
 from nova.console import serial as serial_ports
 from nova.console import type as ctype
-from nova import exception
 from oslo_log import log as logging
 
+from nova import exception
 from nova_bhyve import conf
 
 LOG = logging.getLogger(__name__)

@@ -16,14 +16,14 @@ import platform
 import socket
 import sys
 
-from nova import exception
-from nova.virt import driver
 from oslo_log import log as logging
 
+from nova import exception
+from nova.virt import driver
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve.hypervisor import base
 from nova_bhyve import instance_store
+from nova_bhyve.hypervisor import base
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF

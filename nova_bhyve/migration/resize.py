@@ -10,11 +10,11 @@ image cache and grown, ports plugged, the VM resumed (warm) or booted.
 """
 import os
 
-from nova import exception
-from nova import objects
 from oslo_log import log as logging
 from oslo_utils import units
 
+from nova import exception
+from nova import objects
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import instance_store

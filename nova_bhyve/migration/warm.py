@@ -40,10 +40,10 @@ import os
 
 from nova.compute import power_state
 from nova.compute import utils as compute_utils
-from nova import exception
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
+from nova import exception
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
 

@@ -10,9 +10,9 @@ import re
 import sys
 import uuid as uuidlib
 
+from nova_bhyve import privsep
 from nova_bhyve.net import freebsd
 from nova_bhyve.net import linux
-from nova_bhyve import privsep
 
 _IFNAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$')
 _MAC = re.compile(r'^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$')

@@ -9,13 +9,13 @@ costs the same for a 100 MiB image as for a 20 GiB one.
 import hashlib
 import os
 
-from nova import exception
-from nova.virt import images
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 from oslo_utils import fileutils
 from oslo_utils import units
 
+from nova import exception
+from nova.virt import images
 from nova_bhyve import conf
 from nova_bhyve.storage import vdsk
 

@@ -21,10 +21,10 @@ import os
 import time
 
 from nova.compute import task_states
-from nova import exception
 from nova.image import glance
 from oslo_log import log as logging
 
+from nova import exception
 from nova_bhyve.hypervisor import base
 from nova_bhyve.storage import vdsk
 

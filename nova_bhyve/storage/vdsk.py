@@ -21,7 +21,8 @@ import errno as _errno
 import os
 import threading
 
-from nova_bhyve._vdsk import ffi, lib
+from nova_bhyve._vdsk import ffi
+from nova_bhyve._vdsk import lib
 
 __all__ = ['VdskError', 'Image', 'bench', 'check', 'commit', 'convert',
            'create', 'external_snapshot', 'info', 'open', 'rebase',

@@ -16,10 +16,10 @@ import tempfile
 import time
 from unittest import mock
 
+import conftest
 from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 
-import conftest
 import nova_bhyve.conf  # noqa: F401  (registers the [bhyve] options)
 
 BOOT_TIMEOUT = float(os.environ.get('NOVA_BHYVE_BOOT_TIMEOUT', '240'))
@@ -286,9 +286,9 @@ def vm_processes(instance_uuid):
 
 
 def _held_inodes():
-    """(major, minor, inode) of files with a POSIX/flock lock held (/proc/locks;
-    read-only: taking a lock ourselves would, in this process that also
-    runs the computes, release theirs on close)."""
+    """(major, minor, inode) of files with a POSIX/flock lock held
+    (/proc/locks; read-only: taking a lock ourselves would, in this process
+    that also runs the computes, release theirs on close)."""
     inodes = set()
     with open('/proc/locks') as f:
         for line in f:

@@ -2,9 +2,8 @@
 format (GET /servers/{id}/diagnostics) and the legacy one (2.1)."""
 import os
 
-from nova.tests.functional.api import client
-
 import lifecycle_helpers as lh
+from nova.tests.functional.api import client
 import nova_harness
 
 

@@ -14,12 +14,11 @@ import copy
 import os
 import time
 
-import os_resource_classes as orc
-from nova import context as nova_context
-
-from nova_bhyve import host
-
 import nova_harness
+import os_resource_classes as orc
+
+from nova import context as nova_context
+from nova_bhyve import host
 
 COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
 ACPID = 'NOVA-BHYVE-ACPID-STARTED'

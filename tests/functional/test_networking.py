@@ -12,10 +12,10 @@ import os
 import time
 
 import fixtures
-import os_vif
-
 import nethelpers
 import nova_harness
+import os_vif
+
 from nova_bhyve.net import vif as network
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
@@ -141,8 +141,8 @@ class TestTapBindingOnLinuxBridges(NetworkingTestBase):
         self.assert_pings(sh1, '10.251.1.12')
         self.assert_pings(sh2, '10.251.1.11')
         self.assert_pings(sh1, '10.251.1.254')
-        out = nethelpers.sh('ip', 'netns', 'exec', ns, 'busybox', 'ping', '-c', '2',
-                            '-W', '2', '10.251.1.12')
+        out = nethelpers.sh('ip', 'netns', 'exec', ns, 'busybox', 'ping',
+                            '-c', '2', '-W', '2', '10.251.1.12')
         self.assertIn('2 packets received', out)
 
         # a second network on another bridge: no path between them
@@ -256,6 +256,7 @@ class TestBridgeBindingPlugger(NetworkingTestBase):
 
     def test_plug_unplug_bridge_binding(self):
         from nova.network import model
+
         from nova_bhyve.net import vif as network
         bridge = 'nbtb' + nethelpers.suffix()
         self.host.bridges.append(bridge)       # removed at cleanup

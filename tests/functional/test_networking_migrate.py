@@ -22,11 +22,11 @@ import json
 import os
 
 import fixtures
-import os_vif
-
 import nethelpers
 import nova_harness
+import os_vif
 import test_networking
+
 from nova_bhyve.net import vif as network
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'

@@ -8,10 +8,10 @@ import errno
 import os
 import threading
 
-from nova.compute import task_states
-
 import lifecycle_helpers as lh
+from nova.compute import task_states
 import nova_harness
+
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.storage import vdsk
 

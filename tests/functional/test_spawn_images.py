@@ -39,9 +39,10 @@ class TestSpawnImages(nova_harness.BhyveFunctionalTestBase):
         """libvdsk reads each format into the cache; no conversion tool.
         (qemu-img only makes the test images, from the guest's raw disk.)"""
         servers = []
-        for fmt, qemu_fmt, opts in (('vmdk', 'vmdk', 'subformat=monolithicSparse'),
-                                    ('vdi', 'vdi', 'static=off'),
-                                    ('vhd', 'vpc', 'subformat=dynamic')):
+        for fmt, qemu_fmt, opts in (
+                ('vmdk', 'vmdk', 'subformat=monolithicSparse'),
+                ('vdi', 'vdi', 'static=off'),
+                ('vhd', 'vpc', 'subformat=dynamic')):
             path = os.path.join(self.instances_path, 'guest.' + fmt)
             subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O',
                             qemu_fmt, '-o', opts, self.manifest['disk_raw'],
@@ -98,7 +99,8 @@ class TestSpawnImages(nova_harness.BhyveFunctionalTestBase):
             f.write(os.urandom(1024 * 1024))
         image = nova_harness.glance_image(self.glance, 'garbage', path,
                                           'qcow2')
-        self._assert_refused(image, fault='image data is raw but its disk_format is qcow2')
+        self._assert_refused(
+            image, fault='image data is raw but its disk_format is qcow2')
         self.assertEqual([], self._base_files())
 
     def test_checksum_mismatch_refused(self):
@@ -120,7 +122,8 @@ class TestSpawnImages(nova_harness.BhyveFunctionalTestBase):
         subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', path,
                         '3G'], check=True)
         image = nova_harness.glance_image(self.glance, 'big', path, 'qcow2')
-        self._assert_refused(image, fault='Flavor disk is 1073741824 bytes, image is 3221225472 bytes')
+        self._assert_refused(image, fault='Flavor disk is 1073741824 bytes, '
+                                          'image is 3221225472 bytes')
 
     def test_unsupported_disk_bus_refused(self):
         image = nova_harness.glance_image(

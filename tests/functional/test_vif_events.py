@@ -11,6 +11,7 @@ import time
 
 import nethelpers
 import nova_harness
+
 from nova_bhyve.hypervisor import base
 
 

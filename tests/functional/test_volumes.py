@@ -14,11 +14,10 @@ import shutil
 import tempfile
 import time
 
-from nova.tests.functional.api import client
-from oslo_utils.fixture import uuidsentinel as uuids
-
 import nethelpers
+from nova.tests.functional.api import client
 import nova_harness
+from oslo_utils.fixture import uuidsentinel as uuids
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 MiB = 1024 * 1024

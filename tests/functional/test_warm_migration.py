@@ -20,9 +20,10 @@ from unittest import mock
 
 import lifecycle_helpers as lh
 import nova_harness
+
 from nova_bhyve.migration import cold as cold_migration
-from nova_bhyve.storage import vdsk
 from nova_bhyve.migration import warm as warm_migration
+from nova_bhyve.storage import vdsk
 
 GiB = 1024 ** 3
 BOOT_ID = re.compile(r'NOVA-BHYVE-GUEST-INIT boot_id=([0-9a-f-]{36})')

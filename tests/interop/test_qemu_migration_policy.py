@@ -36,9 +36,9 @@ import time
 
 import pytest
 
-from nova_bhyve.migration import policy as mp
 from nova_bhyve.hypervisor.qemu import migration_params as params
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.migration import policy as mp
 
 QEMU = shutil.which('qemu-system-x86_64')
 pytestmark = pytest.mark.skipif(QEMU is None,

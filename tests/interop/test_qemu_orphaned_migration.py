@@ -12,12 +12,11 @@ import time
 import types
 
 import pytest
+import test_qemu_migration_policy
 
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import qmp
-
-import test_qemu_migration_policy
 
 QEMU = test_qemu_migration_policy.QEMU
 #: the fixture: two QEMU processes and the boot-sector guest

@@ -31,12 +31,12 @@ import tempfile
 import time
 
 import pytest
+from test_qemu_migration_policy import _wait_for
+from test_qemu_migration_policy import QEMU
 
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import qmp
-
-from test_qemu_migration_policy import QEMU, _wait_for
 
 pytestmark = pytest.mark.skipif(QEMU is None,
                                 reason='qemu-system-x86_64 not installed')

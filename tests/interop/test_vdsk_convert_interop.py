@@ -6,10 +6,14 @@ import json
 import os
 
 import pytest
+from vdsk_qemu_helpers import needs_qemu_img
+from vdsk_qemu_helpers import needs_qemu_io
+from vdsk_qemu_helpers import qemu_check
+from vdsk_qemu_helpers import qemu_img
+from vdsk_qemu_helpers import qemu_info
+from vdsk_qemu_helpers import qemu_io
 
 from nova_bhyve.storage import vdsk
-from vdsk_qemu_helpers import needs_qemu_img, needs_qemu_io, qemu_check, \
-    qemu_img, qemu_info, qemu_io
 
 pytestmark = [needs_qemu_img, needs_qemu_io]
 

@@ -40,9 +40,10 @@ import subprocess
 import time
 
 import pytest
+from vdsk_qemu_helpers import needs_qemu_img
+from vdsk_qemu_helpers import qemu_img
 
 from nova_bhyve.storage import vdsk
-from vdsk_qemu_helpers import needs_qemu_img, qemu_img
 
 NATIVE = pathlib.Path(__file__).resolve().parents[2] / 'native'
 MiB = 1 << 20

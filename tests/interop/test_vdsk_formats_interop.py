@@ -12,10 +12,14 @@ import random
 import struct
 
 import pytest
+from vdsk_qemu_helpers import needs_qemu_img
+from vdsk_qemu_helpers import needs_qemu_io
+from vdsk_qemu_helpers import qemu_check
+from vdsk_qemu_helpers import qemu_img
+from vdsk_qemu_helpers import qemu_io
+from vdsk_qemu_helpers import vdsk_all
 
 from nova_bhyve.storage import vdsk
-from vdsk_qemu_helpers import (needs_qemu_img, needs_qemu_io, qemu_check,
-                               qemu_img, qemu_io, vdsk_all)
 
 KiB, MiB = 1 << 10, 1 << 20
 

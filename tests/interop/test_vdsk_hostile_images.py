@@ -6,9 +6,10 @@ import random
 import struct
 
 import pytest
+from vdsk_qemu_helpers import needs_qemu_img
+from vdsk_qemu_helpers import qemu_img
 
 from nova_bhyve.storage import vdsk
-from vdsk_qemu_helpers import needs_qemu_img, qemu_img
 
 KiB, MiB = 1 << 10, 1 << 20
 CS = 4096

@@ -8,11 +8,17 @@ import struct
 import subprocess
 
 import pytest
+from vdsk_qemu_helpers import needs_qemu_img
+from vdsk_qemu_helpers import needs_qemu_io
+from vdsk_qemu_helpers import qemu_check
+from vdsk_qemu_helpers import QEMU_IMG
+from vdsk_qemu_helpers import qemu_img
+from vdsk_qemu_helpers import qemu_info
+from vdsk_qemu_helpers import qemu_io
+from vdsk_qemu_helpers import qemu_raw
+from vdsk_qemu_helpers import vdsk_all
 
 from nova_bhyve.storage import vdsk
-from vdsk_qemu_helpers import (QEMU_IMG, needs_qemu_img, needs_qemu_io,
-                               qemu_check, qemu_img, qemu_info, qemu_io,
-                               qemu_raw, vdsk_all)
 
 pytestmark = [needs_qemu_img]
 

@@ -15,23 +15,21 @@ bhyve(8) and bhyvectl(8) cannot run here (no FreeBSD, no vmm(4)), so:
   the pid files, the restarts, exit.status and the console reader run for
   real. Every process a test starts is stopped by its PID.
 """
-import json
 import os
 import signal
 import subprocess
 import time
 from unittest import mock
 
-import pytest
-
 from nova.compute import power_state
+import pytest
 
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
+from nova_bhyve.hypervisor.bhyve import supervisor
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -74,7 +72,8 @@ COMMON = [
 
 
 def render(s):
-    return list(bhyve_config.render_config(s, base.VMDir('/vms/' + UUID)).items())
+    vmdir = base.VMDir('/vms/' + UUID)
+    return list(bhyve_config.render_config(s, vmdir).items())
 
 
 # -- the config tree ------------------------------------------------------
@@ -197,7 +196,7 @@ def test_config_file_format(tmp_path):
     assert lines[0].startswith('#')           # comments are skipped by -k
     assert lines[1:3] == ['name=instance-0000002a', 'uuid=' + UUID]
     assert 'pci.0.2.0.path=/d/100%%disk' in lines    # % escaped for %(var)
-    assert all(' = ' not in l and '=' in l for l in lines[1:])
+    assert all(' = ' not in line and '=' in line for line in lines[1:])
     assert list(bhyve_config.parse_config(text).items()) == list(tree.items())
 
 
@@ -221,8 +220,8 @@ def _completed(rc=0, err=''):
 def _vmdir_with_config(tmp_path):
     vmdir = base.VMDir(str(tmp_path / UUID))
     os.makedirs(vmdir.path)
-    bhyve_config.write_config(bhyve_config.render_config(spec(disks=[raw('/d/r')]), vmdir),
-                       bhyve.BhyveHypervisor.config_path(vmdir))
+    tree = bhyve_config.render_config(spec(disks=[raw('/d/r')]), vmdir)
+    bhyve_config.write_config(tree, bhyve.BhyveHypervisor.config_path(vmdir))
     return vmdir
 
 
@@ -378,7 +377,7 @@ class Fake:
         os.makedirs(self.vmdir.path)
 
     def script(self, *lines):
-        (self.dir / 'script').write_text(''.join(l + '\n' for l in lines))
+        (self.dir / 'script').write_text(''.join(x + '\n' for x in lines))
 
     def _lines(self, name):
         try:
@@ -387,7 +386,7 @@ class Fake:
             return []
 
     def runs(self):
-        return [l.split(' ', 1) for l in self._lines('runs')]
+        return [x.split(' ', 1) for x in self._lines('runs')]
 
     def signals(self):
         return self._lines('signals')
@@ -563,8 +562,8 @@ def test_backend_start_shutdown_kill(fake, tmp_path):
         fake.wait_runs(1)
         cfg = hv.config_path(fake.vmdir)
         assert fake.runs()[0][1] == '-k ' + cfg
-        assert bhyve_config.parse_config(open(cfg).read())['lpc.bootrom'] == str(
-            bootrom)
+        tree = bhyve_config.parse_config(open(cfg).read())
+        assert tree['lpc.bootrom'] == str(bootrom)
         assert hv.power_state(fake.vmdir) == power_state.RUNNING
         assert hv.pid(fake.vmdir) == int(fake.runs()[0][0])
         with pytest.raises(base.HypervisorError, match='already running'):

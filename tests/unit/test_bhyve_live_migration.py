@@ -19,21 +19,21 @@ import types
 from unittest import mock
 
 import pytest
+from test_bhyve_backend import Fake
+from test_bhyve_migration import LIVE_USAGE
+from test_bhyve_migration import UPSTREAM_USAGE
+from test_bhyve_migration import WARM_USAGE
 
 from nova import exception
-
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve.migration import live as live_migration
-from nova_bhyve.migration import policy as mp
-from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import migration as bm
-
-from test_bhyve_backend import Fake
-from test_bhyve_migration import LIVE_USAGE, UPSTREAM_USAGE, WARM_USAGE
+from nova_bhyve.hypervisor.bhyve import supervisor
+from nova_bhyve.migration import live as live_migration
+from nova_bhyve.migration import policy as mp
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'

@@ -19,12 +19,12 @@ import pytest
 
 from nova_bhyve import conf
 from nova_bhyve import guest
-from nova_bhyve.migration import policy as mp
-from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import migration as bm
+from nova_bhyve.hypervisor.bhyve import supervisor
+from nova_bhyve.migration import policy as mp
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'

@@ -167,10 +167,12 @@ def test_help_and_a_bad_log_path_need_no_nova(tmp_path):
     # its output is redirected: --help and argument errors stay quick
     code = ('import runpy, sys; sys.argv = %r; '
             'import importlib.util as u; '
-            's = u.spec_from_file_location("d", %r); m = u.module_from_spec(s); '
+            's = u.spec_from_file_location("d", %r); '
+            'm = u.module_from_spec(s); '
             's.loader.exec_module(m); '
             'rc = m.main(sys.argv[1:]); '
-            'assert not [n for n in sys.modules if n.split(".")[0] == "nova"]; '
+            'assert not [n for n in sys.modules '
+            '            if n.split(".")[0] == "nova"]; '
             'sys.exit(rc)')
     bad = str(tmp_path / 'missing' / 'demo.log')
     proc = subprocess.run(

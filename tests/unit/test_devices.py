@@ -10,22 +10,21 @@ import subprocess
 import tempfile
 import threading
 
+from nova.console import serial as serial_ports
 import pytest
 
 from nova import exception
-from nova.console import serial as serial_ports
-
 from nova_bhyve import conf
+from nova_bhyve import guest
+from nova_bhyve import instance_store
 from nova_bhyve.devices import configdrive
 from nova_bhyve.devices import consoles
-from nova_bhyve import guest
 from nova_bhyve.devices import volumes
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
-from nova_bhyve import instance_store
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -190,7 +189,7 @@ def test_bhyve_has_no_tcp_serial_and_no_hotplug():
         hv.detach_disk(base.VMDir(VM), volume())
 
 
-# -- consoles.prepare ----------------------------------------------------------
+# -- consoles.prepare ---------------------------------------------------------
 
 class FakeHV:
     def __init__(self, serial=True, vnc=True):
@@ -267,7 +266,7 @@ def test_prepare_without_tcp_serial_support_leaves_serial_off():
     assert s.consoles.serial_port is None
 
 
-# -- QMP sequences for volumes -------------------------------------------------
+# -- QMP sequences for volumes ------------------------------------------------
 
 class FakeQEMU:
     """A QMP server on a real unix socket, any number of connections;
@@ -431,7 +430,7 @@ def test_resize_is_block_resize_of_the_volume_node(vmdir):
                               {'node-name': node, 'size': 2 << 30})]
 
 
-# -- volumes (os-brick LocalConnector) -----------------------------------------
+# -- volumes (os-brick LocalConnector) ----------------------------------------
 
 def test_local_volume_connects_to_its_path(tmp_path):
     path = tmp_path / 'vol'
@@ -467,7 +466,7 @@ def test_connector_properties():
         volumes.ISCSI_INITIATOR_FILE)
 
 
-# -- config drive images (Nova's builder, real tools) --------------------------
+# -- config drive images (Nova's builder, real tools) -------------------------
 
 MD = [('openstack/latest/meta_data.json', '{"uuid": "%s"}' % UUID),
       ('openstack/latest/user_data', b'line one\n')]

@@ -53,7 +53,8 @@ sudo() {
 fake_python() {
     _rec python "$@"
     case "$2" in
-        *'import nova.virt.bhyve'*) [[ -f "$FAKE_NOVA_VIRT/bhyve/__init__.py" ]] ;;
+        *'import nova.virt.bhyve'*)
+            [[ -f "$FAKE_NOVA_VIRT/bhyve/__init__.py" ]] ;;
         *'nova.virt.__file__'*) echo "$FAKE_NOVA_VIRT" ;;
         *) return 2 ;;
     esac

@@ -6,16 +6,15 @@ import os
 import shutil
 import tempfile
 
+from nova.network import model as network_model
 import pytest
 
 from nova import exception
-from nova.network import model as network_model
 from nova import objects
 from nova.virt import driver as nova_driver
-
+from nova_bhyve import driver
 from nova_bhyve.devices import consoles
 from nova_bhyve.devices import volumes
-from nova_bhyve import driver
 
 objects.register_all()
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -124,7 +123,7 @@ def test_refuse_swap():
     assert 'ephemeral and swap disks are not supported' in str(e.value)
 
 
-# -- capabilities ----------------------------------------------------------------
+# -- capabilities -------------------------------------------------------------
 
 def test_capabilities_has_every_nova_key():
     caps = driver.BhyveDriver.capabilities

@@ -6,7 +6,6 @@ import pytest
 
 from nova import exception
 from nova import objects
-
 from nova_bhyve import guest
 
 objects.register_all()

@@ -11,9 +11,8 @@ import tempfile
 import time
 from unittest import mock
 
-import pytest
-
 from nova.compute import power_state
+import pytest
 
 from nova_bhyve.hypervisor import base
 
@@ -44,7 +43,7 @@ def write_pid(vmdir, pid):
         f.write('%d\n' % pid)
 
 
-# -- VMDir ---------------------------------------------------------------------
+# -- VMDir --------------------------------------------------------------------
 
 def test_vmdir_paths():
     d = base.VMDir('/i/' + UUID + '/')
@@ -66,7 +65,7 @@ def test_read_pid(vmdir, content, pid):
     assert vmdir.read_pid() == pid
 
 
-# -- process_alive ---------------------------------------------------------------
+# -- process_alive ------------------------------------------------------------
 
 def test_process_alive_with_marker(spawn):
     proc = spawn()
@@ -108,7 +107,7 @@ def test_unreaped_zombie_with_marker_counts_as_gone(spawn):
     assert not base.process_alive(proc.pid, UUID)
 
 
-# -- wait_for_exit -------------------------------------------------------------
+# -- wait_for_exit ------------------------------------------------------------
 
 def test_wait_for_exit_returns_when_process_ends(spawn):
     proc = spawn(seconds=0.3)
@@ -131,7 +130,7 @@ def test_wait_for_exit_zero_timeout(spawn):
     assert base.wait_for_exit(None, 0)
 
 
-# -- kill_and_wait -------------------------------------------------------------
+# -- kill_and_wait ------------------------------------------------------------
 
 def test_kill_and_wait_kills(spawn):
     proc = spawn()
@@ -164,7 +163,7 @@ def test_kill_and_wait_raises_if_process_stays(spawn):
         str(e.value)
 
 
-# -- Hypervisor.shutdown -------------------------------------------------------
+# -- Hypervisor.shutdown ------------------------------------------------------
 
 class FakeHypervisor(base.Hypervisor):
     """Counts ACPI power-off requests; the 'guest' (a real process) exits

@@ -16,24 +16,23 @@ import tempfile
 import threading
 from unittest import mock
 
-import pytest
-
 from nova.compute import power_state
+import pytest
 
 from nova_bhyve import conf
 from nova_bhyve import diagnostics
 from nova_bhyve import guest
-from nova_bhyve.storage import snapshot
-from nova_bhyve.hypervisor.bhyve import supervisor
-from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
+from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
+from nova_bhyve.storage import snapshot
+from nova_bhyve.storage import vdsk
 
 CONF = conf.CONF
 UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'

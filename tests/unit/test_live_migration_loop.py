@@ -5,8 +5,8 @@ cancel (bhyve) and for a post-copy migration whose link breaks.
 The handle is scripted (a list of statuses) because these are the paths a
 real QEMU reaches only through faults the functional tests cannot time
 (postcopy-paused after the switch); QEMU's own behaviour there is checked
-in tests/interop/test_qemu_postcopy_interop.py. Nova's post / recover callbacks are
-recorders.
+in tests/interop/test_qemu_postcopy_interop.py. Nova's post / recover callbacks
+are recorders.
 """
 import types
 

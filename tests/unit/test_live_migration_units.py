@@ -9,18 +9,17 @@ import os
 import shutil
 import types
 
+from nova.objects import migrate_data as migrate_data_obj
 import pytest
 
 from nova import exception
-from nova.objects import migrate_data as migrate_data_obj
-
 from nova_bhyve import guest
-from nova_bhyve.migration import live as live_migration
+from nova_bhyve import instance_store
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
-from nova_bhyve.migration import runner
 from nova_bhyve.migration import incoming
-from nova_bhyve import instance_store
+from nova_bhyve.migration import live as live_migration
+from nova_bhyve.migration import runner
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 
@@ -201,9 +200,11 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
     incoming VM's directory goes and every port's device is deleted
     (device operations recorded, not run)."""
     from unittest import mock
+
     from nova.network import model
-    from nova_bhyve.net import vif as network
+
     from nova_bhyve.hypervisor import base
+    from nova_bhyve.net import vif as network
 
     uuid = 'a0a0a0a0-0000-4000-8000-000000000002'
     vmdir = base.VMDir(str(tmp_path / uuid))

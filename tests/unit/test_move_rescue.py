@@ -13,23 +13,22 @@ import os
 import subprocess
 from unittest import mock
 
+from oslo_concurrency import processutils
+from oslo_utils import units
 import pytest
 
 from nova import exception
 from nova import objects
-from oslo_concurrency import processutils
-from oslo_utils import units
-
-from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
 from nova_bhyve import driver
-from nova_bhyve.migration import resize
+from nova_bhyve import instance_store
 from nova_bhyve import rescue
-from nova_bhyve.storage import image_cache as storage
-from nova_bhyve.storage import vdsk
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
-from nova_bhyve import instance_store
+from nova_bhyve.migration import cold as cold_migration
+from nova_bhyve.migration import resize
+from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import vdsk
 
 objects.register_all()
 CONF = conf.CONF

@@ -7,17 +7,17 @@ unverified on a real FreeBSD host.
 """
 from unittest import mock
 
-import pytest
-from nova import exception
 from nova.network import model
 from oslo_concurrency import processutils
+import pytest
 
+from nova import exception
 from nova_bhyve import guest
+from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.net import freebsd
 from nova_bhyve.net import linux
 from nova_bhyve.net import vif as network
-from nova_bhyve.hypervisor.qemu import backend as qemu
-from nova_bhyve.hypervisor import base
 
 PORT = '5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e'
 

@@ -258,6 +258,7 @@ def test_shim_is_inside_installed_nova_virt():
 @pytest.fixture
 def driver_conf(tmp_path):
     import nova.conf
+
     from nova_bhyve import conf as bhyve_conf  # noqa: F401 ([bhyve] opts)
     CONF = nova.conf.CONF
     overrides = [('instances_path', str(tmp_path / 'instances'), None),

@@ -12,17 +12,17 @@ delete a real tap with a name unique to the test, and remove it at the end.
 import os
 import shlex
 import sys
-import uuid
 from unittest import mock
+import uuid
 
-import pytest
 from oslo_privsep import capabilities as caps
 from oslo_privsep import priv_context
+import pytest
 
 from nova_bhyve import conf
-from nova_bhyve.privsep import net as privileged
 from nova_bhyve import privsep
 from nova_bhyve.cmd import privhelper
+from nova_bhyve.privsep import net as privileged
 
 CONF = conf.CONF
 MAC = 'fa:16:3e:aa:bb:cc'

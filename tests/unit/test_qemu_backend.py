@@ -14,9 +14,8 @@ import subprocess
 import tempfile
 import threading
 
-import pytest
-
 from nova.compute import power_state
+import pytest
 
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base

@@ -1,7 +1,8 @@
 """hypervisor/qemu_migration_params.py: the commands are pinned, and every
 one is sent to a real QEMU (``qemu-system-x86_64 -machine none``, no guest,
-no accelerator needed) through nova_bhyve.hypervisor.qemu.qmp, which proves QEMU
-7.2's QMP schema accepts each command and argument; query-migrate-parameters
+no accelerator needed) through nova_bhyve.hypervisor.qemu.qmp, which proves
+QEMU 7.2's QMP schema accepts each command and argument;
+query-migrate-parameters
 / -capabilities then show they took effect. Nothing is mocked."""
 import os
 import shutil
@@ -11,9 +12,9 @@ import time
 
 import pytest
 
-from nova_bhyve.migration import policy as mp
 from nova_bhyve.hypervisor.qemu import migration_params as qmp_params
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.migration import policy as mp
 
 QEMU = shutil.which('qemu-system-x86_64')
 MiB = mp.MiB

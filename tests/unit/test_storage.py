@@ -6,11 +6,10 @@ import os
 import shutil
 import tempfile
 
+from oslo_utils import units
 import pytest
 
 from nova import exception
-from oslo_utils import units
-
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
 
@@ -111,7 +110,7 @@ def test_checksum_missing_file(tmp_dir):
                                  os.path.join(tmp_dir, 'absent'))
 
 
-# -- images made with libvdsk ---------------------------------------------------
+# -- images made with libvdsk -------------------------------------------------
 
 PATTERN = b'nova-bhyve!' * 400
 
@@ -138,7 +137,7 @@ def qcow2_image(tmp_dir, size, name='base.qcow2', backing=None,
     return path
 
 
-# -- _check_format ---------------------------------------------------------------
+# -- _check_format ------------------------------------------------------------
 
 def test_check_format_accepts_matching(tmp_dir):
     assert storage._check_format(IMAGE_ID, 'raw',
@@ -158,7 +157,8 @@ def test_check_format_refuses_mismatch(tmp_dir, maker, claimed, probed):
 
 
 def test_check_format_refuses_data_of_another_format(tmp_dir):
-    with pytest.raises(exception.ImageUnacceptable, match='disk_format is iso'):
+    with pytest.raises(exception.ImageUnacceptable,
+                       match='disk_format is iso'):
         storage._check_format(IMAGE_ID, 'iso', raw_image(tmp_dir, units.Mi))
 
 
@@ -168,7 +168,7 @@ def test_check_format_unreadable(tmp_dir):
                               os.path.join(tmp_dir, 'absent'))
 
 
-# -- create_root_disk: qcow2 overlay -----------------------------------------------
+# -- create_root_disk: qcow2 overlay ------------------------------------------
 
 def test_overlay_sized_to_root_gb(tmp_dir):
     base = raw_image(tmp_dir, 64 * units.Mi)
@@ -249,7 +249,7 @@ def test_missing_base_refused(tmp_dir):
     assert not os.path.exists(disk)
 
 
-# -- create_root_disk: sparse raw copy (bhyve) --------------------------------------
+# -- create_root_disk: sparse raw copy (bhyve) --------------------------------
 
 @pytest.mark.parametrize('maker,fmt', [(raw_image, 'raw'),
                                        (qcow2_image, 'qcow2')])

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from test_vdsk_sanitizers import cli  # noqa: F401 - fixture
 from test_vdsk_sanitizers import Runner
 

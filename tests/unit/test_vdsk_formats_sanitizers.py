@@ -9,8 +9,8 @@ import struct
 import subprocess
 
 import pytest
-
-from test_vdsk_sanitizers import Runner, cli  # noqa: F401 - fixture
+from test_vdsk_sanitizers import cli  # noqa: F401 - fixture
+from test_vdsk_sanitizers import Runner  # noqa: F401 - fixture
 
 KiB, MiB = 1 << 10, 1 << 20
 

@@ -8,9 +8,9 @@ import struct
 import subprocess
 
 import pytest
-
-from test_vdsk_sanitizers import SAN_MARKERS, cli  # noqa: F401 - fixture
+from test_vdsk_sanitizers import cli  # noqa: F401 - fixture
 from test_vdsk_sanitizers import Runner as _Runner
+from test_vdsk_sanitizers import SAN_MARKERS  # noqa: F401 - fixture
 
 MiB = 1 << 20
 

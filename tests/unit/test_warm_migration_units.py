@@ -14,25 +14,26 @@ import os
 import signal
 from unittest import mock
 
-import pytest
-
 from nova.compute import power_state
+from oslo_utils import units
+import pytest
+from test_move_rescue import _driver
+from test_move_rescue import _image_meta
+from test_move_rescue import _instance
+from test_move_rescue import _spawned  # noqa: F401  (bhyve_env is a fixture)
+from test_move_rescue import UUID
+
 from nova import exception
 from nova import objects
-from oslo_utils import units
-
-from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve import conf
-from nova_bhyve.migration import resize
 from nova_bhyve import guest
-from nova_bhyve.storage import vdsk
-from nova_bhyve.migration import warm as warm_migration
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
-
-from test_move_rescue import UUID, _driver, _image_meta, _instance, \
-    _spawned, bhyve_env  # noqa: F401  (bhyve_env is a fixture)
+from nova_bhyve.migration import cold as cold_migration
+from nova_bhyve.migration import resize
+from nova_bhyve.migration import warm as warm_migration
+from nova_bhyve.storage import vdsk
 
 CONF = conf.CONF
 

@@ -1,5 +1,6 @@
 """FreeBSD bhyve backend: a VMSpec as a bhyve(8) config tree, run by
-``bhyve -k FILE`` under nova_bhyve.hypervisor.bhyve.supervisor, controlled with bhyvectl(8).
+``bhyve -k FILE`` under nova_bhyve.hypervisor.bhyve.supervisor, controlled with
+bhyvectl(8).
 
 NEVER EXERCISED ON A REAL FREEBSD HOST. Every key, value and exit status
 below was checked against FreeBSD's usr.sbin/bhyve sources and the bhyve(8),
@@ -42,11 +43,11 @@ import subprocess
 from nova.compute import power_state
 
 from nova_bhyve import conf
+from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import config
 from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
-from nova_bhyve.hypervisor.bhyve import supervisor
-from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
+from nova_bhyve.hypervisor.bhyve import supervisor
 
 CONF = conf.CONF
 
@@ -57,7 +58,7 @@ def freebsd_version(release):
 
 
 class BhyveHypervisor(base.Hypervisor):
-    """bhyve(8) under nova_bhyve.hypervisor.bhyve.supervisor (policy 'bhyve')."""
+    """bhyve(8) under the supervisor (bhyve/supervisor.py, policy 'bhyve')."""
 
     name = 'bhyve'
     instance_disk_format = 'raw'     # bhyve has no qcow2 reader

@@ -61,8 +61,8 @@ import dataclasses
 import ipaddress
 import json
 import re
-import socket
 import signal
+import socket
 import subprocess
 import time
 
@@ -133,8 +133,8 @@ def _endpoint(support, host, port):
 def check_request(support, live, bandwidth_mibps=0, config_tree=None):
     """Refuse what the prototype cannot do, with the reason.
 
-    ``config_tree``: the source VM's bhyve config (bhyve_config.parse_config), for
-    live migration's wired-memory requirement."""
+    ``config_tree``: the source VM's bhyve config (bhyve_config.parse_config),
+    for live migration's wired-memory requirement."""
     if not support.warm:
         raise NotImplementedError(
             'this bhyve was built without the migration prototype '

@@ -2,8 +2,9 @@
 
 Run as::
 
-    python -m nova_bhyve.hypervisor.bhyve.supervisor --vmdir DIR [--policy bhyve]
-        [--console-device PATH] [--console-keep-bytes N] [--daemonize]
+    python -m nova_bhyve.hypervisor.bhyve.supervisor --vmdir DIR
+        [--policy bhyve] [--console-device PATH] [--console-keep-bytes N]
+        [--daemonize]
         [--first-run-arg=ARG ...] -- ARGV...
 
 ``--first-run-arg`` arguments are appended to ARGV for the first start only
@@ -409,7 +410,8 @@ def spawn(vmdir, argv, policy='bhyve', console_device=None,
     vmdir = os.path.abspath(vmdir)
     for name in (EXIT_STATUS, VM_PIDFILE, SUPERVISOR_PIDFILE):
         _unlink(os.path.join(vmdir, name))
-    cmd = [python or sys.executable, '-m', 'nova_bhyve.hypervisor.bhyve.supervisor',
+    cmd = [python or sys.executable, '-m',
+           'nova_bhyve.hypervisor.bhyve.supervisor',
            '--vmdir', vmdir, '--policy', policy, '--daemonize']
     if console_device:
         cmd += ['--console-device', console_device]

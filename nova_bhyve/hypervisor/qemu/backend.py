@@ -13,14 +13,14 @@ from nova.compute import power_state
 from oslo_log import log as logging
 
 from nova_bhyve import conf
-from nova_bhyve.hypervisor.qemu import accel
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor.qemu import accel
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
+from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
-from nova_bhyve.hypervisor.qemu import qmp
 
 LOG = logging.getLogger(__name__)
 CONF = conf.CONF
@@ -421,7 +421,7 @@ class QemuHypervisor(base.Hypervisor):
             except qmp.QMPError as e:
                 LOG.debug('netdev_del %s: %s', netdev, e)
 
-    # -- consoles and volumes (see nova_bhyve.devices.consoles / volumes) ---------
+    # -- consoles and volumes (see nova_bhyve.devices.consoles / volumes) -----
 
     def vnc_port(self, vmdir, spec):
         """The port the VM's VNC server really listens on (QMP query-vnc:

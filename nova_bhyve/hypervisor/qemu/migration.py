@@ -51,7 +51,9 @@ import time
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
-from nova_bhyve.hypervisor.qemu import migration_params as qemu_migration_params
+from nova_bhyve.hypervisor.qemu import (
+    migration_params as qemu_migration_params,
+)
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import state as qemu_state
