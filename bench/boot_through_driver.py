@@ -44,6 +44,7 @@ import threading
 import time
 
 import boot_bare  # noqa: E402
+
 import common  # noqa: F401  (sys.path)
 import nova_harness  # noqa: E402
 

@@ -192,8 +192,9 @@ class Timings:
     clears what was recorded since the last call."""
 
     def __init__(self, test):
-        import nova_bhyve.driver as drv
-        from nova_bhyve.storage import image_cache as storage
+        from nova_bhyve.devices import consoles
+        from nova_bhyve.storage import disks
+        from nova_bhyve.storage import image_cache
         self._calls = {}
         #: (monotonic start, end) of every call, per label; never cleared
         self.marks = {}
@@ -201,10 +202,10 @@ class Timings:
         self._wrap(test, driver, 'spawn', 'driver.spawn')
         self._wrap(test, driver, 'get_info', 'driver.get_info')
         self._wrap(test, driver.hypervisor, 'start', 'hypervisor.start')
-        self._wrap(test, storage, 'fetch_image', 'storage.fetch_image')
-        self._wrap(test, storage, 'create_root_disk',
+        self._wrap(test, image_cache, 'fetch_image', 'storage.fetch_image')
+        self._wrap(test, disks, 'create_root_disk',
                    'storage.create_root_disk')
-        self._wrap(test, drv, '_rotate_console_log', 'rotate_console_log')
+        self._wrap(test, consoles, 'rotate_log', 'rotate_console_log')
 
     def _wrap(self, test, obj, name, label):
         real = getattr(obj, name)

@@ -15,15 +15,15 @@ The migration modules take this driver and use its public members only:
 """
 import os
 
-from nova.compute import power_state
-from oslo_log import log as logging
-from oslo_utils import excutils
-
 from nova import exception
+from nova.compute import power_state
 from nova.virt import driver
 from nova.virt import hardware
 from nova.virt import images
 from nova.virt import node as virt_node
+from oslo_log import log as logging
+from oslo_utils import excutils
+
 from nova_bhyve import conf
 from nova_bhyve import diagnostics
 from nova_bhyve import events
@@ -43,6 +43,7 @@ from nova_bhyve.migration import resize
 from nova_bhyve.migration import runner
 from nova_bhyve.net import hotplug
 from nova_bhyve.net import vif as net_vif
+from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache
 from nova_bhyve.storage import snapshot
 
@@ -248,7 +249,7 @@ class BhyveDriver(driver.ComputeDriver):
                 instance.ramdisk_id, config_drive_dir=vmdir.path,
                 injected_files=injected_files, admin_password=admin_password,
                 network_info=network_info)
-            image_cache.create_root_disk(
+            disks.create_root_disk(
                 base_path, base_fmt, root.path, instance.flavor.root_gb,
                 image_meta.id, disk_format=root.format)
             plugged = True
@@ -538,7 +539,7 @@ class BhyveDriver(driver.ComputeDriver):
         self.watcher.unwatch(instance.uuid)
         self.hypervisor.kill(vmdir)
         try:
-            image_cache.create_root_disk(base_path, base_fmt, disk.path, 0,
+            disks.create_root_disk(base_path, base_fmt, disk.path, 0,
                                          image_id, disk_format=disk.format)
             rescue.save_spec(vmdir, rescue_spec)
             self.start_vm(vmdir, rescue_spec)

@@ -10,9 +10,8 @@ import threading
 import time
 
 from nova.compute import power_state
-from oslo_log import log as logging
-
 from nova.virt import event as virtevent
+from oslo_log import log as logging
 
 LOG = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import contextlib
 import os
 import shutil
 
+from nova import exception
 from oslo_concurrency import lockutils
 from oslo_log import log as logging
 from oslo_utils import uuidutils
 
-from nova import exception
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
 

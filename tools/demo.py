@@ -238,6 +238,7 @@ def demo_case(term, handlers):
     from nova.conf import CONF
     from nova.tests import fixtures as nova_fixtures
     from nova.tests.functional.api import client as api_client
+
     import nova_harness
 
     class DemoLogging(nova_fixtures.StandardLogging):

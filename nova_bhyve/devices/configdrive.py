@@ -15,12 +15,12 @@ it. It is built once, at spawn, like the libvirt driver does.
 """
 import os
 
+from nova import exception
 from nova.api.metadata import base as instance_metadata
+from nova.virt import configdrive
 from oslo_concurrency import processutils
 from oslo_log import log as logging
 
-from nova import exception
-from nova.virt import configdrive
 from nova_bhyve import conf
 from nova_bhyve import guest
 

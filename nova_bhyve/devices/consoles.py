@@ -19,11 +19,11 @@ consoles are found again after a nova-compute restart.
 import os
 import socket
 
+from nova import exception
 from nova.console import serial as serial_ports
 from nova.console import type as ctype
 from oslo_log import log as logging
 
-from nova import exception
 from nova_bhyve import conf
 
 LOG = logging.getLogger(__name__)

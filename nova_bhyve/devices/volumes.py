@@ -16,10 +16,10 @@ import platform
 import socket
 import sys
 
-from oslo_log import log as logging
-
 from nova import exception
 from nova.virt import driver
+from oslo_log import log as logging
+
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve import instance_store

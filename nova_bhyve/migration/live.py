@@ -43,13 +43,13 @@ import shutil
 import socket
 import uuid as uuidlib
 
+from nova import exception
 from nova.compute import vm_states
 from nova.objects import migrate_data as migrate_data_obj
+from nova.virt import driver as virt_driver
 from oslo_log import log as logging
 from oslo_utils import units
 
-from nova import exception
-from nova.virt import driver as virt_driver
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve import instance_store

@@ -10,17 +10,18 @@ image cache and grown, ports plugged, the VM resumed (warm) or booted.
 """
 import os
 
+from nova import exception
+from nova import objects
 from oslo_log import log as logging
 from oslo_utils import units
 
-from nova import exception
-from nova import objects
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import instance_store
 from nova_bhyve.devices import volumes
 from nova_bhyve.migration import cold
 from nova_bhyve.migration import warm
+from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache
 from nova_bhyve.storage import vdsk
 
@@ -110,7 +111,7 @@ def finish_migration(drv, context, instance, disk_info, network_info,
     if actual['backing_file']:
         base, base_fmt = image_cache.fetch_image(
             context, instance.image_ref, drv.image_cache_dir)
-        image_cache.rebase_root_disk(root.path, base, base_fmt)
+        disks.rebase_root_disk(root.path, base, base_fmt)
     # the config drive is made again here: its metadata
     # (network_data.json) is this host's view of the ports
     spec = drv.new_spec(context, instance, image_meta, root,
@@ -119,7 +120,7 @@ def finish_migration(drv, context, instance, disk_info, network_info,
                         network_info=network_info)
     spec.disks.extend(volumes.connect_all(block_device_info))
     if instance.flavor.root_gb:
-        image_cache.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
+        disks.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
     spec.nics = drv.plug_nics(instance, network_info, image_meta)
     instance_store.write_spec(vmdir, spec)
     resumed = False

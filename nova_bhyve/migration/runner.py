@@ -15,11 +15,11 @@ import shutil
 import threading
 import time
 
+from nova import exception
 from nova.compute import vm_states
 from oslo_log import log as logging
 from oslo_utils import units
 
-from nova import exception
 from nova_bhyve import conf
 from nova_bhyve import instance_store
 from nova_bhyve.hypervisor import base

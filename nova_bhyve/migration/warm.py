@@ -38,12 +38,12 @@ as they were saved, and reverting the resize resumes the original guest.
 """
 import os
 
+from nova import exception
 from nova.compute import power_state
 from nova.compute import utils as compute_utils
 from oslo_log import log as logging
 from oslo_serialization import jsonutils
 
-from nova import exception
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
 

@@ -1,9 +1,9 @@
 """Interface attach and detach on an existing instance: the port plugged on
 the host, the NIC hot-plugged into a running VM (a free PCIe slot of the
 spec's hotplug_ports), the spec changed under its lock."""
+from nova import exception
 from oslo_log import log as logging
 
-from nova import exception
 from nova_bhyve import instance_store
 from nova_bhyve.hypervisor import base
 from nova_bhyve.net import vif as net_vif

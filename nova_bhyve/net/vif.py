@@ -38,11 +38,11 @@ there, as root. os-vif's own calls go through its own oslo.privsep context
 import sys
 import threading
 
+from nova import exception
 from nova.network import os_vif_util
 import os_vif
 from oslo_log import log as logging
 
-from nova import exception
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve.privsep import net as privileged

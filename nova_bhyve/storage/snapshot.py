@@ -20,11 +20,11 @@ import contextlib
 import os
 import time
 
+from nova import exception
 from nova.compute import task_states
 from nova.image import glance
 from oslo_log import log as logging
 
-from nova import exception
 from nova_bhyve.hypervisor import base
 from nova_bhyve.storage import vdsk
 

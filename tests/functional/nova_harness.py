@@ -16,11 +16,12 @@ import tempfile
 import time
 from unittest import mock
 
-import conftest
 from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 
 import nova_bhyve.conf  # noqa: F401  (registers the [bhyve] options)
+
+import conftest
 
 BOOT_TIMEOUT = float(os.environ.get('NOVA_BHYVE_BOOT_TIMEOUT', '240'))
 

@@ -14,11 +14,11 @@ import socket
 import time
 import urllib.parse
 
-from nova.tests.functional.api import client
-import nova_harness
-
 from nova import context as nova_context
 from nova import objects
+from nova.tests.functional.api import client
+
+import nova_harness
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 PROMPT = b'nbguest# '

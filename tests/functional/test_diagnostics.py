@@ -2,8 +2,9 @@
 format (GET /servers/{id}/diagnostics) and the legacy one (2.1)."""
 import os
 
-import lifecycle_helpers as lh
 from nova.tests.functional.api import client
+
+import lifecycle_helpers as lh
 import nova_harness
 
 

@@ -14,11 +14,12 @@ import copy
 import os
 import time
 
-import nova_harness
+from nova import context as nova_context
 import os_resource_classes as orc
 
-from nova import context as nova_context
 from nova_bhyve import host
+
+import nova_harness
 
 COUNT = 'NOVA-BHYVE-BOOT-COUNT %d'
 ACPID = 'NOVA-BHYVE-ACPID-STARTED'

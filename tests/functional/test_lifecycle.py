@@ -9,6 +9,7 @@ import signal
 import time
 
 from nova.tests.functional import integrated_helpers  # noqa: F401
+
 import nova_harness
 
 INIT = 'NOVA-BHYVE-GUEST-INIT'

@@ -25,15 +25,16 @@ import time
 import urllib.parse
 
 import fixtures
-import lifecycle_helpers
-import nova_harness
-from tcp_proxy import TCPProxy
-
 from nova import context as nova_context
 from nova import objects
+
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.migration import policy as migration_policy
 from nova_bhyve.migration import runner
+
+import lifecycle_helpers
+import nova_harness
+from tcp_proxy import TCPProxy
 
 BOOT_ID_RE = re.compile(r'BOOTID=([0-9a-f-]{36})')
 MIGRATION_TIMEOUT = 600

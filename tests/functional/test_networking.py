@@ -12,11 +12,12 @@ import os
 import time
 
 import fixtures
-import nethelpers
-import nova_harness
 import os_vif
 
 from nova_bhyve.net import vif as network
+
+import nethelpers
+import nova_harness
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 

@@ -22,12 +22,13 @@ import json
 import os
 
 import fixtures
-import nethelpers
-import nova_harness
 import os_vif
 import test_networking
 
 from nova_bhyve.net import vif as network
+
+import nethelpers
+import nova_harness
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 INIT = 'NOVA-BHYVE-GUEST-INIT'

@@ -8,13 +8,14 @@ import os
 import threading
 import time
 
-import lifecycle_helpers as lh
 from nova.compute import power_state
 from nova.tests.functional.api import client
-import nova_harness
-
 from nova.virt import event as virtevent
+
 from nova_bhyve.hypervisor.qemu import state as qemu_state
+
+import lifecycle_helpers as lh
+import nova_harness
 
 RETRIES = 240     # x 0.5 s
 

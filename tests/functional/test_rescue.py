@@ -10,9 +10,9 @@ boot counter goes on from where it was).
 import os
 import re
 
-import nova_harness
-
 from nova_bhyve.storage import vdsk
+
+import nova_harness
 
 INIT = 'NOVA-BHYVE-GUEST-INIT boot_id='
 ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'

@@ -17,10 +17,11 @@ import signal
 from unittest import mock
 
 from nova.tests.functional.api import client
-import nova_harness
 
 from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve.storage import vdsk
+
+import nova_harness
 
 ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'
 ACPID = 'NOVA-BHYVE-ACPID-STARTED'

@@ -8,12 +8,13 @@ import errno
 import os
 import threading
 
-import lifecycle_helpers as lh
 from nova.compute import task_states
-import nova_harness
 
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.storage import vdsk
+
+import lifecycle_helpers as lh
+import nova_harness
 
 RETRIES = 480     # x 0.5 s
 

@@ -9,10 +9,10 @@ real taps; the only stand-in is the test sending Neutron's event.
 import os
 import time
 
+from nova_bhyve.hypervisor import base
+
 import nethelpers
 import nova_harness
-
-from nova_bhyve.hypervisor import base
 
 
 class TestVifPluggedEvents(nova_harness.BhyveFunctionalTestBase):

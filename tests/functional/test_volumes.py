@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import time
 
-import nethelpers
 from nova.tests.functional.api import client
-import nova_harness
 from oslo_utils.fixture import uuidsentinel as uuids
+
+import nethelpers
+import nova_harness
 
 SHELL = 'NOVA-BHYVE-SHELL-READY'
 MiB = 1024 * 1024

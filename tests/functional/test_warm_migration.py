@@ -18,12 +18,12 @@ import re
 import time
 from unittest import mock
 
-import lifecycle_helpers as lh
-import nova_harness
-
 from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve.migration import warm as warm_migration
 from nova_bhyve.storage import vdsk
+
+import lifecycle_helpers as lh
+import nova_harness
 
 GiB = 1024 ** 3
 BOOT_ID = re.compile(r'NOVA-BHYVE-GUEST-INIT boot_id=([0-9a-f-]{36})')

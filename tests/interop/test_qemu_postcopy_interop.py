@@ -26,7 +26,6 @@ import time
 import types
 
 import pytest
-from tcp_proxy import TCPProxy
 from test_qemu_migration_policy import _wait_for
 from test_qemu_migration_policy import BOOT_CODE
 from test_qemu_migration_policy import QEMU
@@ -34,6 +33,8 @@ from test_qemu_migration_policy import QEMU
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
+
+from tcp_proxy import TCPProxy
 
 pytestmark = pytest.mark.skipif(QEMU is None,
                                 reason='qemu-system-x86_64 not installed')

@@ -18,13 +18,13 @@ import time
 import types
 from unittest import mock
 
+from nova import exception
 import pytest
 from test_bhyve_backend import Fake
 from test_bhyve_migration import LIVE_USAGE
 from test_bhyve_migration import UPSTREAM_USAGE
 from test_bhyve_migration import WARM_USAGE
 
-from nova import exception
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base

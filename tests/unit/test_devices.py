@@ -10,10 +10,10 @@ import subprocess
 import tempfile
 import threading
 
+from nova import exception
 from nova.console import serial as serial_ports
 import pytest
 
-from nova import exception
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve import instance_store

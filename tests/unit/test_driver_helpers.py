@@ -6,12 +6,12 @@ import os
 import shutil
 import tempfile
 
-from nova.network import model as network_model
-import pytest
-
 from nova import exception
 from nova import objects
+from nova.network import model as network_model
 from nova.virt import driver as nova_driver
+import pytest
+
 from nova_bhyve import driver
 from nova_bhyve.devices import consoles
 from nova_bhyve.devices import volumes

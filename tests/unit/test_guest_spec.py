@@ -2,10 +2,10 @@
 image checks, and the JSON round trip used to adopt VMs after a restart."""
 import json
 
-import pytest
-
 from nova import exception
 from nova import objects
+import pytest
+
 from nova_bhyve import guest
 
 objects.register_all()

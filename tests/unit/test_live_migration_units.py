@@ -9,10 +9,10 @@ import os
 import shutil
 import types
 
+from nova import exception
 from nova.objects import migrate_data as migrate_data_obj
 import pytest
 
-from nova import exception
 from nova_bhyve import guest
 from nova_bhyve import instance_store
 from nova_bhyve.hypervisor import base

@@ -5,10 +5,11 @@ mocked: the policy has no I/O."""
 import logging
 import types
 
-import migration_sim as sim
 import pytest
 
 from nova_bhyve.migration import policy as mp
+
+import migration_sim as sim
 
 MiB, GiB = sim.MiB, sim.GiB
 

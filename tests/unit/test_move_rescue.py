@@ -13,12 +13,12 @@ import os
 import subprocess
 from unittest import mock
 
+from nova import exception
+from nova import objects
 from oslo_concurrency import processutils
 from oslo_utils import units
 import pytest
 
-from nova import exception
-from nova import objects
 from nova_bhyve import conf
 from nova_bhyve import driver
 from nova_bhyve import instance_store
@@ -27,6 +27,7 @@ from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve.migration import resize
+from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
 
@@ -154,10 +155,10 @@ def test_local_or_remote_and_target_path():
 def test_grow_raw_is_sparse_truncate(tmp_path):
     path = str(tmp_path / 'disk')
     vdsk.create(path, 'raw', 1 * units.Mi)
-    assert storage.grow_disk(path, 3 * units.Mi) == 3 * units.Mi
+    assert disks.grow_disk(path, 3 * units.Mi) == 3 * units.Mi
     assert os.path.getsize(path) == 3 * units.Mi
     # never shrinks
-    assert storage.grow_disk(path, 1 * units.Mi) == 3 * units.Mi
+    assert disks.grow_disk(path, 1 * units.Mi) == 3 * units.Mi
 
 
 def test_grow_and_rebase_qcow2_overlay(tmp_path):
@@ -171,9 +172,9 @@ def test_grow_and_rebase_qcow2_overlay(tmp_path):
     disk = str(tmp_path / 'disk')
     vdsk.create(disk, 'qcow2', 2 * units.Mi, backing=base1,
                 backing_fmt='raw')
-    assert storage.rebase_root_disk(disk, base2, 'raw')
-    assert not storage.rebase_root_disk(disk, base2, 'raw')
-    assert storage.grow_disk(disk, 5 * units.Mi) == 5 * units.Mi
+    assert disks.rebase_root_disk(disk, base2, 'raw')
+    assert not disks.rebase_root_disk(disk, base2, 'raw')
+    assert disks.grow_disk(disk, 5 * units.Mi) == 5 * units.Mi
     info = vdsk.info(disk)
     assert (info['backing_file'], info['backing_format']) == (base2, 'raw')
     # qemu-img agrees, and the data still reads through the new backing

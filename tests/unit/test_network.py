@@ -7,11 +7,11 @@ unverified on a real FreeBSD host.
 """
 from unittest import mock
 
+from nova import exception
 from nova.network import model
 from oslo_concurrency import processutils
 import pytest
 
-from nova import exception
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import backend as qemu

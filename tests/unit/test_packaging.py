@@ -274,6 +274,7 @@ def driver_conf(tmp_path):
 def test_nova_loader_builds_bhyve_driver(driver_conf):
     _installed_shim()
     from nova.virt import driver as nova_driver
+
     from nova_bhyve import driver as bhyve_driver
     try:
         drv = nova_driver.load_compute_driver(None, 'bhyve.BhyveDriver')

@@ -6,10 +6,11 @@ import os
 import shutil
 import tempfile
 
+from nova import exception
 from oslo_utils import units
 import pytest
 
-from nova import exception
+from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
 
@@ -173,7 +174,7 @@ def test_check_format_unreadable(tmp_dir):
 def test_overlay_sized_to_root_gb(tmp_dir):
     base = raw_image(tmp_dir, 64 * units.Mi)
     disk = os.path.join(tmp_dir, 'disk')
-    assert storage.create_root_disk(base, 'raw', disk, 1, IMAGE_ID) == \
+    assert disks.create_root_disk(base, 'raw', disk, 1, IMAGE_ID) == \
         units.Gi
     info = vdsk.info(disk)
     assert info['format'] == 'qcow2'
@@ -192,7 +193,7 @@ def test_overlay_sized_to_root_gb(tmp_dir):
 def test_overlay_root_gb_zero_takes_image_size(tmp_dir):
     base = qcow2_image(tmp_dir, 3 * units.Gi + 5 * units.Mi)
     disk = os.path.join(tmp_dir, 'disk')
-    size = storage.create_root_disk(base, 'qcow2', disk, 0, IMAGE_ID)
+    size = disks.create_root_disk(base, 'qcow2', disk, 0, IMAGE_ID)
     assert size == 3 * units.Gi + 5 * units.Mi
     info = vdsk.info(disk)
     assert info['virtual_size'] == size
@@ -204,7 +205,7 @@ def test_overlay_root_gb_zero_takes_image_size(tmp_dir):
 def test_overlay_root_gb_equal_to_image(tmp_dir):
     base = raw_image(tmp_dir, units.Gi)
     disk = os.path.join(tmp_dir, 'disk')
-    assert storage.create_root_disk(base, 'raw', disk, 1, IMAGE_ID) == \
+    assert disks.create_root_disk(base, 'raw', disk, 1, IMAGE_ID) == \
         units.Gi
 
 
@@ -212,7 +213,7 @@ def test_root_gb_smaller_than_image(tmp_dir):
     base = raw_image(tmp_dir, 2 * units.Gi + units.Mi)
     disk = os.path.join(tmp_dir, 'disk')
     with pytest.raises(exception.FlavorDiskSmallerThanImage) as e:
-        storage.create_root_disk(base, 'raw', disk, 2, IMAGE_ID)
+        disks.create_root_disk(base, 'raw', disk, 2, IMAGE_ID)
     assert e.value.kwargs['flavor_size'] == 2 * units.Gi
     assert e.value.kwargs['image_size'] == 2 * units.Gi + units.Mi
     assert not os.path.exists(disk)
@@ -223,7 +224,7 @@ def test_base_with_backing_file_refused(tmp_dir):
     base = qcow2_image(tmp_dir, units.Mi, backing=lower, backing_fmt='raw')
     disk = os.path.join(tmp_dir, 'disk')
     with pytest.raises(exception.ImageUnacceptable) as e:
-        storage.create_root_disk(base, 'qcow2', disk, 1, IMAGE_ID)
+        disks.create_root_disk(base, 'qcow2', disk, 1, IMAGE_ID)
     assert 'backing file' in str(e.value)
     assert not os.path.exists(disk)
 
@@ -235,7 +236,7 @@ def test_format_mismatch_refused(tmp_dir, maker, claimed, disk_format):
     base = maker(tmp_dir, units.Mi)
     disk = os.path.join(tmp_dir, 'disk')
     with pytest.raises(exception.ImageUnacceptable) as e:
-        storage.create_root_disk(base, claimed, disk, 1, IMAGE_ID,
+        disks.create_root_disk(base, claimed, disk, 1, IMAGE_ID,
                                  disk_format=disk_format)
     assert 'not %s' % claimed in str(e.value)
     assert not os.path.exists(disk)
@@ -244,7 +245,7 @@ def test_format_mismatch_refused(tmp_dir, maker, claimed, disk_format):
 def test_missing_base_refused(tmp_dir):
     disk = os.path.join(tmp_dir, 'disk')
     with pytest.raises(exception.ImageUnacceptable):
-        storage.create_root_disk(os.path.join(tmp_dir, 'absent'), 'raw',
+        disks.create_root_disk(os.path.join(tmp_dir, 'absent'), 'raw',
                                  disk, 1, IMAGE_ID)
     assert not os.path.exists(disk)
 
@@ -256,7 +257,7 @@ def test_missing_base_refused(tmp_dir):
 def test_raw_copy(tmp_dir, maker, fmt):
     base = maker(tmp_dir, 32 * units.Mi)
     disk = os.path.join(tmp_dir, 'disk')
-    size = storage.create_root_disk(base, fmt, disk, 1, IMAGE_ID,
+    size = disks.create_root_disk(base, fmt, disk, 1, IMAGE_ID,
                                     disk_format='raw')
     assert size == units.Gi
     assert vdsk.info(disk)['format'] == 'raw'
@@ -277,7 +278,7 @@ def test_raw_copy_root_gb_zero_and_odd_size(tmp_dir):
     size = 5 * units.Mi + 4096           # not a multiple of the copy chunk
     base = raw_image(tmp_dir, size)
     disk = os.path.join(tmp_dir, 'disk')
-    assert storage.create_root_disk(base, 'raw', disk, 0, IMAGE_ID,
+    assert disks.create_root_disk(base, 'raw', disk, 0, IMAGE_ID,
                                     disk_format='raw') == size
     with open(base, 'rb') as a, open(disk, 'rb') as b:
         assert a.read() == b.read()
@@ -287,6 +288,6 @@ def test_raw_copy_too_small_creates_nothing(tmp_dir):
     base = raw_image(tmp_dir, units.Gi + 512)
     disk = os.path.join(tmp_dir, 'disk')
     with pytest.raises(exception.FlavorDiskSmallerThanImage):
-        storage.create_root_disk(base, 'raw', disk, 1, IMAGE_ID,
+        disks.create_root_disk(base, 'raw', disk, 1, IMAGE_ID,
                                  disk_format='raw')
     assert not os.path.exists(disk)

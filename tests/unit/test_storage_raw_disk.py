@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from nova_bhyve.storage import image_cache as storage
+from nova_bhyve.storage import disks
 from nova_bhyve.storage import vdsk
 
 MiB = 1024 * 1024
@@ -20,7 +20,7 @@ def test_raw_root_disk_is_a_sparse_identical_copy(tmp_path, base_format):
         img.write(5 * MiB + 4096, b'\xa5' * 8192)
         img.flush()
     disk = str(tmp_path / 'disk')
-    size = storage.create_root_disk(base, base_format, disk, 1, 'img',
+    size = disks.create_root_disk(base, base_format, disk, 1, 'img',
                                     disk_format='raw')
     assert size == 1024 * MiB
     assert os.path.getsize(disk) == 1024 * MiB

@@ -14,17 +14,12 @@ import os
 import signal
 from unittest import mock
 
+from nova import exception
+from nova import objects
 from nova.compute import power_state
 from oslo_utils import units
 import pytest
-from test_move_rescue import _driver
-from test_move_rescue import _image_meta
-from test_move_rescue import _instance
-from test_move_rescue import _spawned  # noqa: F401  (bhyve_env is a fixture)
-from test_move_rescue import UUID
 
-from nova import exception
-from nova import objects
 from nova_bhyve import conf
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
@@ -34,6 +29,13 @@ from nova_bhyve.migration import cold as cold_migration
 from nova_bhyve.migration import resize
 from nova_bhyve.migration import warm as warm_migration
 from nova_bhyve.storage import vdsk
+
+from test_move_rescue import _driver
+from test_move_rescue import _image_meta
+from test_move_rescue import _instance
+from test_move_rescue import _spawned
+from test_move_rescue import bhyve_env  # noqa: F401  (a fixture)
+from test_move_rescue import UUID
 
 CONF = conf.CONF
 
