@@ -141,3 +141,22 @@ def test_no_module_touches_the_drivers_private_members():
                 with open(os.path.join(root, name)) as f:
                     text = f.read()
                 assert not pattern.search(text), name
+
+
+def test_no_module_touches_another_modules_private_names():
+    touched = []
+    for mod, tree in MODULES.items():
+        aliases = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and \
+                    node.module.startswith('nova_bhyve'):
+                aliases.update(a.asname or a.name for a in node.names)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and \
+                    isinstance(node.value, ast.Name) and \
+                    node.value.id in aliases and \
+                    node.attr.startswith('_') and \
+                    not node.attr.startswith('__'):
+                touched.append('%s:%d %s.%s' % (mod, node.lineno,
+                                                node.value.id, node.attr))
+    assert touched == []

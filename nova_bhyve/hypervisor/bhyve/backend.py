@@ -78,7 +78,7 @@ class BhyveHypervisor(base.Hypervisor):
     def bhyvectl_argv(self, vm_name, *ops):
         return [self.bhyvectl, '--vm=%s' % vm_name] + list(ops)
 
-    def _bhyvectl(self, vm_name, *ops, check=True):
+    def bhyvectl_call(self, vm_name, *ops, check=True):
         argv = self.bhyvectl_argv(vm_name, *ops)
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -259,15 +259,15 @@ class BhyveHypervisor(base.Hypervisor):
     def destroy_vmm(self, vm_name):
         """Release the vmm(4) instance if it is still there."""
         if self.vmm_exists(vm_name):
-            self._bhyvectl(vm_name, '--destroy')
+            self.bhyvectl_call(vm_name, '--destroy')
 
     def force_reset(self, vmdir):
         """Hard reset: bhyve exits 0 and the supervisor starts it again."""
-        self._bhyvectl(self.vm_name(vmdir), '--force-reset')
+        self.bhyvectl_call(self.vm_name(vmdir), '--force-reset')
 
     def force_poweroff(self, vmdir):
         """Hard power off: bhyve exits 1, the supervisor stops."""
-        self._bhyvectl(self.vm_name(vmdir), '--force-poweroff')
+        self.bhyvectl_call(self.vm_name(vmdir), '--force-poweroff')
 
     def pause(self, vmdir):
         raise NotImplementedError(

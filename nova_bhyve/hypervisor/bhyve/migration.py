@@ -194,12 +194,12 @@ class BhyveMigration:
         argv = migrate_argv(hyp, support, name, dest_host, port, live)
         sup = hyp.supervisor_pid(vmdir)
         # bhyve exits 0 once migrated: not a reboot for the supervisor
-        bhyve_state._signal(sup, signal.SIGUSR1)
+        bhyve_state.signal_process(sup, signal.SIGUSR1)
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True)
         if proc.returncode != 0:
-            bhyve_state._signal(sup, signal.SIGUSR2)
+            bhyve_state.signal_process(sup, signal.SIGUSR2)
             raise base.HypervisorError('%s failed (%d): %s' % (
                 ' '.join(argv), proc.returncode, proc.stderr.strip()))
         return cls(hyp, vmdir, vm, sup)
@@ -241,7 +241,7 @@ class BhyveMigration:
         bhyve is still running after a failed migration (the destination
         reported the failure)."""
         if base.process_alive(self.vm_pid, self.vmdir.uuid):
-            bhyve_state._signal(self.supervisor_pid, signal.SIGUSR2)
+            bhyve_state.signal_process(self.supervisor_pid, signal.SIGUSR2)
 
     def progress(self):
         raise NotImplementedError(

@@ -60,7 +60,7 @@ def check_state_files(path):
                                    % ', '.join(missing))
 
 
-def _signal(pid, signum):
+def signal_process(pid, signum):
     if pid:
         try:
             os.kill(pid, signum)
@@ -77,9 +77,9 @@ def save(hyp, vmdir, timeout=SAVE_TIMEOUT):
         raise base.HypervisorError('instance %s has no bhyve process to save'
                                    % vmdir.uuid)
     sup = hyp.supervisor_pid(vmdir)
-    _signal(sup, signal.SIGUSR1)           # bhyve's exit 0 is not a reboot
+    signal_process(sup, signal.SIGUSR1)   # bhyve's exit 0 is not a reboot
     try:
-        hyp._bhyvectl(name, '--suspend=%s' % partial)
+        hyp.bhyvectl_call(name, '--suspend=%s' % partial)
         if not base.wait_for_exit(vm, timeout, vmdir.uuid, poll=POLL):
             raise base.HypervisorError(
                 'bhyve did not exit within %.0f s after --suspend' % timeout)
@@ -89,7 +89,7 @@ def save(hyp, vmdir, timeout=SAVE_TIMEOUT):
             if os.path.exists(p):
                 os.unlink(p)
         if hyp.pid(vmdir) is not None:
-            _signal(sup, signal.SIGUSR2)   # still running: reboots again
+            signal_process(sup, signal.SIGUSR2)   # still running: reboots
         raise
     for suffix in SUFFIXES:
         os.rename(partial + suffix, path + suffix)
