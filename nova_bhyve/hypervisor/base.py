@@ -404,7 +404,7 @@ class MigrationHandle(abc.ABC):
 
     @abc.abstractmethod
     def apply(self, step):
-        """Carry out a convergence step (migration_policy.Step)."""
+        """Carry out a convergence step (migration/policy.py: Step)."""
 
     @abc.abstractmethod
     def force_complete(self):

@@ -4,7 +4,7 @@ The orchestration polls the running migration (about every 0.5 s) and hands
 the numbers to :meth:`ConvergencePolicy.decide` as a :class:`Progress`; the
 policy answers with the :class:`Step` s to apply (raise the allowed downtime,
 throttle the vCPUs, switch to post-copy, abort). Mapping a Step onto a
-hypervisor is somebody else's job (QEMU: hypervisor/qemu_migration_params.py).
+hypervisor is somebody else's job (QEMU: hypervisor/qemu/migration_params.py).
 docs/migration.md, "Live migration: convergence policy", has the derivation
 and the numbers behind every constant below.
 

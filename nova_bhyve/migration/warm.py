@@ -5,7 +5,7 @@ the guest's memory: on the source the running VM is suspended (the
 backend's save: QEMU migration to a file, bhyve ``bhyvectl --suspend``)
 into the instance directory instead of being powered off; the state files
 (and the console log, so the guest's console history continues) move with
-the disks (cold_migration.move_out); the destination restores the VM from
+the disks (migration/cold.py: move_out); the destination restores the VM from
 them instead of booting it. The source's ``<uuid>_resize`` copy keeps its
 own state file, so a revert resumes the guest on the source as it was when
 it was suspended. Confirm deletes that copy with the rest of the directory.

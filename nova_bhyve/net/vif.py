@@ -29,11 +29,12 @@ is refused before anything is created, with InvalidInput so the build
 aborts with that message as the fault.
 
 Privileges: the driver's own tap/bridge/OVS operations are the functions
-of ``nova_bhyve.privsep.net``, run in a privileged process (``privsep.py``:
-an oslo.privsep daemon of this project's on Linux, a one-shot helper behind
-sudo/doas on FreeBSD). The _Linux/_FreeBSD classes below are what runs
-there, as root. os-vif's own calls go through its own oslo.privsep context
-(``vif_plug_ovs_privileged``), as for the libvirt driver.
+of ``nova_bhyve.privsep.net``, run in a privileged process
+(``privsep/__init__.py``: an oslo.privsep daemon of this project's on Linux,
+a one-shot helper behind sudo/doas on FreeBSD). net/linux.py and
+net/freebsd.py are what runs there, as root. os-vif's own calls go through
+its own oslo.privsep context (``vif_plug_ovs_privileged``), as for the
+libvirt driver.
 """
 import sys
 import threading

@@ -91,7 +91,7 @@ def incoming_qmp(policy):
 
 
 def qmp_for_step(step):
-    """The QMP commands that apply one migration_policy.Step."""
+    """The QMP commands that apply one migration/policy.py Step."""
     if step.kind == 'downtime':
         return [('migrate-set-parameters',
                  {'downtime-limit': int(step.value)})]

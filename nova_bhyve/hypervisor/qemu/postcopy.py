@@ -10,7 +10,7 @@ decides the moment, once the disks are in sync, in two cases:
 
 * pre-copy: QEMU reports ``completed`` (the source's vCPUs are stopped, all
   memory sent) and the block mirrors into the destination's NBD exports
-  completed (qemu_migration.OutgoingMigration.finish, then
+  completed (hypervisor/qemu/migration.py: OutgoingMigration.finish, then
   ``resume_destination``) - the point where libvirt's Finish phase resumes
   the guest, before Nova's post step;
 * post-copy: QEMU reports ``postcopy-active`` (the source's vCPUs are
@@ -40,7 +40,7 @@ The listener lives in the destination's nova-compute process. If it is gone
 (nova-compute restarted) nothing answers: a refusal - the destination
 certainly did not run the guest - as is an answer starting ``refused:``
 (it did nothing). After a completed pre-copy the source then takes the
-guest back and fails the migration (live_migration.Migration
+guest back and fails the migration (migration/runner.py: Migration
 ._resume_destination; shared instances path and post-copy: the guest runs
 once Nova's post_live_migration_at_destination is reached instead -
 finish_incoming, which also closes the listener and runs ``cont`` only if
