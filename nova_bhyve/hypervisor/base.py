@@ -369,7 +369,7 @@ class MigrationSnapshot:
 
 class MigrationHandle(abc.ABC):
     """One outgoing live migration, as the orchestration
-    (nova_bhyve.migration.live) drives it on the source:
+    (nova_bhyve.migration.runner) drives it on the source:
 
     ``start_mirror()`` (parameters; disk copy when it is a block migration),
     ``mirror_ready()`` until True, ``start_memory()``, then ``poll()`` about
@@ -417,6 +417,14 @@ class MigrationHandle(abc.ABC):
     @abc.abstractmethod
     def cancel(self):
         """Abandon the migration; the guest runs on here."""
+
+    def switchover(self):
+        """The source reports the switch to post-copy: complete the disk
+        copies and have the destination run the guest. Returns None, or
+        why the destination did not resume it (it then runs at
+        finish_incoming); HypervisorError when a disk copy failed.
+        NotImplementedError: the backend has no post-copy."""
+        raise NotImplementedError()
 
     def resume_destination(self):
         """After finish(): have the destination run the guest now, before

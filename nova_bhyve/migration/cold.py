@@ -7,8 +7,8 @@ The flow follows Nova's libvirt driver:
   confirm or revert) and its disks are copied into ``<uuid>`` on the
   destination;
 * destination, ``finish_migration``: the spec is rebuilt for the new flavor
-  (see driver.py), the root disk is rebased on the destination's image cache
-  and grown to the new root_gb;
+  (migration/resize.py, BhyveDriver.new_spec), the root disk is rebased on
+  the destination's image cache and grown to the new root_gb;
 * source, ``confirm_migration``: ``<uuid>_resize`` is removed;
 * source, ``finish_revert_migration``: ``<uuid>_resize`` is renamed back.
 

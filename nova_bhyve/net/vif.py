@@ -54,7 +54,6 @@ CONF = conf.CONF
 SUPPORTED_BINDINGS = ('ovs', 'bridge', 'tap')
 NIC_NAME_LEN = 14          # Nova's network_model.NIC_NAME_LEN (IFNAMSIZ - 2)
 DEFAULT_OVS_BRIDGE = 'br-int'
-HOTPLUG_PORTS = 4           # empty PCIe slots a QEMU VM gets for NICs
 
 _osvif_lock = threading.Lock()
 _osvif_ready = False

@@ -1,5 +1,5 @@
 """What QEMU 7.2 does with a ``-S`` destination in post-copy, and the
-switchover of hypervisor/qemu_postcopy.py against it.
+switchover of hypervisor/qemu/postcopy.py against it.
 
 Two real ``qemu-system-x86_64 -accel tcg -m 64`` processes running the
 memory-dirtying boot sector of test_qemu_migration_policy.py, migrating

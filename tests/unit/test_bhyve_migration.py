@@ -1,4 +1,4 @@
-"""hypervisor/bhyve_migration.py at its boundary.
+"""hypervisor/bhyve/migration.py at its boundary.
 
 bhyve(8) and bhyvectl(8) with the FreeBSD-UPB migration prototype cannot run
 here (no FreeBSD, no vmm(4)), so ``subprocess.run`` is mocked for bhyvectl

@@ -1,5 +1,5 @@
-"""hypervisor/qemu.py: the exact QEMU command line for representative specs,
-and the power state when the VM process is absent.
+"""hypervisor/qemu/backend.py: the exact QEMU command line for
+representative specs, and the power state when the VM process is absent.
 
 render_argv is pure, so the argv is pinned element by element. The option
 syntax (``-blockdev`` dotted keys, ``,,`` escaping, ``ide-cd``/``ide-hd`` on

@@ -1,4 +1,4 @@
-"""hypervisor/qemu_migration_params.py: the commands are pinned, and every
+"""hypervisor/qemu/migration_params.py: the commands are pinned, and every
 one is sent to a real QEMU (``qemu-system-x86_64 -machine none``, no guest,
 no accelerator needed) through nova_bhyve.hypervisor.qemu.qmp, which proves
 QEMU 7.2's QMP schema accepts each command and argument;

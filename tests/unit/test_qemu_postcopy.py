@@ -2,7 +2,7 @@
 
 QEMU is replaced by a recorder of QMP commands (qmp.execute) answering what
 a real QEMU 7.2 answers at that point of a migration (the real behaviour is
-checked in tests/interop/test_qemu_postcopy.py and, through Nova,
+checked in tests/interop/test_qemu_postcopy_interop.py and, through Nova,
 tests/functional/test_live_migration.py TestPostCopy). The resume request
 travels over a real loopback socket to a real ResumeListener.
 """
