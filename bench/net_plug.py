@@ -137,7 +137,7 @@ def spawn_to_ping(runs):
                 self.wait_for_console(server, 'NOVA-BHYVE-SHELL-READY')
                 t_net_shell = time.monotonic() - t0
                 sh = nethelpers.GuestShell(
-                    os.path.join(self.vmdir(server), 'serial.sock'))
+                    nova_harness.vm_socket(self.vmdir(server), 'serial'))
                 sh.check('ip addr add %s/24 dev eth0 && ip link set eth0 up'
                          % port['fixed_ips'][0]['ip_address'])
                 while True:

@@ -61,8 +61,18 @@ OPTS = [
                     'get_console_output (the tail of the log).'),
     cfg.IntOpt('console_log_keep_bytes',
                default=1024 * 1024, min=4096,
-               help='Size at which the console log of an instance is '
-                    'rotated when the VM (re)starts.'),
+               help='Most bytes kept in the console log of an instance: '
+                    'it is cut to its tail when it grows past this size, '
+                    'when the VM (re)starts and, on the qemu backend (the '
+                    'console logger process) and bhyve (its supervisor), '
+                    'while the VM runs.'),
+    cfg.StrOpt('runtime_path',
+               default='/run/nova-bhyve',
+               help='Directory of the VMs\' runtime files: each VM gets a '
+                    'directory in it (mode 0700) holding its monitor '
+                    'sockets (qemu backend). Kept short, independent of '
+                    'instances_path: a unix socket path has at most 107 '
+                    'bytes, so this path may have at most 47.'),
 
     cfg.StrOpt('privileged_transport',
                default='auto',

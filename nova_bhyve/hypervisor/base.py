@@ -8,11 +8,16 @@ nova-compute restart is in that directory.
 import abc
 import dataclasses
 import errno
+import hashlib
 import os
 import signal
 import time
 
 from nova.compute import power_state
+
+from nova_bhyve import conf
+
+CONF = conf.CONF
 
 
 class HypervisorError(Exception):
@@ -25,24 +30,55 @@ class DestinationRefused(HypervisorError):
     source still holds the whole guest and may take it back."""
 
 
-class VMDir:
-    """Paths of one VM's files. Only naming here, no policy."""
+#: longest path a unix socket can be bound at (sockaddr_un.sun_path is
+#: 108 bytes with the terminating NUL)
+SUN_PATH_MAX = 107
+#: the longest socket name in a runtime directory
+_LONGEST_SOCKET = 'events.sock'
+#: length of a runtime directory's name: uuid, '-', 10 hex digits
+RUNTIME_NAME_LEN = 36 + 1 + 10
+#: longest [bhyve] runtime_path with which every socket path fits
+RUNTIME_ROOT_MAX = SUN_PATH_MAX - RUNTIME_NAME_LEN - len(_LONGEST_SOCKET) - 2
 
-    def __init__(self, path):
+
+class VMDir:
+    """Paths of one VM's files. Only naming here, no policy.
+
+    Two directories: ``path`` (in instances_path: spec, pid file, console
+    log, disks) and ``runtime`` (in ``[bhyve] runtime_path``: the monitor
+    sockets). The runtime directory's name is the VM directory's name plus
+    a digest of its absolute path, so it stays short whatever
+    instances_path is, is found again from ``path`` alone (adoption after
+    a nova-compute restart), and differs for every VM directory (an
+    incoming live migration's runtime VMDir, two nova-computes sharing a
+    machine in tests)."""
+
+    def __init__(self, path, runtime_root=None):
         self.path = path
+        self.runtime_root = runtime_root
 
     def _p(self, name):
         return os.path.join(self.path, name)
+
+    def _r(self, name):
+        return os.path.join(self.runtime, name)
 
     @property
     def uuid(self):
         return os.path.basename(self.path.rstrip('/'))
 
+    @property
+    def runtime(self):
+        root = self.runtime_root or CONF.bhyve.runtime_path
+        digest = hashlib.sha256(os.path.abspath(self.path).encode())
+        return os.path.join(root, '%s-%s' % (self.uuid[:36],
+                                             digest.hexdigest()[:10]))
+
     spec = property(lambda self: self._p('spec.json'))
     pidfile = property(lambda self: self._p('vm.pid'))
-    control = property(lambda self: self._p('control.sock'))
-    events = property(lambda self: self._p('events.sock'))
-    serial = property(lambda self: self._p('serial.sock'))
+    control = property(lambda self: self._r('control.sock'))
+    events = property(lambda self: self._r(_LONGEST_SOCKET))
+    serial = property(lambda self: self._r('serial.sock'))
     console_log = property(lambda self: self._p('console.log'))
     exit_status = property(lambda self: self._p('exit.status'))
     #: memory + device state of a suspended VM (see Hypervisor.save)
@@ -57,6 +93,53 @@ class VMDir:
                 return int(f.read().strip() or 0) or None
         except (OSError, ValueError):
             return None
+
+
+def check_runtime_root(root):
+    """HypervisorError when the socket paths under ``root`` would not fit
+    a unix socket address."""
+    if len(os.path.abspath(root).encode()) > RUNTIME_ROOT_MAX:
+        raise HypervisorError(
+            '[bhyve] runtime_path %s is too long: at most %d bytes, so that '
+            'the VMs\' unix sockets fit in %d bytes' % (
+                root, RUNTIME_ROOT_MAX, SUN_PATH_MAX))
+
+
+def make_runtime_dir(vmdir):
+    """A fresh, empty VMDir.runtime (mode 0700), whatever was there."""
+    root = vmdir.runtime_root or CONF.bhyve.runtime_path
+    check_runtime_root(root)
+    os.makedirs(root, 0o755, exist_ok=True)
+    remove_runtime_dir(vmdir)
+    os.mkdir(vmdir.runtime, 0o700)
+    return vmdir.runtime
+
+
+def remove_runtime_dir(vmdir):
+    path = vmdir.runtime
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:       # sockets and files only, never a tree
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
+def move_runtime_dir(src, dst):
+    """The runtime directory of VMDir ``src`` becomes ``dst``'s (a live
+    migration's incoming VM adopted on a shared instances path): the
+    sockets in it keep working."""
+    if not os.path.isdir(src.runtime):
+        return
+    remove_runtime_dir(dst)
+    os.rename(src.runtime, dst.runtime)
 
 
 def process_alive(pid, marker=None):
@@ -285,15 +368,17 @@ class Hypervisor(abc.ABC):
         (None on the destination)."""
 
     #: the files of an incoming VM's runtime directory that become the
-    #: instance's (shared instances path, see adopt_incoming)
-    RUNTIME_FILES = ('vm.pid', 'control.sock', 'events.sock', 'serial.sock',
-                     'console.log', 'spec.json')
+    #: instance's (shared instances path, see adopt_incoming); the sockets
+    #: of VMDir.runtime are moved as a directory
+    RUNTIME_FILES = ('vm.pid', 'console.log', 'spec.json')
 
     def adopt_incoming(self, runtime, vmdir):
         """Shared instances path: the migrated VM runs from ``runtime`` (a
         VMDir inside ``vmdir``); make it the instance's VM. Default: move
-        its files (the sockets keep working under their new names). Returns
-        True when ``runtime`` can be removed."""
+        its files and its VMDir.runtime directory (the sockets keep working
+        under their new names). Returns True when ``runtime`` can be
+        removed."""
+        move_runtime_dir(runtime, vmdir)
         for name in self.RUNTIME_FILES:
             if os.path.exists(os.path.join(runtime.path, name)):
                 os.replace(os.path.join(runtime.path, name),

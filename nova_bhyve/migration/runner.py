@@ -272,6 +272,7 @@ class Migration:
                 LOG.warning('the destination VM %d did not exit', pid,
                             instance=self.instance)
             shutil.rmtree(runtime.path, ignore_errors=True)
+            base.remove_runtime_dir(runtime)
         if self.drv.hypervisor.pid(self.vmdir) is not None:
             self.drv.watcher.watch(self.vmdir)
         else:

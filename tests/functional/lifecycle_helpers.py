@@ -57,7 +57,7 @@ def guest_shell(test, server, command, expect, timeout=120, boots=1):
     ``boots``: the shell of the boots-th boot of this server."""
     test.wait_for_console(server, SHELL_READY, count=boots)
     before = console_log(test, server).count(expect)
-    path = os.path.join(test.vmdir(server), 'serial.sock')
+    path = nova_harness.vm_socket(test.vmdir(server), 'serial')
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(path)
         s.sendall(b'\n' + command.encode() + b'\n')

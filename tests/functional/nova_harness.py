@@ -20,6 +20,7 @@ from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 
 import nova_bhyve.conf  # noqa: F401  (registers the [bhyve] options)
+from nova_bhyve.hypervisor import base as hyp_base
 
 import conftest
 
@@ -50,6 +51,13 @@ def glance_image(glance, name, path, disk_format, container='bare',
     return glance.create(None, meta, data=io.BytesIO(data))
 
 
+
+def vm_socket(vmdir, name):
+    """Path of the VM socket ``name`` ('serial', 'control', 'events') of
+    the instance directory ``vmdir``: in the VM's runtime directory under
+    [bhyve] runtime_path (hypervisor.base.VMDir), not in ``vmdir``."""
+    return getattr(hyp_base.VMDir(vmdir), name)
+
 def _kill_leftovers(instances_path):
     """Stop, by pid, any VM a failed test left, and remove the files."""
     for uuid in os.listdir(instances_path):
@@ -60,16 +68,32 @@ def _kill_leftovers(instances_path):
         except (OSError, ValueError):
             pass
     shutil.rmtree(instances_path, ignore_errors=True)
+    top = os.path.dirname(instances_path)
+    if os.path.basename(top).startswith('nbf-'):       # a long path's top
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def new_instances_path(long=False):
+    """A fresh instances path; ``long``: 200 characters (the top temporary
+    directory is removed with it: _kill_leftovers)."""
+    path = tempfile.mkdtemp(prefix='nbf-')
+    if long:
+        path = os.path.join(path, 'p' * (200 - len(path) - 1))
+        os.mkdir(path)
+    return path
 
 
 class BhyveFunctionalTestBase(integrated_helpers._IntegratedTestBase):
     api_major_version = 'v2.1'
     microversion = 'latest'
     ADMIN_API = True
+    #: instances paths of 200 characters
+    LONG_INSTANCES_PATH = False
 
     def setUp(self):
-        # Short path: unix socket paths (QMP, serial) are limited to 108.
-        self.instances_path = tempfile.mkdtemp(prefix='nbf-')
+        # The VM sockets are under [bhyve] runtime_path, whatever the
+        # length of instances_path (LONG_INSTANCES_PATH: 200 characters).
+        self.instances_path = new_instances_path(self.LONG_INSTANCES_PATH)
         self.addCleanup(_kill_leftovers, self.instances_path)
         self.flags(compute_driver='bhyve.BhyveDriver',
                    instances_path=self.instances_path)
@@ -167,7 +191,7 @@ class MultiComputeMixin:
         return paths[host]
 
     def start_compute_with_own_path(self, host):
-        path = tempfile.mkdtemp(prefix='nbf-')
+        path = new_instances_path(self.LONG_INSTANCES_PATH)
         self.addCleanup(_kill_leftovers, path)
         self.compute_path('compute')            # records the first one
         self._compute_paths[host] = path
@@ -235,7 +259,7 @@ def guest_shell(vmdir, command, timeout=60):
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.connect(os.path.join(vmdir, 'serial.sock'))
+            s.connect(vm_socket(vmdir, 'serial'))
             break
         except OSError:
             s.close()

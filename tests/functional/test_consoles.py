@@ -130,5 +130,5 @@ class TestConsoles(nova_harness.BhyveFunctionalTestBase):
         self.assertEqual(400, exc.response.status_code)
         # COM1 stayed on the unix socket in the instance directory
         self.assertTrue(os.path.exists(
-            os.path.join(self.vmdir(server), 'serial.sock')))
+            nova_harness.vm_socket(self.vmdir(server), 'serial')))
         self._delete_server(server)

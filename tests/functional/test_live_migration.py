@@ -28,6 +28,7 @@ import fixtures
 from nova import context as nova_context
 from nova import objects
 
+from nova_bhyve.hypervisor import base as hyp_base
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.migration import policy as migration_policy
 from nova_bhyve.migration import runner
@@ -54,7 +55,7 @@ def _shell(vmdir, command, expect, timeout=120):
     match."""
     before = len(re.findall(expect, _console(vmdir)))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(os.path.join(vmdir, 'serial.sock'))
+        s.connect(nova_harness.vm_socket(vmdir, 'serial'))
         s.sendall(b'\n' + command.encode() + b'\n')
         deadline = time.monotonic() + timeout
         while True:
@@ -184,8 +185,9 @@ class _LiveMigrationBase(nova_harness.MultiComputeMixin,
         states = []
 
         def post_live_migration_at_destination(*args, **kwargs):
-            states.append(qmp.execute(os.path.join(vmdir, 'control.sock'),
-                                      'query-status')['status'])
+            states.append(qmp.execute(
+                nova_harness.vm_socket(vmdir, 'control'),
+                'query-status')['status'])
             return real(*args, **kwargs)
         self.useFixture(_PatchAttr(drv, 'post_live_migration_at_destination',
                                    post_live_migration_at_destination))
@@ -366,6 +368,34 @@ class TestLiveMigration(_LiveMigrationBase):
                                       'completed'))
         self.assertEqual('cancelled', mig.status)
         self.assert_still_on_source(server, boot_id, tick_before)
+
+
+class TestLongInstancesPath(_LiveMigrationBase):
+    """Instances paths of 200 characters on both computes: the VM sockets
+    live in [bhyve] runtime_path, so no unix socket path is too long (a
+    60-character instances path used to fail the migration with "AF_UNIX
+    path too long")."""
+
+    LONG_INSTANCES_PATH = True
+
+    def test_block_migration(self):
+        server = self.boot()
+        src = self.host_vmdir('compute', server)
+        dst = self.host_vmdir('compute2', server)
+        self.assertGreater(len(src), 200)
+        self.assertGreater(len(dst), 200)
+        boot_id = self.boot_id(src)
+        tick_before = _last_tick(src)
+        self.migrate(server)
+        mig = self.migration(server, ('completed', 'error', 'failed'))
+        self.assertEqual('completed', mig.status)
+        server = self.wait_server(server, 'ACTIVE', 'compute2')
+        ticks = _wait_ticks(dst, tick_before + 1)
+        self.assertGreater(ticks[0], tick_before)
+        self.assertEqual(boot_id, self.boot_id(dst))
+        self.assertFalse(os.path.exists(src))
+        self.assertFalse(os.path.exists(hyp_base.VMDir(src).runtime))
+        self.assertTrue(os.path.exists(hyp_base.VMDir(dst).control))
 
 
 class _Unchanging:
@@ -681,7 +711,6 @@ class TestLiveMigrationFaults(_LiveMigrationBase):
         self.flags(live_migration_bandwidth=4, group='bhyve')
         self.migrate(self.server)
         self.wait_memory_phase(self.server)
-        from nova_bhyve.hypervisor import base as hyp_base
         from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
         qemu_postcopy.close(hyp_base.VMDir(self.dst))
         policy.go = True
@@ -731,11 +760,16 @@ class TestSharedInstancesPath(_LiveMigrationBase):
         ticks = _wait_ticks(vmdir, tick_before + 1)
         self.assertGreater(ticks[0], tick_before)
         self.assertEqual(boot_id, self.boot_id(vmdir))
-        self.assertEqual(['console.log', 'control.sock', 'disk',
-                          'events.sock', 'serial.sock', 'spec.json',
-                          'vm.pid'],
+        self.assertEqual(['console.log', 'disk', 'spec.json', 'vm.pid'],
                          sorted(n for n in os.listdir(vmdir)
                                 if not n.startswith('supervisor')))
+        # the sockets: the incoming VM's runtime directory became the
+        # instance's (under [bhyve] runtime_path)
+        runtime = hyp_base.VMDir(vmdir)
+        self.assertEqual(['control.sock', 'events.sock', 'serial.sock'],
+                         sorted(os.listdir(runtime.runtime)))
+        self.assertFalse(os.path.exists(hyp_base.VMDir(os.path.join(
+            vmdir, 'in-' + server['id'][:8])).runtime))
 
     def test_abort_removes_the_incoming_vm(self):
         self.flags(live_migration_bandwidth=1, group='bhyve')

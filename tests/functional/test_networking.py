@@ -44,7 +44,7 @@ class NetworkingTestBase(nova_harness.BhyveFunctionalTestBase):
         self.assertEqual('ACTIVE', server['status'])
         self.wait_for_console(server, SHELL)
         shell = nethelpers.GuestShell(
-            os.path.join(self.vmdir(server), 'serial.sock'))
+            nova_harness.vm_socket(self.vmdir(server), 'serial'))
         self.addCleanup(shell.close)
         return server, shell
 

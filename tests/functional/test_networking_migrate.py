@@ -111,8 +111,8 @@ class TestPortFollowsColdMigration(nova_harness.MultiComputeMixin,
         """The guest's NIC on ``host`` (after its ``boots``-th boot): it has
         the port's MAC, pings the namespace, and the namespace pings it."""
         self.wait_for_console(server, SHELL, count=boots)
-        shell = nethelpers.GuestShell(os.path.join(
-            self.host_vmdir(host, server), 'serial.sock'))
+        shell = nethelpers.GuestShell(nova_harness.vm_socket(
+            self.host_vmdir(host, server), 'serial'))
         try:
             self.assertEqual(port['mac_address'],
                              shell.check('cat /sys/class/net/eth0/address'))

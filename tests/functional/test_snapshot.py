@@ -45,7 +45,7 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
         vmdir = self.vmdir(server)
         self.assertEqual(
             [], [n for n in os.listdir(vmdir) if n.startswith('snapshot-')])
-        top = qmp.execute(os.path.join(vmdir, 'control.sock'),
+        top = qmp.execute(nova_harness.vm_socket(vmdir, 'control'),
                           'query-block')[0]['inserted']
         self.assertEqual('disk0', top['node-name'])
         self.assertEqual(os.path.join(vmdir, 'disk'), top['image']['filename'])

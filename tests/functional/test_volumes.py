@@ -59,7 +59,8 @@ class TestVolumes(nova_harness.BhyveFunctionalTestBase):
         return path
 
     def _shell(self, server):
-        shell = GuestShell(os.path.join(self.vmdir(server), 'serial.sock'))
+        shell = GuestShell(nova_harness.vm_socket(self.vmdir(server),
+                                                  'serial'))
         self.addCleanup(shell.close)
         return shell
 

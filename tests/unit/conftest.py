@@ -1,11 +1,26 @@
 """Fixtures shared by the unit tests that need real child processes."""
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
 import pytest
+
+from nova_bhyve import conf
+
+
+@pytest.fixture(autouse=True)
+def runtime_path():
+    """[bhyve] runtime_path: a fresh short directory per test (the VMs'
+    monitor sockets go there, not under /run)."""
+    path = tempfile.mkdtemp(prefix='nbrt-')
+    conf.CONF.set_override('runtime_path', path, group='bhyve')
+    yield path
+    conf.CONF.clear_override('runtime_path', group='bhyve')
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_exec(pid, marker, timeout=10):

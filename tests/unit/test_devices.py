@@ -25,6 +25,7 @@ from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -64,7 +65,8 @@ def volume(path='/srv/vol', serial=VOL, readonly=False):
 
 
 def argv_of(s):
-    return qemu.render_argv(s, base.VMDir(VM), 'qemu', 'tcg')
+    return qemu.render_argv(s, base.VMDir(VM), 'qemu', 'tcg',
+                            qemu_resources.numbered(s))
 
 
 def after(argv, flag):
@@ -74,10 +76,11 @@ def after(argv, flag):
 # -- QEMU argv -------------------------------------------------------------
 
 def test_serial_stays_on_the_unix_socket_without_a_port():
+    # the unix socket the driver bound (fd 5), the console log through the
+    # logger's pipe (the last fdset)
     chardevs = after(argv_of(spec([root()])), '-chardev')
-    assert chardevs[0] == ('socket,id=serial0,path=%s/serial.sock,server=on,'
-                           'wait=off,logfile=%s/console.log,logappend=on'
-                           % (VM, VM))
+    assert chardevs[0] == ('socket,id=serial0,fd=5,server=on,wait=off,'
+                           'logfile=/dev/fdset/2,logappend=on')
 
 
 def test_serial_on_tcp_keeps_the_console_log():
@@ -86,7 +89,7 @@ def test_serial_on_tcp_keeps_the_console_log():
     chardevs = after(argv_of(s), '-chardev')
     assert chardevs[0] == ('socket,id=serial0,host=192.0.2.5,port=10007,'
                            'telnet=off,server=on,wait=off,'
-                           'logfile=%s/console.log,logappend=on' % VM)
+                           'logfile=/dev/fdset/2,logappend=on')
     assert 'chardev:serial0' in after(argv_of(s), '-serial')
 
 
@@ -108,8 +111,11 @@ def test_config_drive_is_a_read_only_cdrom_on_ahci():
     assert 'ich9-ahci,id=ahci0' in devices
     assert 'ide-cd,drive=disk1,bus=ahci0.0' in devices
     assert ('driver=raw,node-name=disk1,read-only=on,discard=unmap,'
-            'file.driver=file,file.filename=%s/disk.config' % VM
+            'file.driver=file,file.filename=/dev/fdset/2'
             in after(argv, '-blockdev'))
+    # opened read-only by the driver: one descriptor in its fdset
+    assert after(argv, '-add-fd')[1:2] == [
+        'fd=7,set=2,opaque=%s/disk.config' % VM]
     vfat = configdrive.disk(VM + '/disk.config', fmt='vfat')
     assert (vfat.bus, vfat.device, vfat.readonly) == ('virtio', 'disk', True)
 
@@ -129,10 +135,13 @@ def test_volumes_sit_on_hotplug_root_ports_with_their_serial():
     assert ('virtio-blk-pci,id=vol-%s,drive=%s,serial=%s,bus=hp0'
             % (VOL, node, VOL)) in devices
     assert ('driver=raw,node-name=%s,read-only=off,file.driver=host_device,'
-            'file.filename=/dev/sdx' % node) in after(argv, '-blockdev')
+            'file.filename=/dev/fdset/2' % node) in after(argv, '-blockdev')
     node2, _ = qemu.volume_names(UUID)
     assert ('driver=raw,node-name=%s,read-only=on,file.driver=file,'
-            'file.filename=/srv/v2' % node2) in after(argv, '-blockdev')
+            'file.filename=/dev/fdset/3' % node2) in after(argv, '-blockdev')
+    assert [a.split(',')[1:] for a in after(argv, '-add-fd')][1:4] == [
+        ['set=2', 'opaque=/dev/sdx'], ['set=3', 'opaque=/srv/v2'],
+        ['set=4', 'opaque=console']]
     assert devices[-1].endswith(',bus=hp1')
 
 
@@ -312,7 +321,9 @@ class FakeQEMU:
 @pytest.fixture
 def vmdir():
     path = tempfile.mkdtemp(prefix='nbdev-')
-    yield base.VMDir(path)
+    d = base.VMDir(path)
+    base.make_runtime_dir(d)
+    yield d
     shutil.rmtree(path)
 
 

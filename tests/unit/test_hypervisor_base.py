@@ -4,6 +4,7 @@ and stopped by their PID - and the graceful shutdown loop of Hypervisor with
 a fake backend (the one thing that stands in for a hypervisor: it counts
 request_shutdown calls and plays a guest that powers off on the Nth one).
 """
+import hashlib
 import os
 import shutil
 import signal
@@ -46,13 +47,67 @@ def write_pid(vmdir, pid):
 # -- VMDir --------------------------------------------------------------------
 
 def test_vmdir_paths():
-    d = base.VMDir('/i/' + UUID + '/')
+    d = base.VMDir('/i/' + UUID + '/', runtime_root='/run/nb')
     assert d.uuid == UUID
-    assert (d.spec, d.pidfile, d.control, d.serial, d.console_log,
-            d.exit_status, d.disk(), d.disk('disk.config')) == tuple(
+    assert (d.spec, d.pidfile, d.console_log, d.exit_status, d.disk(),
+            d.disk('disk.config')) == tuple(
         os.path.join('/i/' + UUID + '/', n) for n in (
-            'spec.json', 'vm.pid', 'control.sock', 'serial.sock',
-            'console.log', 'exit.status', 'disk', 'disk.config'))
+            'spec.json', 'vm.pid', 'console.log', 'exit.status', 'disk',
+            'disk.config'))
+    # the sockets: in the runtime directory, named after the VM directory
+    digest = hashlib.sha256(('/i/' + UUID).encode()).hexdigest()[:10]
+    runtime = '/run/nb/%s-%s' % (UUID, digest)
+    assert d.runtime == runtime
+    assert (d.control, d.events, d.serial) == tuple(
+        os.path.join(runtime, n) for n in (
+            'control.sock', 'events.sock', 'serial.sock'))
+
+
+def test_runtime_dir_is_short_whatever_the_instances_path():
+    """A 200-character instances_path: every socket path still fits in a
+    unix socket address (107 bytes) with the default runtime_path, and
+    the runtime directory of another VM directory (an incoming live
+    migration's, another host's on this machine) differs."""
+    long_path = '/' + 'x' * 199
+    d = base.VMDir(os.path.join(long_path, UUID),
+                   runtime_root='/run/nova-bhyve')
+    for sock in (d.control, d.events, d.serial):
+        assert len(sock.encode()) <= base.SUN_PATH_MAX
+    assert len(os.path.basename(d.runtime)) == base.RUNTIME_NAME_LEN
+    other = base.VMDir(os.path.join(long_path, 'y', UUID),
+                       runtime_root='/run/nova-bhyve')
+    assert other.runtime != d.runtime
+    assert base.VMDir(d.path + '/', runtime_root='/run/nova-bhyve'
+                      ).runtime == d.runtime
+    # the longest runtime_path allowed still fits; one byte more is refused
+    root = '/' + 'r' * (base.RUNTIME_ROOT_MAX - 1)
+    base.check_runtime_root(root)
+    assert len(base.VMDir(d.path, runtime_root=root).events) == \
+        base.SUN_PATH_MAX
+    with pytest.raises(base.HypervisorError, match='too long'):
+        base.check_runtime_root(root + 'r')
+
+
+def test_make_and_remove_runtime_dir(vmdir):
+    d = base.VMDir(vmdir.path,
+                   runtime_root=os.path.join(os.path.dirname(vmdir.path),
+                                             'rt'))
+    base.make_runtime_dir(d)
+    assert os.stat(d.runtime).st_mode & 0o777 == 0o700
+    open(d.control, 'w').close()          # stale: a fresh one is empty
+    base.make_runtime_dir(d)
+    assert os.listdir(d.runtime) == []
+    open(d.events, 'w').close()
+    incoming = base.VMDir(os.path.join(d.path, 'in-x'),
+                          runtime_root=d.runtime_root)
+    base.make_runtime_dir(incoming)
+    open(incoming.control, 'w').close()
+    base.move_runtime_dir(incoming, d)
+    assert os.listdir(d.runtime) == ['control.sock']
+    assert not os.path.exists(incoming.runtime)
+    base.remove_runtime_dir(d)
+    base.remove_runtime_dir(d)             # idempotent
+    assert os.listdir(d.runtime_root) == []
 
 
 @pytest.mark.parametrize('content,pid', [

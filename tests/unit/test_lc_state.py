@@ -29,6 +29,7 @@ from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
 from nova_bhyve.storage import snapshot
@@ -88,6 +89,7 @@ def vmdir():
     path = tempfile.mkdtemp(prefix='nb-lc-')     # short: socket paths
     d = base.VMDir(os.path.join(path, UUID))
     os.makedirs(d.path)
+    base.make_runtime_dir(d)
     yield d
     shutil.rmtree(path)
 
@@ -124,7 +126,8 @@ def test_incoming_argv_appends_paused_incoming():
 def test_restore_argv_is_the_normal_argv_plus_incoming(vmdir):
     s = guest.VMSpec(uuid=UUID, name='i-1', vcpus=1, memory_mb=256,
                      disks=[guest.Disk(path=vmdir.disk())])
-    normal = qemu.render_argv(s, vmdir, 'qemu', 'tcg')
+    normal = qemu.render_argv(s, vmdir, 'qemu', 'tcg',
+                              qemu_resources.numbered(s))
     assert qemu_state.incoming_argv(normal, vmdir.saved_state)[:-3] == normal
 
 
@@ -196,7 +199,8 @@ def test_failed_save_removes_the_partial_file_and_resumes(vmdir):
     finally:
         srv.close()
     assert srv.calls[-1][0] == 'cont'
-    assert os.listdir(vmdir.path) == ['control.sock']
+    assert os.listdir(vmdir.path) == []
+    assert os.listdir(vmdir.runtime) == ['control.sock']
 
 
 def test_restore_refuses_a_missing_file_without_starting_qemu(vmdir):

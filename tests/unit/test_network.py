@@ -15,6 +15,7 @@ import pytest
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.net import freebsd
 from nova_bhyve.net import linux
 from nova_bhyve.net import vif as network
@@ -152,7 +153,8 @@ def test_freebsd_refuses_hybrid_plug():
 def test_qemu_renders_hotplug_root_ports():
     spec = guest.VMSpec(uuid='u', name='n', vcpus=1, memory_mb=64,
                         hotplug_ports=2)
-    argv = qemu.render_argv(spec, base.VMDir('/i/u'), 'qemu', 'tcg')
+    argv = qemu.render_argv(spec, base.VMDir('/i/u'), 'qemu', 'tcg',
+                            qemu_resources.numbered(spec))
     assert argv.count('-device') == 2
     assert 'pcie-root-port,id=hp0,chassis=1' in argv
     assert 'pcie-root-port,id=hp1,chassis=2' in argv

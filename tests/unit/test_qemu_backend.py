@@ -1,10 +1,13 @@
 """hypervisor/qemu/backend.py: the exact QEMU command line for
 representative specs, and the power state when the VM process is absent.
 
-render_argv is pure, so the argv is pinned element by element. The option
-syntax (``-blockdev`` dotted keys, ``,,`` escaping, ``ide-cd``/``ide-hd`` on
-``ahci0.N``) was checked against qemu-system-x86_64 7.2. Nothing is mocked:
-power_state is driven by real pid files and real child processes.
+render_argv is pure, so the argv is pinned element by element; the
+descriptors it names (qemu_resources.numbered: as open_all numbers them:
+monitors, one descriptor per disk image, taps, the console pipe last). The
+option syntax (``-blockdev`` dotted keys, ``,,`` escaping,
+``ide-cd``/``ide-hd`` on ``ahci0.N``, ``-add-fd``, ``fd=`` of a listening
+socket and of a tap) was checked against qemu-system-x86_64 7.2. Nothing is
+mocked: power_state is driven by real pid files and real child processes.
 """
 import json
 import os
@@ -20,6 +23,7 @@ import pytest
 from nova_bhyve import guest
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import backend as qemu
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
 Q = '/usr/bin/qemu-system-x86_64'
@@ -32,7 +36,18 @@ def spec(disks=(), nics=(), boot=None, name='instance-0000002a'):
                         boot=boot or guest.Boot())
 
 
-def common(vm=VM, name='instance-0000002a', accel='tcg'):
+def resources(s, chains=None):
+    """The Resources open_all would give ``s`` (numbered: fds 3 QMP, 4
+    events, 5 serial socket, then the images', the taps', the console
+    pipe's; fdsets from 1)."""
+    return qemu_resources.numbered(s, chains)
+
+
+def common(res, vm=VM, name='instance-0000002a', accel='tcg'):
+    add_fds = []
+    for fd, fdset, opaque in res.add_fds:
+        add_fds += ['-add-fd', 'fd=%d,set=%d,opaque=%s' % (
+            fd, fdset, opaque.replace(',', ',,'))]
     return [
         Q,
         '-name', 'guest=%s,debug-threads=on' % name,
@@ -44,36 +59,38 @@ def common(vm=VM, name='instance-0000002a', accel='tcg'):
         '-m', '1048568K' if accel == 'tcg' else '1024M',
         '-nodefaults', '-no-user-config',
         '-display', 'none',
-        '-chardev', 'socket,id=serial0,path=%s/serial.sock,server=on,'
-                    'wait=off,logfile=%s/console.log,logappend=on' % (vm, vm),
+    ] + add_fds + [
+        # the serial console's socket and the monitors: listening sockets
+        # the driver bound; the console log: the logger's pipe
+        '-chardev', 'socket,id=serial0,fd=5,server=on,wait=off,'
+                    'logfile=/dev/fdset/%d,logappend=on' % res.console,
         '-serial', 'chardev:serial0',
-        '-chardev', 'socket,id=qmp,path=%s/control.sock,server=on,wait=off'
-                    % vm,
+        '-chardev', 'socket,id=qmp,fd=3,server=on,wait=off',
         '-mon', 'chardev=qmp,mode=control',
-        '-chardev', 'socket,id=qmp-events,path=%s/events.sock,server=on,'
-                    'wait=off' % vm,
+        '-chardev', 'socket,id=qmp-events,fd=4,server=on,wait=off',
         '-mon', 'chardev=qmp-events,mode=control',
         '-pidfile', '%s/vm.pid' % vm,
         '-daemonize',
     ]
 
 
-def blockdev(node, path, fmt='qcow2', ro='off'):
+def blockdev(node, fdset, fmt='qcow2', ro='off'):
     return ['-blockdev', 'driver=%s,node-name=%s,read-only=%s,discard=unmap,'
-                         'file.driver=file,file.filename=%s'
-            % (fmt, node, ro, path)]
+                         'file.driver=file,file.filename=/dev/fdset/%d'
+            % (fmt, node, ro, fdset)]
 
 
 def test_direct_kernel_boot_virtio_root():
     s = spec(disks=[guest.Disk(path=VM + '/disk')],
              boot=guest.Boot(kernel='/cache/vmlinuz', ramdisk='/cache/initrd',
                              cmdline='console=ttyS0 root=/dev/vda rw'))
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
-    assert argv == common() + [
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    assert argv == common(res) + [
         '-kernel', '/cache/vmlinuz',
         '-initrd', '/cache/initrd',
         '-append', 'console=ttyS0 root=/dev/vda rw',
-    ] + blockdev('disk0', VM + '/disk') + [
+    ] + blockdev('disk0', 1) + [
         # no bootindex: the kernel is loaded directly
         '-device', 'virtio-blk-pci,drive=disk0',
     ]
@@ -82,9 +99,10 @@ def test_direct_kernel_boot_virtio_root():
 def test_direct_kernel_boot_without_ramdisk_and_cmdline():
     s = spec(disks=[guest.Disk(path=VM + '/disk')],
              boot=guest.Boot(kernel='/cache/vmlinuz'))
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
-    assert argv == common() + ['-kernel', '/cache/vmlinuz'] + \
-        blockdev('disk0', VM + '/disk') + \
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    assert argv == common(res) + ['-kernel', '/cache/vmlinuz'] + \
+        blockdev('disk0', 1) + \
         ['-device', 'virtio-blk-pci,drive=disk0']
 
 
@@ -95,14 +113,15 @@ def test_firmware_boot_virtio_sata_cdrom_one_ahci_controller():
         guest.Disk(path=VM + '/disk.config', format='raw', bus='sata',
                    device='cdrom', readonly=True),
     ])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
-    assert argv == common() + [
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    assert argv == common(res) + [
         '-device', 'ich9-ahci,id=ahci0',
-    ] + blockdev('disk0', VM + '/disk') + [
+    ] + blockdev('disk0', 1) + [
         '-device', 'virtio-blk-pci,drive=disk0,bootindex=1',
-    ] + blockdev('disk1', '/data/extra.raw', fmt='raw') + [
+    ] + blockdev('disk1', 2, fmt='raw') + [
         '-device', 'ide-hd,drive=disk1,bus=ahci0.0',
-    ] + blockdev('disk2', VM + '/disk.config', fmt='raw', ro='on') + [
+    ] + blockdev('disk2', 3, fmt='raw', ro='on') + [
         '-device', 'ide-cd,drive=disk2,bus=ahci0.1',
     ]
     assert argv.count('ich9-ahci,id=ahci0') == 1
@@ -111,17 +130,18 @@ def test_firmware_boot_virtio_sata_cdrom_one_ahci_controller():
 def test_firmware_boot_sata_root_gets_bootindex_and_ahci_port0():
     s = spec(disks=[guest.Disk(path=VM + '/disk', bus='ide'),
                     guest.Disk(path='/d/2', bus='ide')])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
-    assert argv == common() + ['-device', 'ich9-ahci,id=ahci0'] + \
-        blockdev('disk0', VM + '/disk') + \
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    assert argv == common(res) + ['-device', 'ich9-ahci,id=ahci0'] + \
+        blockdev('disk0', 1) + \
         ['-device', 'ide-hd,drive=disk0,bus=ahci0.0,bootindex=1'] + \
-        blockdev('disk1', '/d/2') + \
+        blockdev('disk1', 2) + \
         ['-device', 'ide-hd,drive=disk1,bus=ahci0.1']
 
 
 def test_virtio_only_has_no_ahci_controller():
     s = spec(disks=[guest.Disk(path='/d/1'), guest.Disk(path='/d/2')])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', resources(s))
     assert not any(a.startswith('ich9-ahci') for a in argv)
     assert argv[-2:] == ['-device', 'virtio-blk-pci,drive=disk1']
 
@@ -130,7 +150,7 @@ def test_cdrom_with_default_bus_still_gets_ahci_controller():
     s = spec(disks=[guest.Disk(path='/d/root'),
                     guest.Disk(path='/d/cd.iso', format='raw',
                                device='cdrom', readonly=True)])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', resources(s))
     assert 'ide-cd,drive=disk1,bus=ahci0.0' in argv
     assert 'ich9-ahci,id=ahci0' in argv
 
@@ -143,14 +163,17 @@ def test_nics_with_mtu():
         guest.Nic(mac='fa:16:3e:00:00:03', ifname='tap3', model='e1000',
                   mtu=9000),
     ])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg')
+    res = resources(s)
+    assert res.taps == [7, 8, 9]
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    # the taps: /dev/net/tun descriptors the driver attached to them
     assert argv[-12:] == [
-        '-netdev', 'tap,id=net0,ifname=tap1,script=no,downscript=no',
+        '-netdev', 'tap,id=net0,fd=7',
         '-device', 'virtio-net-pci,netdev=net0,mac=fa:16:3e:00:00:01,'
                    'host_mtu=1450',
-        '-netdev', 'tap,id=net1,ifname=tap2,script=no,downscript=no',
+        '-netdev', 'tap,id=net1,fd=8',
         '-device', 'virtio-net-pci,netdev=net1,mac=fa:16:3e:00:00:02',
-        '-netdev', 'tap,id=net2,ifname=tap3,script=no,downscript=no',
+        '-netdev', 'tap,id=net2,fd=9',
         '-device', 'e1000,netdev=net2,mac=fa:16:3e:00:00:03',
     ]
 
@@ -160,17 +183,43 @@ def test_commas_escaped_in_names_and_paths():
     s = spec(name='web,1', disks=[guest.Disk(path='/img/x,y.qcow2')],
              nics=[guest.Nic(mac='fa:16:3e:00:00:01', ifname='t,0')],
              boot=guest.Boot(kernel='/k,1/vmlinuz'))
-    argv = qemu.render_argv(s, base.VMDir(vm), Q, 'tcg')
-    ev = vm.replace(',', ',,')
-    assert argv == common(vm=ev, name='web,,1')[:-3] + [
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(vm), Q, 'tcg', res)
+    assert argv == common(res, vm=vm, name='web,,1') + [
         # -pidfile and -kernel take a plain path, not an option string
-        '-pidfile', vm + '/vm.pid', '-daemonize',
         '-kernel', '/k,1/vmlinuz',
-    ] + blockdev('disk0', '/img/x,,y.qcow2') + [
+    ] + blockdev('disk0', 1) + [
         '-device', 'virtio-blk-pci,drive=disk0',
-        '-netdev', 'tap,id=net0,ifname=t,,0,script=no,downscript=no',
+        '-netdev', 'tap,id=net0,fd=7',
         '-device', 'virtio-net-pci,netdev=net0,mac=fa:16:3e:00:00:01',
     ]
+    assert argv[argv.index('-add-fd') + 1] == \
+        'fd=6,set=1,opaque=/img/x,,y.qcow2'
+
+
+def test_overlay_gets_its_backing_chain_as_nodes_on_fdsets():
+    """An overlay's backing images are nodes of their own, each on its
+    fdset and read-only, named from the top: QEMU never opens a backing
+    file by the name in the qcow2 header."""
+    s = spec(disks=[guest.Disk(path=VM + '/disk')])
+    res = resources(s, chains={0: [('/cache/base.qcow2', 'qcow2'),
+                                   ('/cache/bottom.raw', 'raw')]})
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    assert argv[argv.index('-daemonize') + 1:] == [
+        '-blockdev', 'driver=raw,node-name=disk0-b2,read-only=on,'
+                     'file.driver=file,file.filename=/dev/fdset/3',
+        '-blockdev', 'driver=qcow2,node-name=disk0-b1,read-only=on,'
+                     'file.driver=file,file.filename=/dev/fdset/2,'
+                     'backing=disk0-b2',
+        '-blockdev', 'driver=qcow2,node-name=disk0,read-only=off,'
+                     'discard=unmap,file.driver=file,'
+                     'file.filename=/dev/fdset/1,backing=disk0-b1',
+        '-device', 'virtio-blk-pci,drive=disk0,bootindex=1',
+    ]
+    # one descriptor per image (read-write, then read-only), the console
+    assert [(fd, fdset) for fd, fdset, _ in res.add_fds] == [
+        (6, 1), (7, 2), (8, 3), (9, 4)]
+    assert [i.readonly for i in res.disks[0]] == [False, True, True]
 
 
 @pytest.mark.parametrize('accel,model,cpu', [
@@ -181,8 +230,9 @@ def test_commas_escaped_in_names_and_paths():
 ])
 def test_accelerator_and_cpu_model(accel, model, cpu):
     s = spec(disks=[guest.Disk(path='/d/1')])
-    argv = qemu.render_argv(s, base.VMDir(VM), Q, accel, model)
-    assert argv == common(accel=accel) + cpu + blockdev('disk0', '/d/1') + \
+    res = resources(s)
+    argv = qemu.render_argv(s, base.VMDir(VM), Q, accel, res, model)
+    assert argv == common(res, accel=accel) + cpu + blockdev('disk0', 1) + \
         ['-device', 'virtio-blk-pci,drive=disk0,bootindex=1']
 
 
@@ -213,9 +263,13 @@ def test_render_argv_agrees_with_real_qemu_option_parser(short_tmp):
         guest.Disk(path=os.path.join(vm, 'cd.raw'), format='raw',
                    bus='sata', device='cdrom', readonly=True)])
     vmdir = base.VMDir(vm)
-    argv = qemu.render_argv(s, vmdir, binary, 'tcg') + ['-S']
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                          cwd=vm)
+    res = qemu_resources.open_all(s, vmdir, 65536)
+    try:
+        argv = qemu.render_argv(s, vmdir, binary, 'tcg', res) + ['-S']
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              timeout=60, cwd=vm, pass_fds=res.fds)
+    finally:
+        res.close()
     assert proc.returncode == 0, proc.stderr
     pid = vmdir.read_pid()
     try:
@@ -250,7 +304,9 @@ def _qmp(path, command):
 def vmdir(short_tmp):
     path = os.path.join(short_tmp, UUID)
     os.mkdir(path)
-    return base.VMDir(path)
+    d = base.VMDir(path)
+    base.make_runtime_dir(d)
+    return d
 
 
 @pytest.fixture

@@ -2,8 +2,11 @@
 controlled over QMP on a per-instance unix socket.
 
 QEMU daemonizes itself, so the VM is re-parented to init and survives
-nova-compute restarts; its pid file, QMP socket and console log in the
-instance directory are all a later nova-compute needs to adopt it.
+nova-compute restarts; its pid file and console log in the instance
+directory and its QMP sockets in its runtime directory (VMDir.runtime) are
+all a later nova-compute needs to adopt it. QEMU starts with descriptors
+the driver opened (monitor sockets, disks, taps, the console pipe:
+qemu/resources.py), not with their paths.
 """
 import os
 import subprocess
@@ -19,6 +22,7 @@ from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
 
@@ -58,8 +62,13 @@ def _opts(*pairs, **kw):
     return ','.join(items)
 
 
-def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
-    """The complete qemu-system command line for ``spec`` (pure)."""
+def fdset_path(fdset):
+    return '/dev/fdset/%d' % fdset
+
+
+def render_argv(spec, vmdir, binary, accelerator, res, cpu_model=None):
+    """The complete qemu-system command line for ``spec`` (pure), naming
+    the descriptors of ``res`` (a qemu_resources.Resources)."""
     argv = [binary,
             '-name', _opts(guest=spec.name, **{'debug-threads': 'on'}),
             '-uuid', spec.uuid,
@@ -67,18 +76,20 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
             '-smp', str(spec.vcpus),
             '-m', memory_size(spec.memory_mb, accelerator),
             '-nodefaults', '-no-user-config',
-            '-display', 'none',
-            '-chardev', _serial_chardev(spec, vmdir),
-            '-serial', 'chardev:serial0',
-            '-chardev', _opts('socket', id='qmp', path=vmdir.control,
-                              server='on', wait='off'),
-            '-mon', 'chardev=qmp,mode=control',
-            # a second monitor, only for the lifecycle event watcher
-            '-chardev', _opts('socket', id='qmp-events', path=vmdir.events,
-                              server='on', wait='off'),
-            '-mon', 'chardev=qmp-events,mode=control',
-            '-pidfile', vmdir.pidfile,
-            '-daemonize']
+            '-display', 'none']
+    for fd, fdset, opaque in res.add_fds:
+        argv += ['-add-fd', _opts(fd=fd, set=fdset, opaque=opaque)]
+    argv += ['-chardev', _serial_chardev(spec, res),
+             '-serial', 'chardev:serial0',
+             '-chardev', _opts('socket', id='qmp', fd=res.qmp,
+                               server='on', wait='off'),
+             '-mon', 'chardev=qmp,mode=control',
+             # a second monitor, only for the lifecycle event watcher
+             '-chardev', _opts('socket', id='qmp-events', fd=res.events,
+                               server='on', wait='off'),
+             '-mon', 'chardev=qmp-events,mode=control',
+             '-pidfile', vmdir.pidfile,
+             '-daemonize']
     cpu = cpu_model or ('host' if accelerator == 'kvm' else None)
     if cpu:
         argv += ['-cpu', cpu]
@@ -105,18 +116,14 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
     for i, disk in enumerate(spec.disks):
         if disk.serial:
             node, devid = volume_names(disk.serial)
-            argv += ['-blockdev', _opts(**_volume_blockdev(disk, node,
-                                                           flat=True)),
-                     '-device', _opts('virtio-blk-pci', id=devid,
+            argv += _chain_blockdevs(node, res.disks[i], _protocol(disk))
+            argv += ['-device', _opts('virtio-blk-pci', id=devid,
                                       drive=node, serial=disk.serial,
                                       bus=hotplug[volumes.index(disk)])]
             continue
         node = 'disk%d' % i
-        argv += ['-blockdev', _opts(**{
-            'driver': disk.format, 'node-name': node,
-            'read-only': 'on' if disk.readonly else 'off',
-            'discard': 'unmap',
-            'file.driver': 'file', 'file.filename': disk.path})]
+        argv += _chain_blockdevs(node, res.disks[i], 'file',
+                                 discard='unmap')
         if disk.device == 'cdrom':
             dev = _opts('ide-cd', drive=node, bus='ahci0.%d' % ahci_port)
             ahci_port += 1
@@ -130,8 +137,7 @@ def render_argv(spec, vmdir, binary, accelerator, cpu_model=None):
         argv += ['-device', dev]
     for i, nic in enumerate(spec.nics):
         netdev = 'net%d' % i
-        argv += ['-netdev', _opts('tap', id=netdev, ifname=nic.ifname,
-                                  script='no', downscript='no'),
+        argv += ['-netdev', _opts('tap', id=netdev, fd=res.taps[i]),
                  '-device', _opts(_NIC_DEVICE[nic.model], netdev=netdev,
                                   mac=nic.mac,
                                   **({'host_mtu': nic.mtu}
@@ -170,15 +176,41 @@ def memory_size(memory_mb, accelerator):
     return '%dM' % memory_mb
 
 
-def _serial_chardev(spec, vmdir):
+def _serial_chardev(spec, res):
     """COM1: a raw TCP server when the spec has a serial port (Nova's
-    serial console), else a unix socket in the instance directory; both
-    keep the console log."""
+    serial console), else a unix socket (VMDir.serial, bound by the
+    driver); both write the console into the console logger's pipe."""
     c = spec.consoles
     where = ({'host': c.serial_host, 'port': c.serial_port, 'telnet': 'off'}
-             if c.serial_port else {'path': vmdir.serial})
+             if c.serial_port else {'fd': res.serial})
     return _opts('socket', id='serial0', **where, server='on', wait='off',
-                 logfile=vmdir.console_log, logappend='on')
+                 logfile=fdset_path(res.console), logappend='on')
+
+
+def _chain_blockdevs(node, images, protocol, **top_extra):
+    """-blockdev options of a disk's chain ``images`` (top first, each on
+    an fdset), bottom first; the top is ``node``, its backing images
+    ``node``-b1, -b2...: each node that has a backing file names its
+    backing node, so QEMU opens no image by the name in a header."""
+    argv = []
+    for j in reversed(range(len(images))):
+        image = images[j]
+        opts = {'driver': image.format,
+                'node-name': node if j == 0 else '%s-b%d' % (node, j),
+                'read-only': 'on' if image.readonly else 'off'}
+        if j == 0:
+            opts.update(top_extra)
+        opts.update({'file.driver': protocol if j == 0 else 'file',
+                     'file.filename': fdset_path(image.fdset)})
+        if j + 1 < len(images):
+            opts['backing'] = '%s-b%d' % (node, j + 1)
+        argv += ['-blockdev', _opts(**opts)]
+    return argv
+
+
+def _protocol(disk):
+    return ('host_device' if disk.path.startswith('/dev/')
+            else 'file')
 
 
 def volume_names(volume_id):
@@ -187,16 +219,12 @@ def volume_names(volume_id):
     return 'vol' + volume_id.replace('-', '')[:24], 'vol-' + volume_id
 
 
-def _volume_blockdev(disk, node, flat=False):
-    proto = 'host_device' if disk.path.startswith('/dev/') else 'file'
-    args = {'driver': disk.format, 'node-name': node,
+def _volume_blockdev(disk, node):
+    """blockdev-add arguments of a hot-plugged volume (QEMU opens its
+    path: see docs/sandbox.md)."""
+    return {'driver': disk.format, 'node-name': node,
             'read-only': disk.readonly,
-            'file': {'driver': proto, 'filename': disk.path}}
-    if flat:
-        args = {'driver': disk.format, 'node-name': node,
-                'read-only': 'on' if disk.readonly else 'off',
-                'file.driver': proto, 'file.filename': disk.path}
-    return args
+            'file': {'driver': _protocol(disk), 'filename': disk.path}}
 
 
 class QemuHypervisor(base.Hypervisor):
@@ -230,12 +258,27 @@ class QemuHypervisor(base.Hypervisor):
         return {'hypervisor_type': 'kvm' if self.accelerator == 'kvm'
                 else 'qemu', 'hypervisor_version': version}
 
+    def _with_resources(self, spec, vmdir, run):
+        """Open the VM's resources, ``run(argv, fds)`` (QEMU inherits
+        ``fds``), close the driver's copies whatever happened."""
+        res = qemu_resources.open_all(spec, vmdir,
+                                      CONF.bhyve.console_log_keep_bytes)
+        try:
+            argv = render_argv(spec, vmdir, self.binary, self.accelerator,
+                               res, CONF.bhyve.qemu_cpu_model)
+            return run(argv, res.fds)
+        finally:
+            res.close()
+
     def start(self, spec, vmdir):
-        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
-                           CONF.bhyve.qemu_cpu_model)
         # With -daemonize the parent returns once the VM is set up, and
         # reports setup errors on its stderr.
-        qemu_state.launch(self, argv, vmdir, spec.uuid)
+        try:
+            self._with_resources(spec, vmdir, lambda argv, fds: (
+                qemu_state.launch(self, argv, vmdir, spec.uuid, fds)))
+        except Exception:
+            base.remove_runtime_dir(vmdir)
+            raise
 
     def power_state(self, vmdir):
         if self.pid(vmdir) is None:
@@ -260,10 +303,9 @@ class QemuHypervisor(base.Hypervisor):
         qemu_postcopy.close(vmdir)
         pid = vmdir.read_pid()
         base.kill_and_wait(pid, vmdir.uuid)
-        for path in (vmdir.pidfile, vmdir.control, vmdir.events,
-                     vmdir.serial):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(vmdir.pidfile):
+            os.unlink(vmdir.pidfile)
+        base.remove_runtime_dir(vmdir)
 
     def wait_for_change(self, vmdir, stop):
         """Listen on the events monitor: returns on each QMP event, and
@@ -300,9 +342,9 @@ class QemuHypervisor(base.Hypervisor):
         qemu_state.save(self, vmdir)
 
     def restore(self, spec, vmdir):
-        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
-                           CONF.bhyve.qemu_cpu_model)
-        qemu_state.restore(self, argv, vmdir, spec.uuid)
+        qemu_state.check_state_file(vmdir.saved_state)
+        self._with_resources(spec, vmdir, lambda argv, fds: (
+            qemu_state.restore(self, argv, vmdir, spec.uuid, fds=fds)))
 
     # -- live migration: see qemu_migration --------------------------------
 
@@ -310,10 +352,10 @@ class QemuHypervisor(base.Hypervisor):
     supports_block_migration = True
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
-        argv = render_argv(spec, vmdir, self.binary, self.accelerator,
-                           CONF.bhyve.qemu_cpu_model)
-        return qemu_migration.prepare_incoming(self, argv, spec, vmdir,
-                                               address, block, policy)
+        return self._with_resources(spec, vmdir, lambda argv, fds: (
+            qemu_migration.prepare_incoming(self, argv, spec, vmdir,
+                                            address, block, policy,
+                                            fds=fds)))
 
     def endpoint_from_json(self, text):
         return qemu_migration.Endpoint.from_json(text)

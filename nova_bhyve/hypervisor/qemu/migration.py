@@ -141,7 +141,7 @@ class Endpoint:
 
 
 def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
-                     timeout=INCOMING_TIMEOUT):
+                     timeout=INCOMING_TIMEOUT, fds=()):
     """Start the destination VM from ``argv`` (its normal command line)
     waiting for the migration; return its Endpoint. ``policy``: the
     convergence policy, for the capabilities both sides need
@@ -149,7 +149,11 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     process is killed and HypervisorError raised."""
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
-    qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid)
+    try:
+        qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid, fds)
+    except base.HypervisorError:
+        hyp.kill(vmdir)
+        raise
     first = qemu_migration_params.incoming_qmp(policy)
     try:
         for command, args in first + incoming_commands(

@@ -163,19 +163,20 @@ def save(hyp, vmdir, timeout=None, bandwidth=None):
     hyp.kill(vmdir)
 
 
-def launch(hyp, argv, vmdir, uuid):
-    """Run a daemonizing QEMU ``argv`` in ``vmdir`` (stale sockets and pid
-    file removed first); HypervisorError with QEMU's stderr when it does
-    not come up. QemuHypervisor.start, restore and the incoming side of a
-    live migration all start QEMU through here."""
-    for stale in (vmdir.control, vmdir.events, vmdir.serial,
-                  vmdir.pidfile):
-        if os.path.exists(stale):
-            os.unlink(stale)
+def launch(hyp, argv, vmdir, uuid, fds=()):
+    """Run a daemonizing QEMU ``argv`` in ``vmdir`` (a stale pid file
+    removed first) inheriting exactly the descriptors ``fds`` (besides its
+    standard ones, all others are closed in the child); HypervisorError
+    with QEMU's stderr when it does not come up. QemuHypervisor.start,
+    restore and the incoming side of a live migration all start QEMU
+    through here."""
+    if os.path.exists(vmdir.pidfile):
+        os.unlink(vmdir.pidfile)
     LOG.debug('starting %s: %s', uuid, ' '.join(argv))
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=False,
-                          cwd=vmdir.path)
+                          cwd=vmdir.path, close_fds=True,
+                          pass_fds=tuple(fds))
     if proc.returncode != 0:
         raise base.HypervisorError(
             'QEMU failed to start instance %s (exit %d): %s' % (
@@ -185,7 +186,7 @@ def launch(hyp, argv, vmdir, uuid):
             'QEMU for instance %s exited right after starting' % uuid)
 
 
-def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT):
+def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=()):
     """Start QEMU with ``argv`` (its normal command line) from the saved
     state, run the guest, remove the state file.
 
@@ -195,7 +196,7 @@ def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT):
     check_state_file(path)
     t0 = time.monotonic()
     try:
-        launch(hyp, incoming_argv(argv, path), vmdir, uuid)
+        launch(hyp, incoming_argv(argv, path), vmdir, uuid, fds)
         wait_migration(vmdir, lambda: hyp.pid(vmdir) is not None, timeout,
                        'loading the saved state of %s' % uuid)
         qmp.execute(vmdir.control, 'cont')
