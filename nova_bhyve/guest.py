@@ -49,7 +49,7 @@ class Boot:
 @dataclasses.dataclass
 class Consoles:
     """Remote consoles. None means off: the serial console then stays on a
-    unix socket in the instance directory, and there is no framebuffer."""
+    unix socket (VMDir.serial), and there is no framebuffer."""
     serial_host: typing.Optional[str] = None     # serial on TCP host:port
     serial_port: typing.Optional[int] = None
     vnc_host: typing.Optional[str] = None        # VNC/RFB listen address

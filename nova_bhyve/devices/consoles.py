@@ -4,7 +4,8 @@
   server on ``[serial_console] proxyclient_address``, on a port taken from
   ``[serial_console] port_range`` with Nova's own nova.console.serial
   helpers (what nova-serialproxy connects to). The console log is still
-  written (QEMU's chardev ``logfile=``). Backends that cannot put the serial
+  written (QEMU's chardev ``logfile=``: a pipe to the VM's console logger,
+  docs/sandbox.md). Backends that cannot put the serial
   port on TCP (bhyve: COM1 is an nmdm(4) device) leave it off and
   get_serial_console raises ConsoleTypeUnavailable.
 * VNC: when ``[vnc] enabled``, a framebuffer (QEMU: VGA + ``-vnc``; bhyve:

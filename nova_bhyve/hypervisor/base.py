@@ -1,9 +1,10 @@
 """The one interface the driver uses to run VMs, whatever the hypervisor.
 
-A VM lives in its own directory (``VMDir``): the saved spec, the pid file, the
-control socket and the console log. The VM process is detached from
+A VM lives in its own directory (``VMDir``): the saved spec, the pid file and
+the console log; its control sockets are in its runtime directory
+(``VMDir.runtime``, named after it). The VM process is detached from
 nova-compute, so everything needed to find and control it again after a
-nova-compute restart is in that directory.
+nova-compute restart is found from that directory.
 """
 import abc
 import dataclasses

@@ -5,6 +5,7 @@ serial shell; createImage snapshots the disk while the guest runs; a new
 server booted from the snapshot reads the marker back.
 """
 import errno
+import json
 import os
 import threading
 
@@ -45,10 +46,18 @@ class TestSnapshot(nova_harness.BhyveFunctionalTestBase):
         vmdir = self.vmdir(server)
         self.assertEqual(
             [], [n for n in os.listdir(vmdir) if n.startswith('snapshot-')])
-        top = qmp.execute(nova_harness.vm_socket(vmdir, 'control'),
-                          'query-block')[0]['inserted']
+        sock = nova_harness.vm_socket(vmdir, 'control')
+        top = qmp.execute(sock, 'query-block')[0]['inserted']
         self.assertEqual('disk0', top['node-name'])
-        self.assertEqual(os.path.join(vmdir, 'disk'), top['image']['filename'])
+        # QEMU has the disk on an fdset the driver filled (the file's path
+        # is the fd's opaque), over its backing node (json: filename)
+        name = top['image']['filename']
+        self.assertTrue(name.startswith('json:'), name)
+        fdset = json.loads(name[len('json:'):])['file']['filename']
+        opaque = {'/dev/fdset/%d' % s['fdset-id']: [f.get('opaque') for f in
+                                                    s['fds']]
+                  for s in qmp.execute(sock, 'query-fdsets')}
+        self.assertEqual([os.path.join(vmdir, 'disk')], opaque[fdset])
         self.assertIn('_base', vdsk.info(os.path.join(vmdir, 'disk'))[
             'backing_file'])
 

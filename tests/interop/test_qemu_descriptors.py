@@ -40,6 +40,7 @@ from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import state as qemu_state
+from nova_bhyve.storage import vdsk
 
 import conftest
 
@@ -237,6 +238,8 @@ def test_qemu_runs_on_descriptors_only(env, tap):
         hyp.freeze_disk(vmdir, 0, snap)
         hyp.thaw_disk(vmdir, 0, snap)
         assert hyp.power_state(vmdir) == power_state.RUNNING
+        # QEMU never wrote its /dev/fdset name into the overlay's header
+        assert vdsk.info(moved[overlay])['backing_file'] == base_img
     finally:
         hyp.kill(vmdir)
     assert not os.path.exists(vmdir.runtime)
