@@ -25,9 +25,13 @@ import time
 
 import lifecycle_vm as lv
 
+from nova_bhyve import conf
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import state as qemu_state
+
+CONF = conf.CONF
 
 
 def wait_migrate(vm):
@@ -69,10 +73,16 @@ def by_hand(vm, path, capped):
         time.sleep(0.01)
     t1 = time.monotonic()
     last = vm.ticks()[-1]
-    argv = qemu.render_argv(vm.spec, vm.vmdir, vm.hv.binary, 'tcg')
     t2 = time.monotonic()
-    qemu_state.launch(vm.hv, argv + ['-S', '-incoming', 'exec:cat %s' % path],
-                      vm.vmdir, vm.spec.uuid)
+    res = qemu_resources.open_all(vm.spec, vm.vmdir,
+                                  CONF.bhyve.console_log_keep_bytes)
+    try:
+        argv = qemu.render_argv(vm.spec, vm.vmdir, vm.hv.binary, 'tcg', res)
+        qemu_state.launch(vm.hv, argv + ['-S', '-incoming',
+                                         'exec:cat %s' % path],
+                          vm.vmdir, vm.spec.uuid, res.fds)
+    finally:
+        res.close()
     wait_migrate(vm)
     qmp.execute(vm.vmdir.control, 'cont')
     t3 = time.monotonic()

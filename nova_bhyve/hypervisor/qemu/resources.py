@@ -124,13 +124,12 @@ class Resources:
         return fd
 
     def _listen(self, path):
+        # in a directory of mode 0700 (make_runtime_dir): nobody else can
+        # reach the socket before its chmod (no umask dance: it is
+        # process-wide, other threads create files meanwhile)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._socks.append(sock)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
+        sock.bind(path)
         os.chmod(path, 0o600)
         sock.listen(16)
         return self._keep(sock.fileno())
