@@ -22,7 +22,8 @@ import pytest
 from test_move_rescue import _driver
 from test_move_rescue import _image_meta
 from test_move_rescue import _instance
-from test_move_rescue import _spawned  # noqa: F401  (bhyve_env is a fixture)
+from test_move_rescue import _spawned
+from test_move_rescue import bhyve_env  # noqa: F401  (a fixture)
 from test_move_rescue import UUID
 
 from nova import exception
