@@ -102,7 +102,7 @@ def _read_words(path):
 
 
 def _check_name(name):
-    if not _NAME.match(name or ''):
+    if not _NAME.match(name or '') or not name.strip('.'):
         raise ValueError('not a cgroup name: %r' % (name,))
 
 
