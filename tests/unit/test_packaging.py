@@ -151,6 +151,26 @@ def test_wheel_carries_compiled_libvdsk_and_entry_point(wheel_of_tree):
     assert 'nova_bhyve = nova_bhyve.conf:list_opts' in entry_points
 
 
+LAUNCHER = 'nova_bhyve/sandbox/bin/nova-bhyve-launcher'
+
+
+def _assert_launcher_in(wheel):
+    """The sandbox launcher, compiled by setup.py's build_py, executable
+    (the wheel keeps the mode pip installs with)."""
+    with zipfile.ZipFile(wheel) as whl:
+        info = whl.getinfo(LAUNCHER)
+        head = whl.read(LAUNCHER)[:4]
+    assert head == b'\x7fELF'
+    assert (info.external_attr >> 16) & 0o111 == 0o111, oct(
+        info.external_attr >> 16)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='the launcher is Linux only')
+def test_wheel_carries_the_sandbox_launcher(wheel_of_tree):
+    _assert_launcher_in(wheel_of_tree)
+
+
 # -- the sdist (MANIFEST.in) ------------------------------------------------
 
 SDIST_MUST_CARRY = (
@@ -158,6 +178,7 @@ SDIST_MUST_CARRY = (
     'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
     'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
     'native/vdsk/tools/vdsktool.c', 'native/vdsk/sources.list',
+    'native/sandbox/launcher.c', 'native/sandbox/launcher.h',
     'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
     'etc/nova-bhyve/nova-bhyve-config-generator.conf',
     'etc/nova-bhyve/nova-bhyve.conf.sample',
@@ -200,6 +221,8 @@ def test_wheel_built_from_sdist_imports_libvdsk(sdist_of_tree, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     wheel = _pip_wheel(str(tmp_path / 'unpacked' / top), str(out))
+    if sys.platform.startswith('linux'):
+        _assert_launcher_in(wheel)
     site = tmp_path / 'site'
     with zipfile.ZipFile(wheel) as whl:
         whl.extractall(site)
@@ -427,3 +450,16 @@ def test_unrequired_import_is_reported(tmp_path):
                        {'nova': ['nova-bhyve', 'nova']}) == {}
     assert list(_unrequired({'gone': ['x.py:1']}, {'gone'}, {})) == ['gone']
     assert _canonical('oslo.config') in _install_requires()
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='the launcher is Linux only')
+def test_a_launcher_that_does_not_compile_fails_the_build(tmp_path):
+    src = _copy_tree(str(tmp_path / 'src'))
+    with open(os.path.join(src, 'native', 'sandbox', 'launcher.c'),
+              'a') as f:
+        f.write('\nthis is not C;\n')
+    out = tmp_path / 'out'
+    out.mkdir()
+    with pytest.raises(AssertionError, match='did not compile'):
+        _pip_wheel(src, str(out))
+    assert [f for f in os.listdir(str(out)) if f.endswith('.whl')] == []
