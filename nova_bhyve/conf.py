@@ -161,6 +161,41 @@ OPTS = [
                      'reboot. Off: a normal cold migration (guest powered '
                      'off and booted again). A resize that changes vCPUs or '
                      'memory is always cold.'),
+
+    cfg.BoolOpt('sandbox',
+                default=True,
+                help='Run each VM process (QEMU on Linux) in its own '
+                     'sandbox: started by nova-bhyve-launcher in its own '
+                     'cgroup (memory, pids, cpu limits), as its own uid '
+                     'and gid from sandbox_uid_range, with no capabilities, '
+                     'no_new_privs, and Landlock rules allowing only the '
+                     'files and TCP ports it needs (everything else it '
+                     'gets as open descriptors). nova-compute refuses to '
+                     'start when the host lacks a feature the sandbox '
+                     'needs (Landlock, seccomp, the cpu/memory/pids cgroup '
+                     'controllers) and names it. Off: VM processes run as '
+                     'nova-compute\'s user with its authority - only for '
+                     'hosts without those features, knowingly. Linux only; '
+                     'bhyve sandboxes itself with Capsicum.'),
+    cfg.StrOpt('sandbox_uid_range',
+               default='64000-64999',
+               help='Uids (and gids of the same numbers) given to '
+                    'sandboxed VM processes, "FIRST-LAST", one per VM, '
+                    'never shared, kept across nova-compute restarts. '
+                    'Must belong to no user or group of the host (a uid '
+                    'the host knows is skipped) and hold at least as many '
+                    'ids as VMs the host may run.'),
+    cfg.IntOpt('sandbox_memory_overhead_mb',
+               default=256, min=0,
+               help='Memory a sandboxed VM process may use beyond its '
+                    'flavor\'s RAM (QEMU\'s own allocations, device '
+                    'buffers): its cgroup\'s memory limit is flavor RAM + '
+                    'this.'),
+    cfg.IntOpt('sandbox_pids_max',
+               default=512, min=16,
+               help='Most processes and threads a sandboxed VM process may '
+                    'have (its cgroup\'s pids.max): QEMU uses a thread '
+                    'per vCPU plus I/O and migration threads.'),
 ]
 
 

@@ -1,16 +1,19 @@
 """Facts about the compute host: CPUs, memory, disk, uptime.
 
-Linux reads /proc; FreeBSD uses sysctl(8). No state, no caching.
+CPUs, memory, disk and boot time come from psutil (a Nova requirement),
+which reads them on Linux (/proc, statvfs) and on FreeBSD (sysctl, statfs)
+alike: one code path for both, no command run. No state, no caching.
 """
 import os
 import platform
-import subprocess
+import time
 
 from nova.objects import fields as obj_fields
 import os_resource_classes as orc
 from oslo_config import cfg
 from oslo_serialization import jsonutils
 from oslo_utils import units
+import psutil
 
 CONF = cfg.CONF
 
@@ -20,53 +23,51 @@ def is_freebsd():
 
 
 def vcpus():
-    return os.cpu_count() or 1
-
-
-def _sysctl(name):
-    out = subprocess.run(['sysctl', '-n', name], capture_output=True,
-                         text=True, check=True).stdout
-    return int(out.strip())
-
-
-def _meminfo():
-    values = {}
-    with open('/proc/meminfo') as f:
-        for line in f:
-            key, _, rest = line.partition(':')
-            values[key] = int(rest.split()[0]) * units.Ki
-    return values
+    """Logical CPUs of the host."""
+    return psutil.cpu_count(logical=True) or 1
 
 
 def memory_mb():
-    """(total, used) host memory in MiB."""
-    if is_freebsd():
-        total = _sysctl('hw.physmem')
-        page = _sysctl('hw.pagesize')
-        free = page * (_sysctl('vm.stats.vm.v_free_count') +
-                       _sysctl('vm.stats.vm.v_inactive_count'))
-    else:
-        info = _meminfo()
-        total = info['MemTotal']
-        free = info.get('MemAvailable', info['MemFree'])
-    return total // units.Mi, (total - free) // units.Mi
+    """(total, used) host memory in MiB; used is what is not available to
+    new processes without swapping (Linux: MemTotal - MemAvailable; FreeBSD:
+    hw.physmem less free, inactive and cached pages)."""
+    mem = psutil.virtual_memory()
+    return mem.total // units.Mi, (mem.total - mem.available) // units.Mi
 
 
 def disk_gb(path):
-    """(total, used, free) GiB of the file system holding ``path``."""
-    st = os.statvfs(path)
-    total = st.f_blocks * st.f_frsize
-    free = st.f_bavail * st.f_frsize
-    return (total // units.Gi, (total - free) // units.Gi,
-            free // units.Gi)
+    """(total, used, free) GiB of the file system holding ``path``; free is
+    what an unprivileged user can still write, used everything else
+    (reserved blocks included)."""
+    usage = psutil.disk_usage(path)
+    return (usage.total // units.Gi, (usage.total - usage.free) // units.Gi,
+            usage.free // units.Gi)
+
+
+def uptime_text(now, boot_time, users, loadavg):
+    """procps uptime(1)'s line for these facts (local time of day), without
+    its leading space: ``10:23:45 up 3 days,  2:01,  2 users,  load average:
+    0.00, 0.01, 0.05``."""
+    up = int(now - boot_time)
+    days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
+    text = time.strftime('%H:%M:%S', time.localtime(now)) + ' up '
+    if days:
+        text += '%d %s, ' % (days, 'days' if days > 1 else 'day')
+    if hours:
+        text += '%2d:%02d, ' % (hours, minutes)
+    else:
+        text += '%d min, ' % minutes
+    text += '%2d %s,  load average: %.2f, %.2f, %.2f' % (
+        (users, 'users' if users > 1 else 'user') + tuple(loadavg))
+    return text
 
 
 def uptime():
-    """The text of uptime(1), as Nova's other drivers report it."""
-    return subprocess.run(['uptime'], capture_output=True, text=True,
-                          env={'LANG': 'C', 'PATH': os.environ.get(
-                              'PATH', '/usr/bin:/bin')},
-                          check=False).stdout.strip()
+    """The text of uptime(1), as Nova's other drivers report it (libvirt:
+    ``env LANG=C uptime``), in procps' format on every host (FreeBSD's
+    uptime(1) words it slightly differently; Nova passes it on unparsed)."""
+    return uptime_text(time.time(), psutil.boot_time(), len(psutil.users()),
+                       os.getloadavg())
 
 
 def cpu_info():

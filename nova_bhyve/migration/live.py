@@ -252,6 +252,15 @@ def _create_disks(drv, context, instance, spec, info):
     return backed
 
 
+def _plug_ports(drv, instance, network_info, spec):
+    """Plug the ports here; the spec's NICs keep the models the source's
+    VM has (the device model must be identical)."""
+    models = {n.mac: n.model for n in spec.nics}
+    spec.nics = drv.vifs.plug_all(instance, network_info)
+    for nic in spec.nics:
+        nic.model = models.get(nic.mac, nic.model)
+
+
 def _incoming_policy(spec, info):
     """The policy the source will make (same configuration, same data
     estimate): the destination must enable what it wants too (post-copy)."""
@@ -281,11 +290,8 @@ def pre_live_migration(drv, context, instance, block_device_info,
         spec = _localize_spec(drv, context, instance, spec, info['vmdir'],
                               vmdir)
         backed = _create_disks(drv, context, instance, spec, info)
-        models = {n.mac: n.model for n in spec.nics}
         plugged = True
-        spec.nics = drv.vifs.plug_all(instance, network_info)
-        for nic in spec.nics:
-            nic.model = models.get(nic.mac, nic.model)
+        _plug_ports(drv, instance, network_info, spec)
         instance_store.write_spec(vmdir, spec)
         address = inbound_address()
         endpoint = drv.hypervisor.prepare_incoming(
@@ -317,11 +323,8 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     try:
         incoming.mark(runtime, drv.host_name or CONF.host)
         _local_boot_and_consoles(drv, context, instance, spec)
-        models = {n.mac: n.model for n in spec.nics}
         plugged = True
-        spec.nics = drv.vifs.plug_all(instance, network_info)
-        for nic in spec.nics:
-            nic.model = models.get(nic.mac, nic.model)
+        _plug_ports(drv, instance, network_info, spec)
         instance_store.write_spec(runtime, spec)
         endpoint = drv.hypervisor.prepare_incoming(
             spec, runtime, inbound_address(), block=False,

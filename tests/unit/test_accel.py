@@ -3,9 +3,15 @@
 The calibration runs a real process per accelerator. Here that process is a
 small fake "qemu" (a shell script written to a temp dir) that logs its argv,
 sleeps for a scripted time and exits 3 the way QEMU does through
-isa-debug-exit - or fails, or hangs past the timeout. Only os.access is
-patched, and only to simulate a host without /dev/kvm access. One test runs
-the real calibration workload under real QEMU TCG.
+isa-debug-exit - or fails, or hangs past the timeout - or a wrapper that runs
+the real QEMU under TCG for both "accelerators".
+
+Nothing here needs /dev/kvm, writable or present: where the fake or the
+wrapper plays KVM, KVM's availability (accel.kvm_device_usable, the
+/dev/kvm access check) is mocked to True with the ``kvm_available``
+fixture, and the one test of that check itself patches os.access. Everything
+else - run_workload, the KVM run's cut-off, decide(), the per-binary cache -
+is the real code.
 """
 import os
 import pathlib
@@ -18,10 +24,17 @@ import pytest
 
 from nova_bhyve.hypervisor.qemu import accel
 
-KVM_USABLE = os.access('/dev/kvm', os.R_OK | os.W_OK)
-needs_kvm_access = pytest.mark.skipif(
-    not KVM_USABLE, reason='needs read/write access to /dev/kvm (the fakes '
-                           'replace QEMU, not the /dev/kvm check)')
+QEMU = shutil.which('qemu-system-x86_64')
+needs_qemu = pytest.mark.skipif(QEMU is None,
+                                reason='no qemu-system-x86_64 '
+                                       '(tools/setup-host installs it)')
+
+
+@pytest.fixture
+def kvm_available(monkeypatch):
+    """Mock: KVM is available (/dev/kvm usable) - the fake qemu, not the
+    kernel, then decides how the 'kvm' calibration run goes."""
+    monkeypatch.setattr(accel, 'kvm_device_usable', lambda: True)
 
 
 @pytest.fixture(autouse=True)
@@ -85,54 +98,59 @@ def test_explicit_choice_passes_through_without_running_qemu(
     assert accel._chosen == {}
 
 
-@needs_kvm_access
-def test_kvm_faster_chooses_kvm(fake_qemu):
+def test_kvm_faster_chooses_kvm(fake_qemu, kvm_available):
+    """KVM availability mocked; the fake qemu's 'kvm' run is faster."""
     binary = fake_qemu(tcg=ok(0.8), kvm=ok(0.05))
     assert accel.choose(binary, 'auto', 10) == 'kvm'
     assert sorted(calls(binary)) == ['kvm', 'tcg']
 
 
-@needs_kvm_access
-def test_kvm_slower_chooses_tcg(fake_qemu):
-    binary = fake_qemu(tcg=ok(0.05), kvm=ok(0.8))
+def test_kvm_slower_chooses_tcg(fake_qemu, kvm_available):
+    """KVM availability mocked; the fake qemu's 'kvm' run is slower."""
+    binary = fake_qemu(tcg=ok(0.05), kvm=ok(0.3))
     assert accel.choose(binary, 'auto', 10) == 'tcg'
     assert sorted(calls(binary)) == ['kvm', 'tcg']
 
 
-@needs_kvm_access
-def test_kvm_fails_chooses_tcg(fake_qemu):
+def test_kvm_fails_chooses_tcg(fake_qemu, kvm_available):
+    """KVM availability mocked; the fake qemu's 'kvm' run fails the way
+    QEMU does when it cannot use KVM."""
     binary = fake_qemu(tcg=ok(0.3), kvm=FAIL)
     assert accel.choose(binary, 'auto', 10) == 'tcg'
+    assert sorted(calls(binary)) == ['kvm', 'tcg']
 
 
-@needs_kvm_access
-def test_kvm_wrong_exit_status_chooses_tcg(fake_qemu):
-    # exit 0 is not the isa-debug-exit status: the workload did not finish
+def test_kvm_wrong_exit_status_chooses_tcg(fake_qemu, kvm_available):
+    """KVM availability mocked; exit 0 is not the isa-debug-exit status:
+    the workload did not finish."""
     binary = fake_qemu(tcg=ok(0.3), kvm='exit 0')
     assert accel.choose(binary, 'auto', 10) == 'tcg'
 
 
-@needs_kvm_access
-def test_kvm_times_out_chooses_tcg(fake_qemu):
-    binary = fake_qemu(tcg=ok(0.05), kvm=HANG)
+def test_kvm_times_out_chooses_tcg(fake_qemu, kvm_available):
+    """KVM availability mocked; the 'kvm' run hangs and is killed (TCG
+    failed too, so the cut-off is the full timeout)."""
+    binary = fake_qemu(tcg=FAIL, kvm=HANG)
     start = time.monotonic()
     assert accel.choose(binary, 'auto', 1.0) == 'tcg'
-    assert time.monotonic() - start < 10
+    assert 1.0 <= time.monotonic() - start < 10
 
 
-@needs_kvm_access
-def test_tcg_fails_kvm_works_chooses_kvm(fake_qemu):
+def test_tcg_fails_kvm_works_chooses_kvm(fake_qemu, kvm_available):
+    """KVM availability mocked; only the 'kvm' run finishes."""
     binary = fake_qemu(tcg=FAIL, kvm=ok(0.3))
     assert accel.choose(binary, 'auto', 10) == 'kvm'
 
 
-@needs_kvm_access
-def test_both_fail_chooses_tcg(fake_qemu):
+def test_both_fail_chooses_tcg(fake_qemu, kvm_available):
+    """KVM availability mocked; neither run finishes."""
     binary = fake_qemu(tcg=FAIL, kvm=FAIL)
     assert accel.choose(binary, 'auto', 10) == 'tcg'
 
 
-def test_missing_binary_chooses_tcg(tmp_dir):
+def test_missing_binary_chooses_tcg(tmp_dir, kvm_available):
+    """KVM availability mocked, so that both runs are attempted (and
+    cannot start)."""
     assert accel.choose(str(tmp_dir / 'no-such-qemu'), 'auto', 5) == 'tcg'
 
 
@@ -152,8 +170,8 @@ def test_no_dev_kvm_access_chooses_tcg_without_running_qemu(fake_qemu):
     assert calls(binary) == []
 
 
-@needs_kvm_access
-def test_decision_cached_per_binary(fake_qemu):
+def test_decision_cached_per_binary(fake_qemu, kvm_available):
+    """KVM availability mocked; the fakes play both accelerators."""
     a = fake_qemu(tcg=ok(0.6), kvm=ok(0.05), name='qemu-a')
     b = fake_qemu(tcg=ok(0.05), kvm=ok(0.6), name='qemu-b')
     assert accel.choose(a, 'auto', 10) == 'kvm'
@@ -192,21 +210,92 @@ def test_boot_sector_shape():
     assert b'\xba\xf4\x00\xb0\x01\xee\xf4' in sector
 
 
+@needs_qemu
 def test_real_qemu_tcg_runs_calibration_workload():
     """The calibration guest really reaches isa-debug-exit under TCG."""
-    binary = shutil.which('qemu-system-x86_64')
-    if binary is None:
-        pytest.skip('no qemu-system-x86_64')
-    seconds = accel.run_workload(binary, 'tcg', 60)
+    seconds = accel.run_workload(QEMU, 'tcg', 60)
     assert seconds is not None
     assert 0 < seconds < 60
 
 
-@needs_kvm_access
-def test_slow_kvm_run_is_cut_off_soon_after_tcg_finished(fake_qemu):
-    # kvm would take 30 s; it cannot win once it is slower than TCG, so the
-    # calibration stops it about 0.5 s after TCG's time, not at the timeout
+def test_slow_kvm_run_is_cut_off_soon_after_tcg_finished(fake_qemu,
+                                                          kvm_available):
+    """KVM availability mocked; 'kvm' would take 30 s: it cannot win once
+    it is slower than TCG, so the calibration stops it about 0.5 s after
+    TCG's time, not at the timeout."""
     qemu = fake_qemu(tcg=ok(0.2), kvm='exec sleep 30')
     start = time.monotonic()
     assert accel.choose(qemu, 'auto', timeout=20) == 'tcg'
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize('kvm,tcg,choice', [
+    (0.1, 0.5, 'kvm'),
+    (0.5, 0.5, 'kvm'),          # a tie goes to KVM
+    (0.6, 0.5, 'tcg'),
+    (None, 0.5, 'tcg'),
+    (0.5, None, 'kvm'),
+    (None, None, 'tcg'),
+])
+def test_decide(kvm, tcg, choice):
+    assert accel.decide(kvm, tcg) == choice
+
+
+def test_kvm_run_timeout():
+    assert accel.kvm_timeout(10, None) == 10
+    assert accel.kvm_timeout(10, 2.0) == 2.5
+    assert accel.kvm_timeout(1, 2.0) == 1
+
+
+# -- the real QEMU under TCG on both sides ------------------------------------
+
+# A wrapper "qemu": the calibration's argv is "-accel ACCEL ..."; both
+# accelerators run the real QEMU with -accel tcg, each side after its own
+# shell command and with its own extra options.
+_WRAPPER = '''#!/bin/sh
+accel=$2
+shift 2
+echo "-accel $accel" >> '{log}'
+case "$accel" in
+  tcg) {tcg}; exec '{qemu}' -accel tcg {tcg_args} "$@" ;;
+  kvm) {kvm}; exec '{qemu}' -accel tcg {kvm_args} "$@" ;;
+esac
+exit 99
+'''
+
+
+@pytest.fixture
+def tcg_both_sides(tmp_dir):
+    def make(tcg=':', kvm=':', tcg_args='', kvm_args=''):
+        path = tmp_dir / 'qemu-system-x86_64'
+        path.write_text(_WRAPPER.format(
+            log=str(path) + '.log', qemu=QEMU, tcg=tcg, kvm=kvm,
+            tcg_args=tcg_args, kvm_args=kvm_args))
+        path.chmod(0o755)
+        return str(path)
+    return make
+
+
+@needs_qemu
+def test_real_qemu_faster_kvm_side_is_chosen(tcg_both_sides, kvm_available):
+    """KVM availability mocked; 'kvm' is the real QEMU under TCG and the
+    'tcg' run is the same started 2 s late: the real workload must exit
+    through isa-debug-exit on both sides for 'kvm' to be chosen."""
+    binary = tcg_both_sides(tcg='sleep 2')
+    assert accel.choose(binary, 'auto', 60) == 'kvm'
+    assert calls(binary) == ['tcg', 'kvm']
+
+
+@needs_qemu
+def test_real_qemu_hanging_kvm_side_is_cut_off(tcg_both_sides,
+                                               kvm_available):
+    """KVM availability mocked; 'kvm' is the real QEMU under TCG with its
+    CPU never started (-S), like a KVM guest stuck in real mode: it is
+    killed 0.5 s after TCG's time, not at the 60 s timeout, and TCG is
+    chosen."""
+    binary = tcg_both_sides(kvm_args='-S')
+    start = time.monotonic()
+    assert accel.choose(binary, 'auto', 60) == 'tcg'
+    elapsed = time.monotonic() - start
+    assert calls(binary) == ['tcg', 'kvm']
+    assert elapsed < 15, elapsed

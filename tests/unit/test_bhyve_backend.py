@@ -7,8 +7,8 @@ bhyve(8) and bhyvectl(8) cannot run here (no FreeBSD, no vmm(4)), so:
   usr.sbin/bhyve (pci_ahci.c: ``ahci-hd``/``ahci-cd`` are only command-line
   aliases, the tree needs ``device=ahci`` + ``port.N.type``; net_backends.c:
   ``backend``/``mac``/``mtu``; pci_lpc.c: ``lpc.com1.path``, ``lpc.bootrom``);
-* the bhyvectl argv is pinned with ``subprocess.run`` mocked, and only for
-  bhyvectl;
+* the bhyvectl argv is pinned with ``processutils.execute`` mocked
+  (fake_execute.py), and only for bhyvectl;
 * bhyve itself is replaced by a small shell script ("fake bhyve") that exits
   with scripted bhyve(8) exit statuses and handles SIGTERM the way bhyve
   does (it ends with status 1, "powered off"). The supervisor, the detaching,
@@ -17,7 +17,6 @@ bhyve(8) and bhyvectl(8) cannot run here (no FreeBSD, no vmm(4)), so:
 """
 import os
 import signal
-import subprocess
 import time
 from unittest import mock
 
@@ -30,6 +29,8 @@ from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import supervisor
+
+import fake_execute
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -213,10 +214,6 @@ def test_freebsd_version():
 
 # -- the commands (bhyvectl mocked: it cannot run here) -------------------
 
-def _completed(rc=0, err=''):
-    return subprocess.CompletedProcess([], rc, '', err)
-
-
 def _vmdir_with_config(tmp_path):
     vmdir = base.VMDir(str(tmp_path / UUID))
     os.makedirs(vmdir.path)
@@ -238,21 +235,19 @@ def test_bhyve_argv():
 def test_bhyvectl_argv(tmp_path, method, op):
     vmdir = _vmdir_with_config(tmp_path)
     hv = bhyve.BhyveHypervisor()
-    with mock.patch.object(bhyve.subprocess, 'run',
-                           return_value=_completed()) as run:
+    with fake_execute.patch() as execute:
         getattr(hv, method)(vmdir)
-    assert run.call_args[0][0] == [
-        '/usr/sbin/bhyvectl', '--vm=instance-0000002a', op]
+    assert fake_execute.argvs(execute) == [[
+        '/usr/sbin/bhyvectl', '--vm=instance-0000002a', op]]
 
 
 def test_kill_destroys_the_vmm_instance(tmp_path):
     vmdir = _vmdir_with_config(tmp_path)
     hv = bhyve.BhyveHypervisor()
-    with mock.patch.object(bhyve.subprocess, 'run',
-                           return_value=_completed()) as run, \
+    with fake_execute.patch() as execute, \
             mock.patch.object(hv, 'vmm_exists', return_value=True):
         hv.kill(vmdir)
-    assert [c[0][0] for c in run.call_args_list] == [
+    assert fake_execute.argvs(execute) == [
         ['/usr/sbin/bhyvectl', '--vm=instance-0000002a', '--destroy']]
     assert supervisor.read_exit_status(vmdir.path)['outcome'] == 'killed'
     assert hv.power_state(vmdir) == power_state.SHUTDOWN
@@ -261,18 +256,18 @@ def test_kill_destroys_the_vmm_instance(tmp_path):
 def test_kill_without_vmm_instance_runs_nothing(tmp_path):
     vmdir = _vmdir_with_config(tmp_path)
     hv = bhyve.BhyveHypervisor()
-    with mock.patch.object(bhyve.subprocess, 'run') as run, \
+    with fake_execute.patch() as execute, \
             mock.patch.object(hv, 'vmm_exists', return_value=False):
         hv.kill(vmdir)
-    run.assert_not_called()
+    execute.assert_not_called()
 
 
 def test_kill_of_a_vm_never_configured(tmp_path):
     hv = bhyve.BhyveHypervisor()
-    with mock.patch.object(bhyve.subprocess, 'run') as run:
+    with fake_execute.patch() as execute:
         hv.kill(base.VMDir(str(tmp_path / 'gone')))
         hv.kill(base.VMDir(str(tmp_path)))
-    run.assert_not_called()
+    execute.assert_not_called()
     assert hv.power_state(base.VMDir(str(tmp_path / 'gone'))) == (
         power_state.SHUTDOWN)
 
@@ -280,8 +275,7 @@ def test_kill_of_a_vm_never_configured(tmp_path):
 def test_bhyvectl_failure_is_a_hypervisor_error(tmp_path):
     vmdir = _vmdir_with_config(tmp_path)
     hv = bhyve.BhyveHypervisor()
-    with mock.patch.object(bhyve.subprocess, 'run',
-                           return_value=_completed(1, 'vm_open: No such')):
+    with fake_execute.patch(rc=1, err='vm_open: No such'):
         with pytest.raises(base.HypervisorError, match='No such'):
             hv.force_reset(vmdir)
 
@@ -557,7 +551,7 @@ def test_backend_start_shutdown_kill(fake, tmp_path):
     s = spec(disks=[raw('/d/root')])
     fake.script('0 30', '0 30')
     with mock.patch.object(hv, 'vmm_exists', return_value=False), \
-            mock.patch.object(bhyve.subprocess, 'run') as run:
+            fake_execute.patch() as execute:
         hv.start(s, fake.vmdir)
         fake.wait_runs(1)
         cfg = hv.config_path(fake.vmdir)
@@ -583,7 +577,7 @@ def test_backend_start_shutdown_kill(fake, tmp_path):
         assert not base.process_alive(vm, UUID)
         assert hv.power_state(fake.vmdir) == power_state.SHUTDOWN
         assert len(fake.runs()) == 2             # killed: not restarted
-    run.assert_not_called()        # no vmm instance -> no bhyvectl call
+    execute.assert_not_called()    # no vmm instance -> no bhyvectl call
 
 
 def test_backend_reports_crash(fake, tmp_path):

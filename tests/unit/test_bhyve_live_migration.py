@@ -3,7 +3,7 @@
 finish_incoming / migrate_to and the handle the orchestration drives).
 
 NEVER RUN ON FREEBSD. What cannot run here is replaced, and only that:
-bhyvectl (``subprocess.run`` in bhyve_migration: its usage text and the
+bhyvectl (``processutils.execute``, fake_execute.py: its usage text and the
 --migrate-live request, argv recorded), bhyve (the shell stand-in of
 test_bhyve_backend.py run by the real supervisor: it records its argv) and
 the source's bhyve process (a sleeping process whose command line carries
@@ -16,14 +16,9 @@ import subprocess
 import sys
 import time
 import types
-from unittest import mock
 
 from nova import exception
 import pytest
-from test_bhyve_backend import Fake
-from test_bhyve_migration import LIVE_USAGE
-from test_bhyve_migration import UPSTREAM_USAGE
-from test_bhyve_migration import WARM_USAGE
 
 from nova_bhyve import conf
 from nova_bhyve import guest
@@ -34,6 +29,12 @@ from nova_bhyve.hypervisor.bhyve import migration as bm
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.migration import live as live_migration
 from nova_bhyve.migration import policy as mp
+
+import fake_execute
+from test_bhyve_backend import Fake
+from test_bhyve_migration import LIVE_USAGE
+from test_bhyve_migration import UPSTREAM_USAGE
+from test_bhyve_migration import WARM_USAGE
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -58,10 +59,10 @@ def _spec():
 def hypervisor(usage):
     """A BhyveHypervisor whose bhyvectl prints ``usage`` for --help."""
     hyp = bhyve.BhyveHypervisor()
-    with mock.patch.object(bm.subprocess, 'run', return_value=(
-            subprocess.CompletedProcess([], 1, '', usage))) as run:
+    with fake_execute.patch(rc=1, err=usage) as execute:
         hyp.migration_support()
-    assert run.call_args[0][0] == [CONF.bhyve.bhyvectl_path, '--help']
+    assert fake_execute.argvs(execute) == [
+        [CONF.bhyve.bhyvectl_path, '--help']]
     return hyp
 
 
@@ -217,12 +218,11 @@ def test_source_handle_through_the_orchestration_interface(source):
     h.start_mirror()
     assert h.mirror_ready()
     h.cancel()                        # nothing started yet: nothing to do
-    with mock.patch.object(bm.subprocess, 'run', return_value=(
-            subprocess.CompletedProcess([], 0, '', ''))) as run:
+    with fake_execute.patch() as execute:
         h.start_memory()
-    assert run.call_args[0][0] == [CONF.bhyve.bhyvectl_path,
-                                   '--vm=%s' % NAME,
-                                   '--migrate-live=10.0.0.2,49152']
+    assert fake_execute.argvs(execute) == [[CONF.bhyve.bhyvectl_path,
+                                            '--vm=%s' % NAME,
+                                            '--migrate-live=10.0.0.2,49152']]
     assert h.poll().status == 'active'
     for kind, value in (('downtime', 500), ('throttle', 20),
                         ('postcopy', None), ('abort', None)):
@@ -245,8 +245,7 @@ def test_source_bhyve_failing_is_reported(source):
     hyp = hypervisor(LIVE_USAGE)
     h = hyp.migrate_to(source, _spec(), bm.Endpoint('10.0.0.2', 49152), 0,
                        None)
-    with mock.patch.object(bm.subprocess, 'run', return_value=(
-            subprocess.CompletedProcess([], 0, '', ''))):
+    with fake_execute.patch():
         h.start_memory()
     source.proc.kill()
     source.proc.wait()

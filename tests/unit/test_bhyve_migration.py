@@ -1,8 +1,10 @@
 """hypervisor/bhyve/migration.py at its boundary.
 
 bhyve(8) and bhyvectl(8) with the FreeBSD-UPB migration prototype cannot run
-here (no FreeBSD, no vmm(4)), so ``subprocess.run`` is mocked for bhyvectl
-only (its usage text and the --migrate request) and the argv are pinned.
+here (no FreeBSD, no vmm(4)), so ``processutils.execute`` is mocked for
+bhyvectl only (its usage text and the --migrate request; fake_execute.py)
+and the argv are pinned; the reading of the usage text also runs for real,
+with a script standing in for bhyvectl.
 The usage texts below are the prototype's (usr.sbin/bhyvectl/bhyvectl.c of
 github.com/FreeBSD-UPB/freebsd-src, live-migration branch) and upstream's.
 The source bhyve process is stood in for by a real short-lived process
@@ -23,8 +25,11 @@ from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import backend as bhyve
 from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.bhyve import migration as bm
+from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 from nova_bhyve.hypervisor.bhyve import supervisor
 from nova_bhyve.migration import policy as mp
+
+import fake_execute
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -50,16 +55,11 @@ def _conf():
     CONF.clear_override('bhyvectl_path', group='bhyve')
 
 
-def _usage(text, rc=1):
-    # bhyvectl prints its usage on stderr and exits 1 for --help
-    return subprocess.CompletedProcess([], rc, '', text)
-
-
 def support(text):
-    with mock.patch.object(bm.subprocess, 'run',
-                           return_value=_usage(text)) as run:
+    # bhyvectl prints its usage on stderr and exits 1 for --help
+    with fake_execute.patch(rc=1, err=text) as execute:
         result = bm.detect_support('/usr/sbin/bhyvectl')
-    assert run.call_args[0][0] == ['/usr/sbin/bhyvectl', '--help']
+    assert fake_execute.argvs(execute) == [['/usr/sbin/bhyvectl', '--help']]
     return result
 
 
@@ -77,8 +77,40 @@ def test_support_from_the_usage_text(text, warm, live, sep):
 
 
 def test_no_bhyvectl_means_no_support():
-    with mock.patch.object(bm.subprocess, 'run', side_effect=OSError(2, 'x')):
-        assert not bm.detect_support('/nonexistent/bhyvectl').warm
+    assert not bm.detect_support('/nonexistent/bhyvectl').warm
+    with mock.patch.object(bhyve_state.processutils, 'execute',
+                           side_effect=OSError(13, 'x')):
+        assert not bm.detect_support('/usr/sbin/bhyvectl').warm
+
+
+def _script(tmp_path, body):
+    path = tmp_path / 'bhyvectl'
+    path.write_text('#!/bin/sh\n' + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_usage_text_of_a_real_command(tmp_path):
+    # as bhyvectl: usage on stderr, exit status 1 (stdout is read too)
+    usage = tmp_path / 'usage'
+    usage.write_text(LIVE_USAGE)
+    bhyvectl = _script(tmp_path, 'echo "out: $1"\ncat %s >&2\nexit 1\n'
+                       % usage)
+    assert bhyve_state.usage_text(bhyvectl) == 'out: --help\n' + LIVE_USAGE
+    s = bm.detect_support(bhyvectl)
+    assert (s.warm, s.live, s.separator) == (True, True, ',')
+
+
+def test_usage_text_of_a_hanging_command_is_killed(tmp_path):
+    pidfile = tmp_path / 'pid'
+    bhyvectl = _script(tmp_path, 'echo $$ > %s\nexec sleep 60\n' % pidfile)
+    t0 = time.monotonic()
+    assert bhyve_state.usage_text(bhyvectl, timeout=0.5) == ''
+    assert time.monotonic() - t0 < 10
+    pid = int(pidfile.read_text())
+    # killed and reaped: no such process any more
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_destination_argv():
@@ -167,23 +199,24 @@ def source(tmp_path):
 def test_warm_migration_start_and_wait(source):
     hv = bhyve.BhyveHypervisor()
     source.run_bhyve(0.5)
-    with mock.patch.object(bm.subprocess, 'run',
-                           return_value=_usage('', rc=0)) as run:
-        m = bm.BhyveMigration.start(hv, support(WARM_USAGE), source,
+    s = support(WARM_USAGE)
+    with fake_execute.patch() as execute:
+        m = bm.BhyveMigration.start(hv, s, source,
                                     '192.0.2.20', 24983, live=False)
-    assert run.call_args[0][0] == ['/usr/sbin/bhyvectl', '--vm=%s' % NAME,
-                                   '--migrate=192.0.2.20,24983']
+    assert fake_execute.argvs(execute) == [[
+        '/usr/sbin/bhyvectl', '--vm=%s' % NAME,
+        '--migrate=192.0.2.20,24983']]
     assert m.wait(timeout=10) is True and m.done
 
 
 def test_bhyvectl_failure_is_reported(source):
     hv = bhyve.BhyveHypervisor()
     source.run_bhyve(30)
-    with mock.patch.object(bm.subprocess, 'run',
-                           return_value=_usage('Failed to send message to '
-                                               'bhyve vm', rc=255)):
+    s = support(WARM_USAGE)
+    with fake_execute.patch(rc=255, err='Failed to send message to '
+                            'bhyve vm'):
         with pytest.raises(base.HypervisorError, match='Failed to send'):
-            bm.BhyveMigration.start(hv, support(WARM_USAGE), source,
+            bm.BhyveMigration.start(hv, s, source,
                                     '192.0.2.20', 24983, live=False)
 
 
@@ -191,20 +224,20 @@ def test_live_migration_of_an_unwired_vm_is_refused_before_bhyvectl(source):
     hv = bhyve.BhyveHypervisor()
     source.run_bhyve(30)
     s = support(LIVE_USAGE)
-    with mock.patch.object(bm.subprocess, 'run') as run:
+    with fake_execute.patch() as execute:
         with pytest.raises(NotImplementedError, match='wired'):
             bm.BhyveMigration.start(hv, s, source, '192.0.2.20', 24983,
                                     live=True)
-    run.assert_not_called()
+    execute.assert_not_called()
 
 
 def test_no_bhyve_process_is_an_error(source):
-    with mock.patch.object(bm.subprocess, 'run') as run:
+    s = support(WARM_USAGE)
+    with fake_execute.patch() as execute:
         with pytest.raises(base.HypervisorError, match='no bhyve process'):
-            bm.BhyveMigration.start(bhyve.BhyveHypervisor(),
-                                    support(WARM_USAGE), source,
+            bm.BhyveMigration.start(bhyve.BhyveHypervisor(), s, source,
                                     '192.0.2.20', 24983, live=False)
-    run.assert_not_called()
+    execute.assert_not_called()
 
 
 def test_wait_times_out_with_a_clear_error(source):

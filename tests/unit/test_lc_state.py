@@ -3,7 +3,8 @@
 QEMU: argv and URIs, the state-file check, and the QMP command sequences of
 save, freeze and thaw against a fake QMP server on a real unix socket (one
 connection per command, as qmp.execute makes them). bhyve: bhyvectl
---suspend / bhyve -r with subprocess mocked only for bhyve/bhyvectl.
+--suspend / bhyve -r with processutils.execute mocked only for bhyvectl
+(fake_execute.py).
 Snapshot export on real libvdsk images with qemu-img as the oracle.
 """
 import json
@@ -34,6 +35,8 @@ from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
 from nova_bhyve.storage import snapshot
 from nova_bhyve.storage import vdsk
+
+import fake_execute
 
 CONF = conf.CONF
 UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'
@@ -351,10 +354,6 @@ def test_thread_cpu_time_from_proc(tmp_path):
 
 # -- bhyve: bhyvectl --suspend / bhyve -r --
 
-def _completed(rc=0, out='', err=''):
-    return subprocess.CompletedProcess([], rc, out, err)
-
-
 USAGE_SNAPSHOT = ('Usage: bhyvectl --vm=<vmname>\n'
                   '       [--checkpoint=<filename> | --suspend=<filename>]\n')
 
@@ -362,11 +361,10 @@ USAGE_SNAPSHOT = ('Usage: bhyvectl --vm=<vmname>\n'
 @pytest.mark.parametrize('usage, expected', [
     (USAGE_SNAPSHOT, True), ('Usage: bhyvectl --vm=<vmname>\n', False)])
 def test_bhyve_snapshot_support_is_detected_from_usage(usage, expected):
-    with mock.patch.object(bhyve_state.subprocess, 'run',
-                           return_value=_completed(1, '', usage)) as run:
+    with fake_execute.patch(rc=1, err=usage) as execute:
         assert bhyve_state.snapshot_supported('/usr/sbin/bhyvectl') is \
             expected
-    assert run.call_args[0][0] == ['/usr/sbin/bhyvectl', '--help']
+    assert fake_execute.argvs(execute) == [['/usr/sbin/bhyvectl', '--help']]
 
 
 def _bhyve_vmdir(vmdir):
@@ -394,13 +392,13 @@ def test_bhyve_save(vmdir):
     partial = bhyve_state.partial_path(vmdir.saved_state)
     running = [True]
 
-    def run(argv, **kw):
+    def bhyvectl(argv):
         # bhyve writes FILE, FILE.kern, FILE.meta and exits
         for p in bhyve_state.files(partial):
             open(p, 'w').close()
         running[0] = False
-        return _completed()
-    with mock.patch.object(bhyve.subprocess, 'run', side_effect=run) as r, \
+        return 0, '', ''
+    with fake_execute.patch(bhyvectl) as execute, \
             mock.patch.object(hv, 'pid',
                               side_effect=lambda v: 77 if running[0]
                               else None), \
@@ -410,7 +408,7 @@ def test_bhyve_save(vmdir):
             mock.patch.object(bhyve_state.base, 'wait_for_exit',
                               return_value=True):
         hv.save(vmdir)
-    assert [c[0][0] for c in r.call_args_list] == [
+    assert fake_execute.argvs(execute) == [
         ['/usr/sbin/bhyvectl', '--vm=instance-0000002b',
          '--suspend=%s' % partial]]
     kill.assert_called_once_with(66, signal.SIGUSR1)
@@ -427,8 +425,7 @@ def test_bhyve_failed_suspend_keeps_the_vm_rebooting(vmdir):
     _bhyve_vmdir(vmdir)
     hv = bhyve.BhyveHypervisor()
     hv._snapshot_support = True
-    with mock.patch.object(bhyve.subprocess, 'run',
-                           return_value=_completed(1, '', 'no snapshot')), \
+    with fake_execute.patch(rc=1, err='no snapshot'), \
             mock.patch.object(hv, 'pid', return_value=77), \
             mock.patch.object(hv, 'supervisor_pid', return_value=66), \
             mock.patch.object(bhyve_state.os, 'kill') as kill:

@@ -4,9 +4,10 @@ revert, confirm, rescue and unrescue on the bhyve backend.
 The QEMU backend runs all of these for real in tests/functional
 (test_resize_migrate.py, test_rescue.py). bhyve cannot run here, so the same
 driver code is driven with the bhyve backend and only its boundary is
-faked: ``supervisor.spawn`` (would start bhyve) and ``subprocess.run`` for
-bhyvectl, whose argv is pinned. Disks and directories are real files; disk
-images are made and read with the real libvdsk (and qemu-img as the oracle).
+faked: ``supervisor.spawn`` (would start bhyve) and ``processutils.execute``
+for bhyvectl (fake_execute.py), whose argv is pinned. Disks and directories
+are real files; disk images are made and read with the real libvdsk (and
+qemu-img as the oracle).
 """
 import json
 import os
@@ -30,6 +31,8 @@ from nova_bhyve.migration import resize
 from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache as storage
 from nova_bhyve.storage import vdsk
+
+import fake_execute
 
 objects.register_all()
 CONF = conf.CONF
@@ -243,9 +246,9 @@ def _spawned(drv, instance, size=1 * units.Gi):
     return vmdir
 
 
-def _bhyvectl_calls(run):
-    return [c.args[0] for c in run.call_args_list
-            if c.args and c.args[0][0] == CONF.bhyve.bhyvectl_path]
+def _bhyvectl_calls(execute):
+    return [argv for argv in fake_execute.argvs(execute)
+            if argv[0] == CONF.bhyve.bhyvectl_path]
 
 
 def test_bhyve_resize_to_other_host_confirm(bhyve_env):
@@ -259,15 +262,14 @@ def test_bhyve_resize_to_other_host_confirm(bhyve_env):
                            return_value='b'), \
             mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
                               return_value=True), \
-            mock.patch.object(bhyve.subprocess, 'run') as run, \
+            fake_execute.patch(only=CONF.bhyve.bhyvectl_path) as execute, \
             mock.patch.object(bhyve.supervisor, 'spawn',
                               side_effect=lambda *a, **k: spawns.append(a)):
-        run.return_value.returncode = 0
         info = src.migrate_disk_and_power_off(
             None, inst, CONF.my_ip, _instance(2).flavor, None,
             timeout=1, retry_interval=1)
         # power off released the vmm instance by name
-        assert _bhyvectl_calls(run) == [
+        assert _bhyvectl_calls(execute) == [
             [CONF.bhyve.bhyvectl_path, '--vm=instance-0000002a',
              '--destroy']]
         inst.flavor = _instance(2).flavor

@@ -18,13 +18,21 @@ nova/virt/__init__.py in the wheel would overwrite Nova's own files.
   from ``bhyve.BhyveDriver``, and the entry point is discoverable. These
   tests skip, saying why, when nova-bhyve is not installed (a run from a
   source tree with PYTHONPATH); they never pass without checking.
+* every third-party module nova_bhyve/ imports (an ast scan of its .py
+  files, plus what the compiled cffi extension needs) is provided by a
+  distribution named in setup.cfg's install_requires - not merely installed
+  because Nova happens to pull it in.
 
 Builds run on a copy of the tree, so they never write build/ or *.egg-info
 into the working tree other people use.
 """
+import ast
+import collections
+import configparser
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +151,28 @@ def test_wheel_carries_compiled_libvdsk_and_entry_point(wheel_of_tree):
     assert 'nova_bhyve = nova_bhyve.conf:list_opts' in entry_points
 
 
+LAUNCHER = 'nova_bhyve/sandbox/bin/nova-bhyve-launcher'
+CONLOG = 'nova_bhyve/libexec/nova-bhyve-conlog'
+
+
+def _assert_launcher_in(wheel):
+    """The sandbox launcher and the console logger, compiled by setup.py's
+    build_py, executable (the wheel keeps the mode pip installs with)."""
+    with zipfile.ZipFile(wheel) as whl:
+        for program in (LAUNCHER, CONLOG):
+            info = whl.getinfo(program)
+            head = whl.read(program)[:4]
+            assert head == b'\x7fELF', program
+            assert (info.external_attr >> 16) & 0o111 == 0o111, (
+                program, oct(info.external_attr >> 16))
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='the launcher is Linux only')
+def test_wheel_carries_the_sandbox_launcher(wheel_of_tree):
+    _assert_launcher_in(wheel_of_tree)
+
+
 # -- the sdist (MANIFEST.in) ------------------------------------------------
 
 SDIST_MUST_CARRY = (
@@ -150,7 +180,8 @@ SDIST_MUST_CARRY = (
     'native/vdsk/include/vdsk.h', 'native/vdsk/vdsk_impl.h',
     'native/vdsk/vdsk.c', 'native/vdsk/raw.c', 'native/vdsk/qcow2.c',
     'native/vdsk/tools/vdsktool.c', 'native/vdsk/sources.list',
-    'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
+    'native/sandbox/launcher.c', 'native/sandbox/launcher.h',
+    'native/conlog/conlog.c', 'tools/setup-host', 'tools/build-test-guest', 'tools/guest/nbmem.c',
     'etc/nova-bhyve/nova-bhyve-config-generator.conf',
     'etc/nova-bhyve/nova-bhyve.conf.sample',
     'devstack/plugin.sh', 'devstack/settings', 'devstack/README.md',
@@ -192,6 +223,8 @@ def test_wheel_built_from_sdist_imports_libvdsk(sdist_of_tree, tmp_path):
     out = tmp_path / 'out'
     out.mkdir()
     wheel = _pip_wheel(str(tmp_path / 'unpacked' / top), str(out))
+    if sys.platform.startswith('linux'):
+        _assert_launcher_in(wheel)
     site = tmp_path / 'site'
     with zipfile.ZipFile(wheel) as whl:
         whl.extractall(site)
@@ -301,3 +334,134 @@ def test_oslo_config_entry_point_is_discoverable():
     names = {o.name for _, opts in groups for o in opts}
     assert {'hypervisor', 'qemu_accel', 'qemu_binary',
             'bhyve_path', 'bhyve_bootrom'} <= names
+
+
+# -- (c) install_requires covers every import -------------------------------
+
+PACKAGE = os.path.join(REPO, 'nova_bhyve')
+#: modules the compiled extensions import at run time, which no .py file
+#: names: nova_bhyve._vdsk is a cffi (API mode) extension
+EXTENSION_IMPORTS = {'_cffi_backend': 'nova_bhyve/_vdsk (cffi extension)'}
+
+
+def _canonical(name):
+    """PEP 503 name: oslo.log, oslo_log and Oslo-Log are one distribution."""
+    return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def _install_requires():
+    """Canonical distribution names of setup.cfg's install_requires."""
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(REPO, 'setup.cfg'))
+    names = set()
+    for line in parser['options']['install_requires'].splitlines():
+        line = line.split('#', 1)[0].strip()
+        if line:
+            names.add(_canonical(re.match(r'[A-Za-z0-9][A-Za-z0-9._-]*',
+                                          line).group()))
+    return names
+
+
+def _top_level_imports(root):
+    """{top-level module: [file:line, ...]} of every absolute import in the
+    .py files under ``root`` (function-level and conditional ones too)."""
+    found = collections.defaultdict(list)
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != '__pycache__']
+        for name in files:
+            if not name.endswith('.py'):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            where = os.path.relpath(path, REPO)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    tops = [a.name.split('.')[0] for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    tops = [node.module.split('.')[0]]
+                else:
+                    continue
+                for top in tops:
+                    found[top].append('%s:%d' % (where, node.lineno))
+    return found
+
+
+def _unrequired(imports, requires, providers):
+    """{module: why} for each third-party module in ``imports`` that no
+    distribution in ``requires`` provides (``providers``: module ->
+    distributions, as importlib.metadata.packages_distributions())."""
+    own = _canonical('nova-bhyve')
+    problems = {}
+    for module, where in sorted(imports.items()):
+        if module in sys.stdlib_module_names or module == 'nova_bhyve':
+            continue
+        # nova-bhyve itself provides ``nova`` (the nova/virt/bhyve shim):
+        # that is no reason to leave Nova out
+        dists = {_canonical(d) for d in providers.get(module, ())} - {own}
+        if not dists:
+            problems[module] = ('imported at %s, provided by no installed '
+                                'distribution' % ', '.join(where[:3]))
+        elif not dists & requires:
+            problems[module] = ('imported at %s, provided by %s, none of '
+                                'them in install_requires' % (
+                                    ', '.join(where[:3]),
+                                    ' or '.join(sorted(dists))))
+    return problems
+
+
+def test_install_requires_lists_every_imported_distribution():
+    imports = _top_level_imports(PACKAGE)
+    # the scan sees the package: a broken walk must not pass vacuously
+    assert {'nova', 'oslo_config', 'oslo_concurrency'} <= set(imports)
+    for module, where in EXTENSION_IMPORTS.items():
+        imports[module].append(where)
+    problems = _unrequired(imports, _install_requires(),
+                           importlib.metadata.packages_distributions())
+    assert not problems, (
+        'add to setup.cfg [options] install_requires:\n%s' % '\n'.join(
+            '  %s: %s' % item for item in problems.items()))
+
+
+def test_unrequired_import_is_reported(tmp_path):
+    """The check above fails for an import whose distribution is missing."""
+    src = tmp_path / 'pkg'
+    src.mkdir()
+    (src / 'mod.py').write_text(textwrap.dedent('''
+        import os
+        from nova_bhyve import conf
+        from . import sibling
+        import oslo_config.cfg
+
+
+        def late():
+            import psutil
+            return psutil
+    '''))
+    imports = _top_level_imports(str(src))
+    assert set(imports) == {'os', 'nova_bhyve', 'oslo_config', 'psutil'}
+    providers = {'oslo_config': ['oslo.config'], 'psutil': ['psutil']}
+    assert _unrequired(imports, {'oslo-config', 'psutil'}, providers) == {}
+    problems = _unrequired(imports, {'oslo-config'}, providers)
+    assert list(problems) == ['psutil']
+    assert 'mod.py:9' in problems['psutil']
+    # provided only by nova-bhyve itself (the nova shim) is not enough
+    assert list(_unrequired({'nova': ['x.py:1']}, set(),
+                            {'nova': ['nova-bhyve', 'nova']})) == ['nova']
+    assert _unrequired({'nova': ['x.py:1']}, {'nova'},
+                       {'nova': ['nova-bhyve', 'nova']}) == {}
+    assert list(_unrequired({'gone': ['x.py:1']}, {'gone'}, {})) == ['gone']
+    assert _canonical('oslo.config') in _install_requires()
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'),
+                    reason='the launcher is Linux only')
+def test_a_launcher_that_does_not_compile_fails_the_build(tmp_path):
+    src = _copy_tree(str(tmp_path / 'src'))
+    with open(os.path.join(src, 'native', 'sandbox', 'launcher.c'),
+              'a') as f:
+        f.write('\nthis is not C;\n')
+    out = tmp_path / 'out'
+    out.mkdir()
+    with pytest.raises(AssertionError, match='did not compile'):
+        _pip_wheel(src, str(out))
+    assert [f for f in os.listdir(str(out)) if f.endswith('.whl')] == []

@@ -396,3 +396,23 @@ def test_memory_size_under_tcg_is_not_a_multiple_of_256k():
         assert kib % 256 != 0 and kib % 8 == 0        # QEMU aligns to 8 KiB
         assert mb * 1024 - kib == 8
         assert qemu.memory_size(mb, 'kvm') == '%dM' % mb
+
+
+def test_host_info_version_of_the_real_binary():
+    """``qemu -version`` runs (processutils.execute) and its version is
+    Nova's integer, checked against the binary's own output. Runs only
+    where qemu-system-x86_64 exists."""
+    binary = shutil.which('qemu-system-x86_64')
+    if binary is None:
+        pytest.skip('no qemu-system-x86_64')
+    out = subprocess.run([binary, '-version'], capture_output=True,
+                         text=True, check=True).stdout
+    major, minor, micro = (out.split('version ')[1].split()[0].split('.') +
+                           ['0', '0'])[:3]
+    hv = qemu.QemuHypervisor()
+    hv.binary = binary
+    hv._accel = 'tcg'                 # no calibration run
+    assert hv.host_info() == {
+        'hypervisor_type': 'qemu',
+        'hypervisor_version': (int(major) * 1000000 + int(minor) * 1000 +
+                               int(micro))}

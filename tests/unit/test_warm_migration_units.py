@@ -3,7 +3,7 @@ whole flow on the bhyve backend.
 
 QEMU runs warm migrations for real in tests/functional/
 test_warm_migration.py. bhyve cannot run here: its boundary is faked as in
-test_move_rescue.py - ``subprocess.run`` for bhyvectl (argv pinned; it
+test_move_rescue.py - ``processutils.execute`` for bhyvectl (argv pinned; it
 writes the state files bhyve would), ``supervisor.spawn`` for bhyve itself,
 the pids of the processes that would run. Directories, disks and the
 driver code are real.
@@ -17,6 +17,7 @@ from unittest import mock
 from nova import exception
 from nova import objects
 from nova.compute import power_state
+from oslo_concurrency import processutils
 from oslo_utils import units
 import pytest
 
@@ -30,6 +31,7 @@ from nova_bhyve.migration import resize
 from nova_bhyve.migration import warm as warm_migration
 from nova_bhyve.storage import vdsk
 
+import fake_execute
 from test_move_rescue import _driver
 from test_move_rescue import _image_meta
 from test_move_rescue import _instance
@@ -132,17 +134,16 @@ def _suspending_bhyve(hv, vmdir):
     process is gone afterwards."""
     running = [True]
 
-    def run(argv, **kw):
-        done = mock.Mock(returncode=0, stdout='', stderr='')
+    def bhyvectl(argv):
         if any(a.startswith('--suspend=') for a in argv):
             partial = argv[-1].split('=', 1)[1]
             for p in bhyve_state.files(partial):
                 with open(p, 'wb') as f:
                     f.write(b'state of ' + os.path.basename(p).encode())
             running[0] = False
-        return done
+        return 0, '', ''
 
-    return [mock.patch.object(bhyve.subprocess, 'run', side_effect=run),
+    return [fake_execute.patch(bhyvectl, only=CONF.bhyve.bhyvectl_path),
             mock.patch.object(hv, 'pid', side_effect=lambda v: 77
                               if running[0] else None),
             mock.patch.object(hv, 'power_state', side_effect=lambda v:
@@ -172,8 +173,7 @@ def test_bhyve_warm_resize_then_revert(bhyve_env, warm_on):
             info = src.migrate_disk_and_power_off(
                 None, inst, CONF.my_ip, _instance(2).flavor, None,
                 timeout=1, retry_interval=1)
-        run = bhyve.subprocess.run
-        argvs = [c.args[0] for c in run.call_args_list]
+        argvs = fake_execute.argvs(processutils.execute)
         partial = bhyve_state.partial_path(vmdir.saved_state)
         # suspended, not powered off: no ACPI, no --force-poweroff
         assert argvs[0] == [CONF.bhyve.bhyvectl_path,
@@ -242,13 +242,12 @@ def test_bhyve_without_snapshot_support_migrates_cold(bhyve_env, warm_on):
                               return_value=power_state.RUNNING), \
             mock.patch.object(bhyve.BhyveHypervisor, 'vmm_exists',
                               return_value=True), \
-            mock.patch.object(bhyve.subprocess, 'run') as run:
-        run.return_value.returncode = 0
+            fake_execute.patch(only=CONF.bhyve.bhyvectl_path) as execute:
         info = src.migrate_disk_and_power_off(
             None, inst, CONF.my_ip, _instance(2).flavor, None)
     assert 'warm' not in json.loads(info)
-    assert [c.args[0][-1] for c in run.call_args_list
-            if c.args[0][0] == CONF.bhyve.bhyvectl_path] == ['--destroy']
+    assert [argv[-1] for argv in fake_execute.argvs(execute)
+            if argv[0] == CONF.bhyve.bhyvectl_path] == ['--destroy']
 
 
 def test_bhyve_failed_copy_resumes_the_guest_on_the_source(bhyve_env,

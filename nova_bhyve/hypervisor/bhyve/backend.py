@@ -38,9 +38,9 @@ import os
 import platform
 import re
 import signal
-import subprocess
 
 from nova.compute import power_state
+from oslo_concurrency import processutils
 
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
@@ -79,14 +79,14 @@ class BhyveHypervisor(base.Hypervisor):
         return [self.bhyvectl, '--vm=%s' % vm_name] + list(ops)
 
     def bhyvectl_call(self, vm_name, *ops, check=True):
+        """(stdout, stderr) of bhyvectl ``ops`` on ``vm_name``; with
+        ``check`` a non-zero exit is a HypervisorError."""
         argv = self.bhyvectl_argv(vm_name, *ops)
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True)
-        if check and proc.returncode != 0:
+        try:
+            return processutils.execute(*argv, check_exit_code=check)
+        except processutils.ProcessExecutionError as e:
             raise base.HypervisorError('%s failed (%d): %s' % (
-                ' '.join(argv), proc.returncode, proc.stderr.strip()))
-        return proc
+                ' '.join(argv), e.exit_code, (e.stderr or '').strip()))
 
     # -- paths ------------------------------------------------------------
 

@@ -1,8 +1,8 @@
 """bhyve warm and live migration over the FreeBSD-UPB prototype.
 
 NEVER EXERCISED ON A REAL FREEBSD HOST; the commands are pinned by
-tests/unit/test_bhyve_migration.py with subprocess mocked. Upstream FreeBSD
-(13, 14) has no bhyve migration: it exists only as the University
+tests/unit/test_bhyve_migration.py with processutils.execute mocked. Upstream
+FreeBSD (13, 14) has no bhyve migration: it exists only as the University
 Politehnica of Bucharest prototype (Elena Mihailescu, Darius Mihai, Mihai
 Carabas; github.com/FreeBSD-UPB/freebsd-src, FreeBSD reviews D28270 warm,
 D30954 live, re-split as the D34717 series), on top of BHYVE_SNAPSHOT. What
@@ -63,8 +63,9 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import time
+
+from oslo_concurrency import processutils
 
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
@@ -92,20 +93,10 @@ class Support:
             self.warm, self.live, self.separator)
 
 
-def usage_text(bhyvectl):
-    try:
-        proc = subprocess.run([bhyvectl, '--help'], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ''
-    return (proc.stdout or '') + (proc.stderr or '')
-
-
 def detect_support(bhyvectl):
     """Support read from ``bhyvectl --help``; nothing when the usage text
     has no ``--migrate=<host>,<port>`` (or ``:``) line."""
-    text = usage_text(bhyvectl)
+    text = bhyve_state.usage_text(bhyvectl)
     match = _MIGRATE_USAGE.search(text)
     if not match:
         return Support()
@@ -195,13 +186,12 @@ class BhyveMigration:
         sup = hyp.supervisor_pid(vmdir)
         # bhyve exits 0 once migrated: not a reboot for the supervisor
         bhyve_state.signal_process(sup, signal.SIGUSR1)
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True)
-        if proc.returncode != 0:
+        try:
+            processutils.execute(*argv)
+        except processutils.ProcessExecutionError as e:
             bhyve_state.signal_process(sup, signal.SIGUSR2)
             raise base.HypervisorError('%s failed (%d): %s' % (
-                ' '.join(argv), proc.returncode, proc.stderr.strip()))
+                ' '.join(argv), e.exit_code, (e.stderr or '').strip()))
         return cls(hyp, vmdir, vm, sup)
 
     def wait(self, timeout):

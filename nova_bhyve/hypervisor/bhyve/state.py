@@ -1,8 +1,9 @@
 """bhyve save/restore (suspend/resume) - only with a BHYVE_SNAPSHOT build.
 
 NEVER EXERCISED ON A REAL FREEBSD HOST; pinned by unit tests with
-subprocess mocked for bhyve/bhyvectl. Checked against bhyvectl(8) and
-bhyve(8) of FreeBSD 13/14 built with ``WITH_BHYVE_SNAPSHOT``:
+processutils.execute mocked for bhyvectl and the supervisor's spawn for
+bhyve. Checked against bhyvectl(8) and bhyve(8) of FreeBSD 13/14 built with
+``WITH_BHYVE_SNAPSHOT``:
 
 * ``bhyvectl --vm=NAME --suspend=FILE`` asks the running bhyve (over its
   control socket in /var/run/bhyve/) to write the guest memory to FILE,
@@ -27,22 +28,39 @@ import signal
 import subprocess
 import time
 
+from oslo_concurrency import processutils
+
 from nova_bhyve.hypervisor import base
 
 SUFFIXES = ('.kern', '.meta')
 SAVE_TIMEOUT = 600.0
 POLL = 0.1
+USAGE_TIMEOUT = 30
+
+
+def usage_text(bhyvectl, timeout=USAGE_TIMEOUT):
+    """``bhyvectl --help``'s output (bhyvectl prints its usage on stderr
+    and exits 1); '' when it cannot run or has not finished within
+    ``timeout`` seconds (it is killed then: processutils.execute does not)."""
+    started = []
+    try:
+        out, err = processutils.execute(bhyvectl, '--help',
+                                        check_exit_code=False,
+                                        timeout=timeout,
+                                        on_execute=started.append)
+    except OSError:
+        return ''
+    except subprocess.TimeoutExpired:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+        return ''
+    return (out or '') + (err or '')
 
 
 def snapshot_supported(bhyvectl):
     """True if this bhyvectl was built with BHYVE_SNAPSHOT."""
-    try:
-        proc = subprocess.run([bhyvectl, '--help'], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return '--suspend=' in (proc.stdout or '') + (proc.stderr or '')
+    return '--suspend=' in usage_text(bhyvectl)
 
 
 def files(path):

@@ -89,17 +89,33 @@ def choose(qemu, requested, timeout):
         return _chosen[qemu]
 
 
+def kvm_device_usable():
+    """Whether this process may open /dev/kvm read/write (the only KVM
+    prerequisite checked before calibrating)."""
+    return os.access('/dev/kvm', os.R_OK | os.W_OK)
+
+
+def decide(kvm, tcg):
+    """The decision alone, from the two calibration times (seconds, None
+    for a failed or timed-out run): KVM only if it finished and was no
+    slower than TCG."""
+    return 'kvm' if kvm is not None and (tcg is None or kvm <= tcg) \
+        else 'tcg'
+
+
+def kvm_timeout(timeout, tcg):
+    """How long the KVM run may take: KVM is only chosen if it is at least
+    as fast as TCG, so it need not run (much) longer than TCG did."""
+    return timeout if tcg is None else min(timeout, tcg + 0.5)
+
+
 def _calibrate(qemu, timeout):
-    if not os.access('/dev/kvm', os.R_OK | os.W_OK):
+    if not kvm_device_usable():
         LOG.info('QEMU accelerator: tcg (no usable /dev/kvm)')
         return 'tcg'
     tcg = run_workload(qemu, 'tcg', timeout)
-    # KVM is only chosen if it is at least as fast as TCG, so it need not
-    # run (much) longer than TCG did.
-    kvm = run_workload(qemu, 'kvm',
-                       timeout if tcg is None else min(timeout, tcg + 0.5))
-    choice = 'kvm' if kvm is not None and (tcg is None or kvm <= tcg) \
-        else 'tcg'
+    kvm = run_workload(qemu, 'kvm', kvm_timeout(timeout, tcg))
+    choice = decide(kvm, tcg)
     LOG.info('QEMU accelerator: %s (calibration run: kvm %s, tcg %s)',
              choice, _fmt(kvm), _fmt(tcg))
     return choice

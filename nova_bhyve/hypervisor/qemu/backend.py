@@ -9,10 +9,10 @@ the driver opened (monitor sockets, disks, taps, the console pipe:
 qemu/resources.py), not with their paths.
 """
 import os
-import subprocess
 import time
 
 from nova.compute import power_state
+from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from nova_bhyve import conf
@@ -245,8 +245,8 @@ class QemuHypervisor(base.Hypervisor):
         return self._accel
 
     def host_info(self):
-        out = subprocess.run([self.binary, '-version'], capture_output=True,
-                             text=True, check=False).stdout
+        out, _ = processutils.execute(self.binary, '-version',
+                                      check_exit_code=False)
         version = 0
         try:
             # "QEMU emulator version 7.2.22 (...)" -> 7002022

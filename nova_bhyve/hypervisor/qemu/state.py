@@ -173,6 +173,9 @@ def launch(hyp, argv, vmdir, uuid, fds=()):
     if os.path.exists(vmdir.pidfile):
         os.unlink(vmdir.pidfile)
     LOG.debug('starting %s: %s', uuid, ' '.join(argv))
+    # subprocess rather than processutils.execute (the one-shot commands'
+    # seam): QEMU forks its long-lived daemon off this command, as the VM
+    # starts elsewhere (accel's calibration guest, the bhyve supervisor).
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=False,
                           cwd=vmdir.path, close_fds=True,
