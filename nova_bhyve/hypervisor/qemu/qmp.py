@@ -55,35 +55,83 @@ class _NoGreeting(Exception):
 
 
 def _execute_once(path, command, arguments, timeout):
-    try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(path)
-    except OSError as e:
-        raise HypervisorError('cannot reach QMP socket %s: %s' % (path, e))
-    # closing the file flushes it again: a QEMU that went away meanwhile
-    # makes that raise too (BrokenPipeError), so the conversion to
-    # HypervisorError wraps the with-block, not only its body
-    try:
-        with sock, sock.makefile('rwb') as f:
-            greeting = f.readline()
+    with Session(path, timeout) as session:
+        return session.execute(command, arguments)
+
+
+class Session:
+    """One QMP connection for several commands, some of which carry
+    descriptors (SCM_RIGHTS), as libvirt hands QEMU what it opened:
+    ``add-fd`` puts the descriptor sent with it into an fdset,
+    ``getfd`` names it for later commands (``netdev_add fd=NAME``,
+    ``migrate fd:NAME``). The commands that consume a descriptor run on the
+    same connection as the one that passed it: QEMU may drop an unused
+    fdset when the monitor connection that made it closes.
+
+    ``with Session(path) as s: s.execute('add-fd', {'fdset-id': 7},
+    fds=[fd])``; raises HypervisorError (QMPError for an error reply)."""
+
+    def __init__(self, path, timeout=10.0):
+        self.path = path
+        self._timeout = timeout
+        self._sock = None
+        self._f = None
+
+    def __enter__(self):
+        try:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(self._timeout)
+            self._sock.connect(self.path)
+        except OSError as e:
+            self._close()
+            raise HypervisorError('cannot reach QMP socket %s: %s'
+                                  % (self.path, e))
+        try:
+            self._f = self._sock.makefile('rb')
+            greeting = self._f.readline()
             if not greeting:
                 raise _NoGreeting()
             if 'QMP' not in json.loads(greeting):
-                raise HypervisorError('no QMP greeting on %s' % path)
-            for name, args in (('qmp_capabilities', None),
-                               (command, arguments)):
-                req = {'execute': name}
-                if args:
-                    req['arguments'] = args
-                f.write(json.dumps(req).encode() + b'\n')
-                f.flush()
-                reply = _read_message(f, name)
-                if 'error' in reply:
-                    raise QMPError(name, reply['error'])
-            return reply.get('return')
-    except (OSError, ValueError) as e:
-        raise HypervisorError('QMP %s on %s: %s' % (command, path, e))
+                raise HypervisorError('no QMP greeting on %s' % self.path)
+            self.execute('qmp_capabilities')
+        except (OSError, ValueError) as e:
+            self._close()
+            raise HypervisorError('QMP greeting on %s: %s' % (self.path, e))
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._close()
+
+    def _close(self):
+        for obj in (self._f, self._sock):
+            if obj is not None:
+                try:
+                    obj.close()
+                except OSError:
+                    pass
+        self._f = self._sock = None
+
+    def execute(self, command, arguments=None, fds=()):
+        """Run ``command``; ``fds`` travel with it (SCM_RIGHTS)."""
+        req = {'execute': command}
+        if arguments:
+            req['arguments'] = arguments
+        data = json.dumps(req).encode() + b'\n'
+        try:
+            if fds:
+                socket.send_fds(self._sock, [data], list(fds))
+            else:
+                self._sock.sendall(data)
+            reply = _read_message(self._f, command)
+        except (OSError, ValueError) as e:
+            raise HypervisorError('QMP %s on %s: %s'
+                                  % (command, self.path, e))
+        if 'error' in reply:
+            raise QMPError(command, reply['error'])
+        return reply.get('return')
 
 
 EOF = object()
