@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_TOOL = os.path.join(REPO, 'tools', 'build-test-guest')
 
@@ -63,3 +65,10 @@ def guest_manifest():
                                proc.stdout.decode(errors='replace')[-4000:])
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope='session')
+def test_guest():
+    """The test guest's manifest (a fixture: ``import conftest`` in a test
+    module finds whichever conftest.py pytest loaded last)."""
+    return guest_manifest()

@@ -42,8 +42,6 @@ from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.storage import vdsk
 
-import conftest
-
 CONF = conf.CONF
 QEMU = shutil.which('qemu-system-x86_64')
 KEEP = 8192
@@ -131,9 +129,9 @@ def env(tmp_path_factory):
     shutil.rmtree(top, ignore_errors=True)
 
 
-def test_qemu_runs_on_descriptors_only(env, tap):
+def test_qemu_runs_on_descriptors_only(env, tap, test_guest):
     top, instances = env
-    manifest = conftest.guest_manifest()
+    manifest = test_guest
     uuid = str(uuidlib.uuid4())
     vm = os.path.join(instances, uuid)
     cache = os.path.join(top, 'cache')

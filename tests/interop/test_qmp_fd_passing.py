@@ -63,13 +63,20 @@ def test_add_fd_puts_the_descriptor_in_an_fdset(monitor, tmp_path):
             got = s.execute('add-fd', {'fdset-id': 7, 'opaque': 'disk'},
                             fds=[fd])
             sets = s.execute('query-fdsets')
+            os.close(fd)
+            fd = None
+            # QEMU holds its own copy: ours is closed
+            assert str(target) in _fd_targets(pid)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     assert got['fdset-id'] == 7
     assert [(f['fdset-id'], [d['opaque'] for d in f['fds']])
             for f in sets] == [(7, ['disk'])]
-    # QEMU holds its own copy: ours is closed
-    assert str(target) in _fd_targets(pid)
+    # why a descriptor is used on the connection that passed it: an fdset
+    # nothing uses is dropped when the last monitor connection closes
+    assert qmp.execute(path, 'query-fdsets') == []
+    assert str(target) not in _fd_targets(pid)
 
 
 def test_getfd_names_a_socket_for_later_commands(monitor):
