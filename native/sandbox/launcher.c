@@ -3,7 +3,7 @@
  * ambient authority left.
  *
  *   nova-bhyve-launcher --uid U --gid G [--cgroup DIR]... [--keep-fd N]...
- *       [--ro PATH]... [--rx PATH]... [--rw PATH]...
+ *       [--ro PATH]... [--ro-fd N]... [--rx PATH]... [--rw PATH]...
  *       [--bind-port P]... [--connect-port P]...
  *       [--unshare ipc,uts,mount] [--status-fd N]
  *       [--daemonize --pid-fd N] -- /ABSOLUTE/PROGRAM [ARGS...]
@@ -28,7 +28,9 @@
  *   no_new_privs  PR_SET_NO_NEW_PRIVS (no setuid/file-capability gain)
  *   landlock      a ruleset handling every right the kernel's ABI knows:
  *                 filesystem (--ro: read, --rx: read + execute, --rw: read
- *                 + write existing files), TCP bind/connect (ABI >= 4:
+ *                 + write existing files; --ro-fd: read the file of an
+ *                 inherited descriptor, kept open, through
+ *                 /proc/self/fd/N: its uid need not reach its path), TCP bind/connect (ABI >= 4:
  *                 only the given ports), scoping of signals and abstract
  *                 unix sockets (ABI >= 6).  No Landlock: failure, never a
  *                 silent skip (the caller decides whether an operator
@@ -111,6 +113,8 @@ struct options {
 	int nkeep;
 	const char **ro, **rx, **rw;
 	int nro, nrx, nrw;
+	int *ro_fds;            /* --ro-fd: read rules on inherited files */
+	int nro_fds;
 	uint16_t *bind_ports, *connect_ports;
 	int nbind, nconnect;
 	int unshare_flags;
@@ -173,7 +177,7 @@ static void usage_text(FILE *out)
 	fprintf(out,
 		"usage: " PROG " --uid U --gid G [--cgroup DIR]... "
 		"[--keep-fd N]...\n"
-		"       [--ro PATH]... [--rx PATH]... [--rw PATH]...\n"
+		"       [--ro PATH]... [--ro-fd N]... [--rx PATH]... [--rw PATH]...\n"
 		"       [--bind-port P]... [--connect-port P]...\n"
 		"       [--unshare ipc,uts,mount] [--status-fd N]\n"
 		"       [--daemonize --pid-fd N] -- /PROGRAM [ARGS...]\n");
@@ -227,7 +231,7 @@ static int fd_is_open(int fd)
 enum {
 	OPT_UID = 256, OPT_GID, OPT_CGROUP, OPT_KEEP_FD, OPT_RO, OPT_RX,
 	OPT_RW, OPT_BIND_PORT, OPT_CONNECT_PORT, OPT_UNSHARE, OPT_STATUS_FD,
-	OPT_DAEMONIZE, OPT_PID_FD, OPT_HELP,
+	OPT_DAEMONIZE, OPT_PID_FD, OPT_RO_FD, OPT_HELP,
 };
 
 static const struct option long_options[] = {
@@ -236,6 +240,7 @@ static const struct option long_options[] = {
 	{ "cgroup", required_argument, NULL, OPT_CGROUP },
 	{ "keep-fd", required_argument, NULL, OPT_KEEP_FD },
 	{ "ro", required_argument, NULL, OPT_RO },
+	{ "ro-fd", required_argument, NULL, OPT_RO_FD },
 	{ "rx", required_argument, NULL, OPT_RX },
 	{ "rw", required_argument, NULL, OPT_RW },
 	{ "bind-port", required_argument, NULL, OPT_BIND_PORT },
@@ -270,6 +275,7 @@ static void parse_options(int argc, char **argv, struct options *o)
 	o->rx = array_for(argc, sizeof(char *));
 	o->rw = array_for(argc, sizeof(char *));
 	o->keep_fds = array_for(argc, sizeof(int));
+	o->ro_fds = array_for(argc, sizeof(int));
 	o->bind_ports = array_for(argc, sizeof(uint16_t));
 	o->connect_ports = array_for(argc, sizeof(uint16_t));
 
@@ -295,6 +301,12 @@ static void parse_options(int argc, char **argv, struct options *o)
 			break;
 		case OPT_RO:
 			o->ro[o->nro++] = optarg;
+			break;
+		case OPT_RO_FD:
+			/* the descriptor is kept open for the program too */
+			o->ro_fds[o->nro_fds] = (int)parse_number(
+				"--ro-fd", optarg, 3, fd_max);
+			o->keep_fds[o->nkeep++] = o->ro_fds[o->nro_fds++];
 			break;
 		case OPT_RX:
 			o->rx[o->nrx++] = optarg;
@@ -592,6 +604,31 @@ static void add_path_rules(int ruleset, const char **paths, int n,
 	}
 }
 
+/* Read rules on inherited descriptors: the program may read those files
+ * (through /proc/self/fd/N) although its uid may not reach their paths. */
+static void add_fd_rules(int ruleset, const int *fds, int n,
+			 uint64_t access, uint64_t handled)
+{
+	struct nbl_path_beneath_attr rule;
+	struct stat st;
+	int i;
+
+	for (i = 0; i < n; i++) {
+		if (fstat(fds[i], &st) < 0)
+			fail(&S_LANDLOCK, "--ro-fd %d: %s", fds[i],
+			     strerror(errno));
+		memset(&rule, 0, sizeof(rule));
+		rule.allowed_access = access & handled;
+		if (!S_ISDIR(st.st_mode))
+			rule.allowed_access &= NBL_LL_FS_FILE_RIGHTS;
+		rule.parent_fd = fds[i];
+		if (syscall(NBL_NR_landlock_add_rule, ruleset,
+			    NBL_LL_RULE_PATH_BENEATH, &rule, 0) < 0)
+			fail(&S_LANDLOCK, "--ro-fd %d: cannot add the rule: %s",
+			     fds[i], strerror(errno));
+	}
+}
+
 static void add_port_rules(int ruleset, const uint16_t *ports, int n,
 			   uint64_t access, const char *opt)
 {
@@ -650,6 +687,8 @@ static void apply_landlock(const struct options *o)
 
 	add_path_rules(ruleset, o->ro, o->nro, read, attr.handled_access_fs,
 		       "--ro");
+	add_fd_rules(ruleset, o->ro_fds, o->nro_fds, read,
+		     attr.handled_access_fs);
 	add_path_rules(ruleset, o->rx, o->nrx, read | NBL_LL_FS_EXECUTE,
 		       attr.handled_access_fs, "--rx");
 	add_path_rules(ruleset, o->rw, o->nrw,

@@ -59,6 +59,9 @@ class Spec:
     cgroups: Sequence[str] = ()
     keep_fds: Sequence[int] = ()
     ro: Sequence[str] = ()
+    #: descriptors the program may read the files of (kept open for it;
+    #: read through /proc/self/fd/N: its uid need not reach their paths)
+    ro_fds: Sequence[int] = ()
     rx: Sequence[str] = ()
     rw: Sequence[str] = ()
     bind_ports: Sequence[int] = ()
@@ -97,7 +100,8 @@ def argv(spec, launcher=None):
             '--gid', str(spec.gid)]
     for opt, values in (('--cgroup', spec.cgroups),
                         ('--keep-fd', spec.keep_fds),
-                        ('--ro', spec.ro), ('--rx', spec.rx),
+                        ('--ro', spec.ro), ('--ro-fd', spec.ro_fds),
+                        ('--rx', spec.rx),
                         ('--rw', spec.rw),
                         ('--bind-port', spec.bind_ports),
                         ('--connect-port', spec.connect_ports)):

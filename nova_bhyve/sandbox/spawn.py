@@ -67,7 +67,7 @@ def start(spec, launcher_path=None, env=None, timeout=DEFAULT_TIMEOUT,
     pid_r = pid_w = None
     try:
         spec = dataclasses.replace(spec, status_fd=status_w)
-        pass_fds = list(spec.keep_fds) + [status_w]
+        pass_fds = list(spec.keep_fds) + list(spec.ro_fds) + [status_w]
         if spec.daemonize:
             pid_r, pid_w = os.pipe()
             spec = dataclasses.replace(spec, pid_fd=pid_w)

@@ -410,3 +410,55 @@ def test_no_signal_leaks_to_the_test(binary, ids):
     _wait_exec(got.pid, os.path.realpath('/bin/sleep'))
     os.kill(got.pid, signal.SIGTERM)
     assert got.proc.wait(timeout=10) == -signal.SIGTERM
+
+
+def test_ro_fd_lets_the_program_read_that_file_and_no_other(
+        binary, ids, scratch):
+    """--ro-fd N: the file of an inherited descriptor is readable through
+    /proc/self/fd/N although the program's uid cannot reach its directory
+    (mode 0700, root's), the descriptor stays open, and its neighbour in
+    the same directory is not readable by any route."""
+    uid = ids.get()
+    hidden = os.path.join(scratch, 'hidden')
+    os.mkdir(hidden, 0o700)
+    kernel = os.path.join(hidden, 'vmlinuz')
+    other = os.path.join(hidden, 'other')
+    for path in (kernel, other):
+        with open(path, 'w') as f:
+            f.write(os.path.basename(path) + '\n')
+        os.chmod(path, 0o644)
+    probe = textwrap.dedent('''
+        import json, sys
+        fd, kernel, other = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+        def read(path):
+            try:
+                with open(path) as f:
+                    return f.read().strip()
+            except OSError as e:
+                return e.errno
+        print(json.dumps({'by_fd': read('/proc/self/fd/%d' % fd),
+                          'by_path': read(kernel),
+                          'neighbour': read(other)}))
+    ''')
+    fd = os.open(kernel, os.O_RDONLY)
+    try:
+        got = spawn.start(
+            _spec(uid, [PYTHON, '-I', '-S', '-B', '-c', probe, str(fd),
+                        kernel, other], ro_fds=[fd]),
+            launcher_path=binary, stdout=subprocess.PIPE)
+        out, _ = got.proc.communicate(timeout=60)
+    finally:
+        os.close(fd)
+    assert got.proc.returncode == 0
+    assert json.loads(out) == {'by_fd': 'vmlinuz', 'by_path': errno.EACCES,
+                               'neighbour': errno.EACCES}
+
+
+def test_ro_fd_not_open_in_the_launcher_fails_the_landlock_step(binary,
+                                                                ids):
+    uid = ids.get()
+    spec = _spec(uid, ['/bin/true'], ro_fds=[987])
+    proc = subprocess.run(launcher.argv(spec, binary), capture_output=True,
+                          text=True, env=spawn.MINIMAL_ENV, timeout=60)
+    assert proc.returncode == dict(launcher.STEPS)['landlock']
+    assert 'error landlock: --ro-fd 987: Bad file descriptor' in proc.stderr
