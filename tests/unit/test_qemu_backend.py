@@ -86,9 +86,12 @@ def test_direct_kernel_boot_virtio_root():
                              cmdline='console=ttyS0 root=/dev/vda rw'))
     res = resources(s)
     argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
+    # the kernel and initrd: descriptors the driver opened (after the disk,
+    # 6, and the console pipe, 7), reopened by QEMU through /proc
+    assert (res.kernel, res.initrd) == (8, 9)
     assert argv == common(res) + [
-        '-kernel', '/cache/vmlinuz',
-        '-initrd', '/cache/initrd',
+        '-kernel', '/proc/self/fd/8',
+        '-initrd', '/proc/self/fd/9',
         '-append', 'console=ttyS0 root=/dev/vda rw',
     ] + blockdev('disk0', 1) + [
         # no bootindex: the kernel is loaded directly
@@ -101,7 +104,8 @@ def test_direct_kernel_boot_without_ramdisk_and_cmdline():
              boot=guest.Boot(kernel='/cache/vmlinuz'))
     res = resources(s)
     argv = qemu.render_argv(s, base.VMDir(VM), Q, 'tcg', res)
-    assert argv == common(res) + ['-kernel', '/cache/vmlinuz'] + \
+    assert res.initrd is None
+    assert argv == common(res) + ['-kernel', '/proc/self/fd/8'] + \
         blockdev('disk0', 1) + \
         ['-device', 'virtio-blk-pci,drive=disk0']
 
@@ -186,8 +190,8 @@ def test_commas_escaped_in_names_and_paths():
     res = resources(s)
     argv = qemu.render_argv(s, base.VMDir(vm), Q, 'tcg', res)
     assert argv == common(res, vm=vm, name='web,,1') + [
-        # -pidfile and -kernel take a plain path, not an option string
-        '-kernel', '/k,1/vmlinuz',
+        # -pidfile takes a plain path, not an option string
+        '-kernel', '/proc/self/fd/%d' % res.kernel,
     ] + blockdev('disk0', 1) + [
         '-device', 'virtio-blk-pci,drive=disk0',
         '-netdev', 'tap,id=net0,fd=7',

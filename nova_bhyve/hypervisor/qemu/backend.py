@@ -23,6 +23,7 @@ from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import resources as qemu_resources
+from nova_bhyve.hypervisor.qemu import sandboxed as qemu_sandboxed
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.hypervisor.qemu import stats as qemu_stats
 
@@ -66,6 +67,10 @@ def fdset_path(fdset):
     return '/dev/fdset/%d' % fdset
 
 
+def fd_path(fd):
+    return '/proc/self/fd/%d' % fd
+
+
 def render_argv(spec, vmdir, binary, accelerator, res, cpu_model=None):
     """The complete qemu-system command line for ``spec`` (pure), naming
     the descriptors of ``res`` (a qemu_resources.Resources)."""
@@ -94,9 +99,11 @@ def render_argv(spec, vmdir, binary, accelerator, res, cpu_model=None):
     if cpu:
         argv += ['-cpu', cpu]
     if spec.boot.kernel:
-        argv += ['-kernel', spec.boot.kernel]
+        # inherited descriptors, reopened through /proc/self/fd (QEMU 7.2's
+        # -kernel/-initrd take no fdset)
+        argv += ['-kernel', fd_path(res.kernel)]
         if spec.boot.ramdisk:
-            argv += ['-initrd', spec.boot.ramdisk]
+            argv += ['-initrd', fd_path(res.initrd)]
         if spec.boot.cmdline:
             argv += ['-append', spec.boot.cmdline]
     if any(d.bus in ('sata', 'ide') or d.device == 'cdrom'
@@ -177,14 +184,12 @@ def memory_size(memory_mb, accelerator):
 
 
 def _serial_chardev(spec, res):
-    """COM1: a raw TCP server when the spec has a serial port (Nova's
-    serial console), else a unix socket (VMDir.serial, bound by the
-    driver); both write the console into the console logger's pipe."""
-    c = spec.consoles
-    where = ({'host': c.serial_host, 'port': c.serial_port, 'telnet': 'off'}
-             if c.serial_port else {'fd': res.serial})
-    return _opts('socket', id='serial0', **where, server='on', wait='off',
-                 logfile=fdset_path(res.console), logappend='on')
+    """COM1: a listening socket the driver bound (a raw TCP server when
+    the spec has a serial port, Nova's serial console, else a unix socket,
+    VMDir.serial); the console goes into the console logger's pipe too."""
+    return _opts('socket', id='serial0', fd=res.serial, server='on',
+                 wait='off', logfile=fdset_path(res.console),
+                 logappend='on')
 
 
 def _chain_blockdevs(node, images, protocol, **top_extra):
@@ -236,6 +241,36 @@ class QemuHypervisor(base.Hypervisor):
     def __init__(self):
         self.binary = CONF.bhyve.qemu_binary
         self._accel = None
+        self._sandbox = None
+
+    @property
+    def sandbox(self):
+        """The sandboxed.Sandbox VM processes start in; None when
+        [bhyve] sandbox is off."""
+        if self._sandbox is None and CONF.bhyve.sandbox:
+            self._sandbox = qemu_sandboxed.Sandbox()
+        return self._sandbox
+
+    def adopt_incoming(self, runtime, vmdir):
+        if self.sandbox is not None:
+            self.sandbox.adopt(runtime, vmdir)
+        return super().adopt_incoming(runtime, vmdir)
+
+    def check_host(self):
+        if not CONF.bhyve.sandbox:
+            LOG.warning('[bhyve] sandbox is off: VM processes run as %s '
+                        'with its capabilities, and can open any file it '
+                        'can', 'root' if os.geteuid() == 0 else
+                        'nova-compute\'s user')
+            return
+        lacking = qemu_sandboxed.Sandbox.missing_features()
+        if lacking:
+            raise base.HypervisorError(
+                'this host lacks what the VM sandbox needs: %s. Fix the '
+                'host, or turn the sandbox off knowingly ([bhyve] sandbox '
+                '= false).' % '; '.join(lacking))
+        LOG.info('VM sandbox on: uids %s, %s', CONF.bhyve.sandbox_uid_range,
+                 type(self.sandbox.cgroups).__name__)
 
     @property
     def accelerator(self):
@@ -275,7 +310,8 @@ class QemuHypervisor(base.Hypervisor):
         # reports setup errors on its stderr.
         try:
             self._with_resources(spec, vmdir, lambda argv, fds: (
-                qemu_state.launch(self, argv, vmdir, spec.uuid, fds)))
+                qemu_state.launch(self, argv, vmdir, spec.uuid, fds,
+                                  spec)))
         except Exception:
             base.remove_runtime_dir(vmdir)
             raise
@@ -306,6 +342,8 @@ class QemuHypervisor(base.Hypervisor):
         if os.path.exists(vmdir.pidfile):
             os.unlink(vmdir.pidfile)
         base.remove_runtime_dir(vmdir)
+        if self.sandbox is not None:
+            self.sandbox.release(vmdir)
 
     def wait_for_change(self, vmdir, stop):
         """Listen on the events monitor: returns on each QMP event, and
@@ -344,7 +382,8 @@ class QemuHypervisor(base.Hypervisor):
     def restore(self, spec, vmdir):
         qemu_state.check_state_file(vmdir.saved_state)
         self._with_resources(spec, vmdir, lambda argv, fds: (
-            qemu_state.restore(self, argv, vmdir, spec.uuid, fds=fds)))
+            qemu_state.restore(self, argv, vmdir, spec.uuid, fds=fds,
+                               spec=spec)))
 
     # -- live migration: see qemu_migration --------------------------------
 

@@ -8,8 +8,9 @@ its binary, libraries, firmware and kernel/initrd):
 * the monitors: listening unix sockets bound by the driver (mode 0600) in
   the VM's runtime directory (``VMDir.runtime``, under ``[bhyve]
   runtime_path``: short, whatever instances_path is), given as
-  ``-chardev socket,fd=N,server=on,wait=off``; the serial console's unix
-  socket too, when it is not on TCP;
+  ``-chardev socket,fd=N,server=on,wait=off``; the serial console's
+  socket too (unix, or TCP for Nova's serial console: the driver binds
+  the port Nova allocated);
 * the disks: each image of each disk's chain opened by the driver (the
   chain read from the images with libvdsk), put in an fdset (``-add-fd``)
   and opened by QEMU as ``/dev/fdset/S``; every image that has a backing
@@ -24,6 +25,10 @@ its binary, libraries, firmware and kernel/initrd):
 * the taps: ``/dev/net/tun`` attached to the tap the VIF plugging made
   (TUNSETIFF with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, as QEMU does),
   ``-netdev tap,fd=N``;
+* a direct boot's kernel and initrd: read-only descriptors QEMU reopens
+  as ``/proc/self/fd/N`` (its -kernel/-initrd take no fdset; a sandboxed
+  QEMU may read exactly these files, whatever the directories above them
+  allow its uid);
 * the console log: QEMU writes the serial console into a pipe (its write
   end in an fdset, ``logfile=/dev/fdset/S``); the read end goes to
   nova-bhyve-conlog (native/conlog), a detached process per VM that appends
@@ -34,9 +39,9 @@ Every descriptor is opened close-on-exec; subprocess's ``pass_fds`` hands
 exactly these to QEMU (all others are closed in the child), and the driver
 closes its copies once QEMU started (``close``).
 
-What QEMU still opens by path: its pid file (``-pidfile``, in the instance
-directory), the kernel/initrd/firmware, and what runtime QMP operations
-name (docs/sandbox.md).
+What QEMU still opens by path: its pid file when not sandboxed
+(``-pidfile``, in the instance directory), its firmware, and what runtime
+QMP operations name (docs/sandbox.md).
 """
 import dataclasses
 import fcntl
@@ -85,8 +90,10 @@ class Resources:
     tests build one by hand) and, once opened, the descriptors."""
     qmp: int = None
     events: int = None
-    serial: int = None                 # unix socket; None: on TCP
+    serial: int = None                 # unix or TCP listening socket
     console: int = None                # fdset of the console pipe
+    kernel: int = None                 # direct boot: read-only fds
+    initrd: int = None
     disks: list = dataclasses.field(default_factory=list)  # [[Image]]
     taps: list = dataclasses.field(default_factory=list)   # [fd]
     #: (fd, fdset, opaque): the -add-fd options
@@ -134,6 +141,21 @@ class Resources:
         sock.listen(16)
         return self._keep(sock.fileno())
 
+    def _listen_tcp(self, host, port):
+        # Nova's serial console: the driver binds the port it allocated
+        family = socket.AF_INET6 if ':' in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        self._socks.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise base.HypervisorError('cannot listen for the serial '
+                                       'console on %s:%d: %s'
+                                       % (host, port, e))
+        sock.listen(1)
+        return self._keep(sock.fileno())
+
     def _open(self, path, readonly):
         return self._keep(os.open(path, os.O_RDONLY if readonly
                                   else os.O_RDWR))
@@ -146,12 +168,11 @@ class Resources:
 def numbered(spec, chains=None):
     """The Resources open_all would give ``spec``, with made-up numbers and
     nothing opened (pure: to render a command line without a VM): fds 3
-    (QMP), 4 (events), 5 (serial socket, when not on TCP), then one per
+    (QMP), 4 (events), 5 (serial console socket), then one per
     image, tap and the console pipe, in open_all's order;
     fdsets from 1. ``chains``: {disk index: [(path, format)]}, the backing
     images below each disk."""
-    res = Resources(qmp=3, events=4,
-                    serial=None if spec.consoles.serial_port else 5)
+    res = Resources(qmp=3, events=4, serial=5)
     fds = iter(range(6, 1 << 16))
     for i, disk in enumerate(spec.disks):
         images = [(disk.path, disk.format)] + list(
@@ -163,6 +184,10 @@ def numbered(spec, chains=None):
                                                      fmt, ro))
     res.taps = [next(fds) for _ in spec.nics]
     res.console = res._fdset([next(fds)], 'console')
+    if spec.boot.kernel:
+        res.kernel = next(fds)
+        if spec.boot.ramdisk:
+            res.initrd = next(fds)
     return res
 
 
@@ -257,8 +282,9 @@ def open_all(spec, vmdir, console_keep_bytes):
         base.make_runtime_dir(vmdir)
         res.qmp = res._listen(vmdir.control)
         res.events = res._listen(vmdir.events)
-        if not spec.consoles.serial_port:
-            res.serial = res._listen(vmdir.serial)
+        c = spec.consoles
+        res.serial = (res._listen_tcp(c.serial_host, c.serial_port)
+                      if c.serial_port else res._listen(vmdir.serial))
         for disk in spec.disks:
             chain = disk_chain(disk.path, disk.format)
             res.disks.append([
@@ -269,6 +295,10 @@ def open_all(spec, vmdir, console_keep_bytes):
         wfd = res._keep(start_console_logger(vmdir.console_log,
                                              console_keep_bytes))
         res.console = res._fdset([wfd], 'console')
+        if spec.boot.kernel:
+            res.kernel = res._open(spec.boot.kernel, True)
+            if spec.boot.ramdisk:
+                res.initrd = res._open(spec.boot.ramdisk, True)
     except BaseException:
         res.close()
         raise
