@@ -11,11 +11,14 @@ import typing
 
 from nova import exception
 
+from nova_bhyve.sandbox import cgroups
+
 # Disk buses and NIC models both backends can render.
 DISK_BUSES = ('virtio', 'sata', 'ide')
 NIC_MODELS = ('virtio', 'e1000')
 MIN_MEMORY_MB = 32
 MAX_VCPUS = 64        # bhyve's VM_MAXCPU on FreeBSD 13+ default kernels
+CPU_QUOTA_SPECS = ('quota:cpu_shares', 'quota:cpu_period', 'quota:cpu_quota')
 
 
 @dataclasses.dataclass
@@ -69,6 +72,10 @@ class VMSpec:
     # empty PCIe root ports ('hpN') kept free at boot for hot-plugging
     # NICs and volumes (QEMU pcie-root-port)
     hotplug_ports: int = 0
+    # the flavor's quota:cpu_shares/_period/_quota extra specs (the VM
+    # process's cgroup, when sandboxed)
+    cpu_quota: typing.Dict[str, str] = dataclasses.field(
+        default_factory=dict)
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
@@ -106,6 +113,19 @@ def validate_flavor(flavor):
         raise exception.InvalidInput(
             reason='flavor %s: %d MiB of memory is below the minimum of '
                    '%d MiB' % (flavor.name, flavor.memory_mb, MIN_MEMORY_MB))
+
+
+def cpu_quota(flavor):
+    """The flavor's quota:cpu_* extra specs (as libvirt reads them),
+    checked; InvalidInput for a value no cgroup can take."""
+    specs = {k: str(v) for k, v in (flavor.extra_specs or {}).items()
+             if k in CPU_QUOTA_SPECS}
+    try:
+        cgroups.limits_for(flavor.memory_mb, flavor.vcpus, specs, 0, 1)
+    except ValueError as e:
+        raise exception.InvalidInput(reason='flavor %s: %s'
+                                     % (flavor.name, e))
+    return specs
 
 
 def validate_flavor_fits_host(flavor, host_vcpus, host_memory_mb):
@@ -149,7 +169,8 @@ def build(instance, image_meta, root_disk, kernel=None, ramdisk=None,
             reason='a ramdisk_id needs a kernel_id')
     return VMSpec(uuid=instance.uuid, name=instance.name,
                   vcpus=flavor.vcpus, memory_mb=flavor.memory_mb,
-                  disks=[root_disk], nics=list(nics), boot=boot)
+                  disks=[root_disk], nics=list(nics), boot=boot,
+                  cpu_quota=cpu_quota(flavor))
 
 
 def nic_model(image_meta):

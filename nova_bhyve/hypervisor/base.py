@@ -81,6 +81,8 @@ class VMDir:
     events = property(lambda self: self._r(_LONGEST_SOCKET))
     serial = property(lambda self: self._r('serial.sock'))
     console_log = property(lambda self: self._p('console.log'))
+    #: the VM process's own messages (its stderr), when it is sandboxed
+    vm_log = property(lambda self: self._p('vm.log'))
     exit_status = property(lambda self: self._p('exit.status'))
     #: memory + device state of a suspended VM (see Hypervisor.save)
     saved_state = property(lambda self: self._p('suspended.state'))
@@ -203,6 +205,10 @@ class Hypervisor(abc.ABC):
     supports_vnc = False
     #: ports a new VM gets for hot-plugging volumes (0: no hot-plug)
     hotplug_ports = 0
+
+    def check_host(self):
+        """Refuse (HypervisorError naming what is missing) a host this
+        backend cannot run VMs on as configured; called once at start."""
 
     @abc.abstractmethod
     def start(self, spec, vmdir):
@@ -371,7 +377,7 @@ class Hypervisor(abc.ABC):
     #: the files of an incoming VM's runtime directory that become the
     #: instance's (shared instances path, see adopt_incoming); the sockets
     #: of VMDir.runtime are moved as a directory
-    RUNTIME_FILES = ('vm.pid', 'console.log', 'spec.json')
+    RUNTIME_FILES = ('vm.pid', 'console.log', 'vm.log', 'spec.json')
 
     def adopt_incoming(self, runtime, vmdir):
         """Shared instances path: the migrated VM runs from ``runtime`` (a

@@ -154,6 +154,18 @@ class _Cgroups(object):
     def exists(self, name):
         return any(os.path.isdir(d) for d in self.dirs(name))
 
+    def rename(self, old, new):
+        """The cgroup ``old`` becomes ``new``, with its processes (a VM
+        that changes name: an incoming live migration adopted)."""
+        for src, dst in zip(self.dirs(old), self.dirs(new)):
+            try:
+                os.rename(src, dst)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise CgroupError('cannot rename %s to %s: %s'
+                                  % (src, dst, e.strerror))
+
     def remove(self, name):
         """Remove the VM's cgroup once its processes are gone; CgroupError
         if some are still in it (they are not killed here)."""

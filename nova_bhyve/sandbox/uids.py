@@ -123,6 +123,23 @@ class UidAllocator(object):
             'hold one, state in %s): widen the range'
             % (self.first, self.last, len(taken), self.state_dir))
 
+    def transfer(self, owner, new_owner):
+        """The uid of ``owner`` now belongs to ``new_owner`` (the same
+        process under another name); returns it, None if it had none."""
+        if not _OWNER.match(new_owner or ''):
+            raise ValueError('not an owner name: %r' % (new_owner,))
+        uid = self.lookup(owner)
+        if uid is None:
+            return None
+        fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix='.new-')
+        with os.fdopen(fd, 'w') as f:
+            f.write(new_owner + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._path(uid))
+        self._sync_dir()
+        return uid
+
     def release(self, owner):
         """Give back the uid of ``owner``; returns it, or None if it had
         none (a release is idempotent)."""

@@ -238,3 +238,26 @@ def test_fork_bomb_stopped_by_pids_max(host_cgroups, ids):
     result = json.loads(out)
     assert result['errno'] == 11            # EAGAIN from fork
     assert result['forked'] < 16
+
+
+@real
+def test_rename_moves_the_cgroup_with_its_process(host_cgroups, ids):
+    cg, made = host_cgroups
+    old, new = 'in-%d' % os.getpid(), 'vm-%d' % os.getpid()
+    made.append(new)
+    dirs = cg.create(old, cgroups.limits_for(64, 1, {}, 32, 40))
+    uid = ids.get()
+    got = spawn.start(launcher.Spec(uid=uid, gid=uid, cgroups=dirs,
+                                    rx=SYSTEM_RX,
+                                    program=['/bin/sleep', '60']),
+                      launcher_path=launcher_binary())
+    try:
+        cg.rename(old, new)
+        assert not cg.exists(old)
+        assert cg.procs(new) == [got.pid]
+        mem, pids = _limit_files(cg, new)
+        assert _read(pids) == '40'
+        cg.rename(old, new)             # nothing left to move: no error
+    finally:
+        kill_pid(got.pid)
+        got.proc.wait()

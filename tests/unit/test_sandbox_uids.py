@@ -76,3 +76,15 @@ def test_owner_names_are_checked(tmp_path):
     for bad in ('', 'a/b', 'x\ny'):
         with pytest.raises(ValueError):
             alloc.allocate(bad)
+
+
+def test_transfer_keeps_the_uid_under_a_new_owner(tmp_path):
+    lo, hi = _free_range(2)
+    alloc = uids.UidAllocator(str(tmp_path), '%d-%d' % (lo, hi))
+    a = alloc.allocate('incoming-x')
+    assert alloc.transfer('incoming-x', 'vm-x') == a
+    assert alloc.allocated() == {a: 'vm-x'}
+    assert alloc.transfer('incoming-x', 'vm-y') is None
+    with pytest.raises(ValueError):
+        alloc.transfer('vm-x', '../escape')
+    assert sorted(os.listdir(str(tmp_path))) == [str(a)]

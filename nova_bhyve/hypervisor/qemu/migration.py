@@ -150,7 +150,8 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     mig_port = free_port(host)
     nbd_port = free_port(host) if block else None
     try:
-        qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid, fds)
+        qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid, fds,
+                          spec)
     except base.HypervisorError:
         hyp.kill(vmdir)
         raise

@@ -163,15 +163,22 @@ def save(hyp, vmdir, timeout=None, bandwidth=None):
     hyp.kill(vmdir)
 
 
-def launch(hyp, argv, vmdir, uuid, fds=()):
-    """Run a daemonizing QEMU ``argv`` in ``vmdir`` (a stale pid file
-    removed first) inheriting exactly the descriptors ``fds`` (besides its
-    standard ones, all others are closed in the child); HypervisorError
-    with QEMU's stderr when it does not come up. QemuHypervisor.start,
-    restore and the incoming side of a live migration all start QEMU
-    through here."""
+def launch(hyp, argv, vmdir, uuid, fds=(), spec=None):
+    """Run QEMU ``argv`` for VMDir ``vmdir`` inheriting exactly the
+    descriptors ``fds`` (besides its standard ones, all others are closed
+    in the child); HypervisorError with QEMU's messages when it does not
+    come up. Sandboxed (``hyp.sandbox``, needs the VMSpec ``spec``): under
+    the launcher (qemu/sandboxed.py); else QEMU daemonizes itself.
+    QemuHypervisor.start, restore and the incoming side of a live
+    migration all start QEMU through here."""
     if os.path.exists(vmdir.pidfile):
         os.unlink(vmdir.pidfile)
+    if hyp.sandbox is not None:
+        if spec is None:
+            raise base.HypervisorError('a sandboxed start of %s needs its '
+                                       'spec' % uuid)
+        hyp.sandbox.start(argv, spec, vmdir, fds)
+        return
     LOG.debug('starting %s: %s', uuid, ' '.join(argv))
     # subprocess rather than processutils.execute (the one-shot commands'
     # seam): QEMU forks its long-lived daemon off this command, as the VM
@@ -189,7 +196,8 @@ def launch(hyp, argv, vmdir, uuid, fds=()):
             'QEMU for instance %s exited right after starting' % uuid)
 
 
-def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=()):
+def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=(),
+            spec=None):
     """Start QEMU with ``argv`` (its normal command line) from the saved
     state, run the guest, remove the state file.
 
@@ -199,7 +207,7 @@ def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=()):
     check_state_file(path)
     t0 = time.monotonic()
     try:
-        launch(hyp, incoming_argv(argv, path), vmdir, uuid, fds)
+        launch(hyp, incoming_argv(argv, path), vmdir, uuid, fds, spec)
         wait_migration(vmdir, lambda: hyp.pid(vmdir) is not None, timeout,
                        'loading the saved state of %s' % uuid)
         qmp.execute(vmdir.control, 'cont')
