@@ -247,7 +247,9 @@ class QemuHypervisor(base.Hypervisor):
     def sandbox(self):
         """The sandboxed.Sandbox VM processes start in; None when
         [bhyve] sandbox is off."""
-        if self._sandbox is None and CONF.bhyve.sandbox:
+        if not CONF.bhyve.sandbox:
+            return None
+        if self._sandbox is None:
             self._sandbox = qemu_sandboxed.Sandbox()
         return self._sandbox
 
