@@ -6,7 +6,6 @@ off). The roots are parameters so a test can point them at a fake /proc or
 /sys/fs/cgroup.
 """
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -26,8 +25,9 @@ def landlock_abi():
     in, or not enabled at boot: the lsm= kernel parameter)."""
     if not sys.platform.startswith('linux'):
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library('c') or None,
-                       use_errno=True)
+    # the C library already loaded into this process (find_library would
+    # run ldconfig and uname)
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     abi = libc.syscall(ctypes.c_long(_NR_LANDLOCK_CREATE_RULESET),
                        ctypes.c_void_p(None), ctypes.c_size_t(0),
