@@ -16,11 +16,13 @@ import tempfile
 import time
 from unittest import mock
 
+import fixtures
 from nova.tests.functional import integrated_helpers
 from oslo_utils.fixture import uuidsentinel as uuids
 
 import nova_bhyve.conf  # noqa: F401  (registers the [bhyve] options)
 from nova_bhyve.hypervisor import base as hyp_base
+from nova_bhyve.hypervisor.qemu import backend as qemu_backend
 
 import conftest
 
@@ -59,13 +61,19 @@ def vm_socket(vmdir, name):
     return getattr(hyp_base.VMDir(vmdir), name)
 
 def _kill_leftovers(instances_path):
-    """Stop, by pid, any VM a failed test left, and remove the files."""
+    """Stop, by pid, any VM a failed test left (its sandbox's uid and
+    cgroup released), and remove the files."""
     for uuid in os.listdir(instances_path):
         pidfile = os.path.join(instances_path, uuid, 'vm.pid')
         try:
             with open(pidfile) as f:
                 os.kill(int(f.read().strip()), signal.SIGKILL)
         except (OSError, ValueError):
+            pass
+        try:
+            qemu_backend.QemuHypervisor().kill(
+                hyp_base.VMDir(os.path.join(instances_path, uuid)))
+        except Exception:       # best effort: the test failed already
             pass
     shutil.rmtree(instances_path, ignore_errors=True)
     top = os.path.dirname(instances_path)
@@ -101,6 +109,11 @@ class BhyveFunctionalTestBase(integrated_helpers._IntegratedTestBase):
             sys.prefix, 'etc', 'nova', 'api-paste.ini'), group='wsgi')
         self.flags(wait_soft_reboot_seconds=90, group='bhyve')
         self.manifest = conftest.guest_manifest()
+        # Nova's tests poison open/listdir/isdir on /sys: its drivers must
+        # not look at the test node. This driver runs for real on this
+        # host: its VM sandboxes live in /sys/fs/cgroup.
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova.tests.fixtures.SysFsPoisonFixture', fixtures.Fixture))
         super().setUp()
         self.flavor_id = self._create_flavor(memory_mb=256, vcpu=1, disk=1,
                                              ephemeral=0, name='nb.tiny')
