@@ -161,6 +161,7 @@ class BhyveDriver(driver.ComputeDriver):
         self.host_name = host
         os.makedirs(self.instances_path, exist_ok=True)
         cold.register_compute(host, self.instances_path)
+        self.hypervisor.check_host()
         info = self.hypervisor.host_info()
         LOG.info('nova-bhyve on %s: %s backend, version %s', host,
                  info['hypervisor_type'], info['hypervisor_version'])

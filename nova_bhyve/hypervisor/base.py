@@ -204,6 +204,10 @@ class Hypervisor(abc.ABC):
     #: ports a new VM gets for hot-plugging volumes (0: no hot-plug)
     hotplug_ports = 0
 
+    def check_host(self):
+        """Refuse (HypervisorError naming what is missing) a host this
+        backend cannot run VMs on as configured; called once at start."""
+
     @abc.abstractmethod
     def start(self, spec, vmdir):
         """Launch the VM detached from this process; return when it runs."""
