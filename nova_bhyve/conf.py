@@ -175,8 +175,22 @@ OPTS = [
                      'needs (Landlock, seccomp, the cpu/memory/pids cgroup '
                      'controllers) and names it. Off: VM processes run as '
                      'nova-compute\'s user with its authority - only for '
-                     'hosts without those features, knowingly. Linux only; '
-                     'bhyve sandboxes itself with Capsicum.'),
+                     'hosts without those features, knowingly. On FreeBSD '
+                     'bhyve sandboxes itself with Capsicum: nova-compute '
+                     'refuses a bhyve built without it and a kernel '
+                     'without capability mode, and with sandbox_jail runs '
+                     'each bhyve in a jail of its own (docs/bhyve.md).'),
+    cfg.BoolOpt('sandbox_jail',
+                default=True,
+                help='FreeBSD, with sandbox on: run each bhyve in a jail(8) '
+                     'of its own, as its own uid and gid from '
+                     'sandbox_uid_range, on a read-only view of / with its '
+                     'instance directory on /mnt and a devfs whose ruleset '
+                     '(numbered as the uid) shows only its own vmm, nmdm, '
+                     'tap and volume devices. Off: bhyve runs as root on '
+                     'the host and Capsicum is its only sandbox (a warning '
+                     'at every start). Suspend/resume and live migration '
+                     'are available only with it off.'),
     cfg.StrOpt('sandbox_uid_range',
                default='64000-64999',
                help='Uids (and gids of the same numbers) given to '
@@ -184,7 +198,10 @@ OPTS = [
                     'never shared, kept across nova-compute restarts. '
                     'Must belong to no user or group of the host (a uid '
                     'the host knows is skipped) and hold at least as many '
-                    'ids as VMs the host may run.'),
+                    'ids as VMs the host may run. On FreeBSD each uid is '
+                    'also its VM\'s devfs ruleset number: the range must '
+                    'end at 65535 or below and hold no ruleset of '
+                    '/etc/devfs.rules.'),
     cfg.IntOpt('sandbox_memory_overhead_mb',
                default=256, min=0,
                help='Memory a sandboxed VM process may use beyond its '

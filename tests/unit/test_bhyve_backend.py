@@ -39,10 +39,14 @@ BOOTROM = '/usr/local/share/uefi-firmware/BHYVE_UEFI.fd'
 
 @pytest.fixture(autouse=True)
 def _conf():
+    # bhyve started as it is, outside a jail ([bhyve] sandbox_jail off):
+    # the jailed start is test_bhyve_sandbox.py's
+    CONF.set_override('sandbox_jail', False, group='bhyve')
     yield
     CONF.clear_override('bhyve_bootrom', group='bhyve')
     CONF.clear_override('bhyve_path', group='bhyve')
     CONF.clear_override('bhyvectl_path', group='bhyve')
+    CONF.clear_override('sandbox_jail', group='bhyve')
 
 
 def spec(disks=(), nics=(), boot=None, vcpus=2, memory_mb=1024):

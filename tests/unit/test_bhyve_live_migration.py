@@ -43,9 +43,13 @@ NAME = 'instance-0000002a'
 
 @pytest.fixture(autouse=True)
 def _conf():
+    # the prototype's migration runs only with bhyve outside a jail (its
+    # bhyvectl reaches bhyve through /var/run/bhyve): refused in the jail,
+    # see test_bhyve_sandbox.py
+    CONF.set_override('sandbox_jail', False, group='bhyve')
     yield
     for opt in ('bhyve_path', 'bhyvectl_path', 'bhyve_wired_memory',
-                'live_migration_bandwidth'):
+                'live_migration_bandwidth', 'sandbox_jail'):
         CONF.clear_override(opt, group='bhyve')
 
 

@@ -367,6 +367,15 @@ def test_bhyve_snapshot_support_is_detected_from_usage(usage, expected):
     assert fake_execute.argvs(execute) == [['/usr/sbin/bhyvectl', '--help']]
 
 
+@pytest.fixture
+def unjailed():
+    """bhyve outside a jail: a jailed bhyve cannot be suspended
+    (test_bhyve_sandbox.py)."""
+    CONF.set_override('sandbox_jail', False, group='bhyve')
+    yield
+    CONF.clear_override('sandbox_jail', group='bhyve')
+
+
 def _bhyve_vmdir(vmdir):
     s = guest.VMSpec(uuid=UUID, name='instance-0000002b', vcpus=1,
                      memory_mb=256,
@@ -385,6 +394,7 @@ def test_bhyve_without_snapshot_support_refuses(vmdir):
         hv.restore(None, vmdir)
 
 
+@pytest.mark.usefixtures('unjailed')
 def test_bhyve_save(vmdir):
     _bhyve_vmdir(vmdir)
     hv = bhyve.BhyveHypervisor()
@@ -421,6 +431,7 @@ def test_bhyve_save(vmdir):
         assert hv.power_state(vmdir) == power_state.SUSPENDED
 
 
+@pytest.mark.usefixtures('unjailed')
 def test_bhyve_failed_suspend_keeps_the_vm_rebooting(vmdir):
     _bhyve_vmdir(vmdir)
     hv = bhyve.BhyveHypervisor()
@@ -436,6 +447,7 @@ def test_bhyve_failed_suspend_keeps_the_vm_rebooting(vmdir):
     assert not os.path.exists(vmdir.saved_state)
 
 
+@pytest.mark.usefixtures('unjailed')
 def test_bhyve_restore_argv_and_state_check(vmdir):
     s = _bhyve_vmdir(vmdir)
     CONF.set_override('bhyve_bootrom', '/dev/null', group='bhyve')

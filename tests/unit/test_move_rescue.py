@@ -200,7 +200,11 @@ def bhyve_env(tmp_path):
     # no VNC: a started VM records its console ports in spec.json, and
     # these tests compare spec.json before and after
     CONF.set_override('enabled', False, group='vnc')
+    # bhyve outside a jail: save/restore (warm migration) is refused in
+    # one; the jailed start is pinned by test_bhyve_sandbox.py
+    CONF.set_override('sandbox_jail', False, group='bhyve')
     yield tmp_path
+    CONF.clear_override('sandbox_jail', group='bhyve')
     CONF.clear_override('enabled', group='vnc')
     CONF.clear_override('hypervisor', group='bhyve')
     CONF.clear_override('bhyve_bootrom', group='bhyve')

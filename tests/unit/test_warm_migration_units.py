@@ -45,8 +45,11 @@ CONF = conf.CONF
 @pytest.fixture
 def warm_on():
     CONF.set_override('warm_migration', True, group='bhyve')
+    # a jailed bhyve cannot be saved (test_bhyve_sandbox.py): outside one
+    CONF.set_override('sandbox_jail', False, group='bhyve')
     yield
     CONF.clear_override('warm_migration', group='bhyve')
+    CONF.clear_override('sandbox_jail', group='bhyve')
 
 
 def _flavor(vcpus=1, memory_mb=256, root_gb=1):

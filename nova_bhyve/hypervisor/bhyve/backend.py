@@ -32,6 +32,12 @@ Decisions:
 * Volumes: bhyve has no PCI hot-plug, so volumes are attached only while
   the VM is stopped (virtio-blk, ``ser`` = volume id); attach/detach on a
   running VM raise NotImplementedError.
+* Sandbox ([bhyve] sandbox, on by default): bhyve must enter Capsicum
+  capability mode itself (checked at start-up, bhyve_capsicum) and, with
+  [bhyve] sandbox_jail (default), runs in a jail of its own as a uid of
+  its own (bhyve_jail). Suspend/resume and live migration are refused in
+  the jail (bhyvectl reaches bhyve through a socket bhyve makes in its own
+  file system view, which is read-only there).
 """
 import json
 import os
@@ -41,15 +47,21 @@ import signal
 
 from nova.compute import power_state
 from oslo_concurrency import processutils
+from oslo_log import log as logging
 
 from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor.bhyve import capsicum as bhyve_capsicum
 from nova_bhyve.hypervisor.bhyve import config
+from nova_bhyve.hypervisor.bhyve import jail as bhyve_jail
 from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
 from nova_bhyve.hypervisor.bhyve import supervisor
+from nova_bhyve.sandbox import SandboxError
+from nova_bhyve.sandbox import uids
 
 CONF = conf.CONF
+LOG = logging.getLogger(__name__)
 
 def freebsd_version(release):
     """'14.1-RELEASE-p5' -> 14001 (hypervisor_version is an integer)."""
@@ -134,21 +146,123 @@ class BhyveHypervisor(base.Hypervisor):
                 'UEFI firmware %s not found (install sysutils/edk2 or '
                 'sysutils/bhyve-firmware, or set [bhyve]bhyve_bootrom)'
                 % tree['lpc.bootrom'])
-        path = config.write_config(tree, self.config_path(vmdir))
         self.destroy_vmm(spec.name)         # a leftover from a crash/halt
+        if self.jailed:
+            argv = self._jail(spec, vmdir, tree)
+        else:
+            argv = self.bhyve_argv(
+                config.write_config(tree, self.config_path(vmdir)))
         try:
             supervisor.spawn(
-                vmdir.path, self.bhyve_argv(path), policy='bhyve',
+                vmdir.path, argv, policy='bhyve',
                 console_device=config.nmdm_pair(spec.uuid)[1],
                 console_keep_bytes=CONF.bhyve.console_log_keep_bytes)
         except RuntimeError as e:
+            self.release_sandbox(vmdir)
             raise base.HypervisorError(str(e))
         status = supervisor.read_exit_status(vmdir.path)
         if status is not None and status.get('error'):
+            self.release_sandbox(vmdir)
             raise base.HypervisorError(
                 'bhyve for %s ended at once: %s (status %s), see %s' % (
                     spec.uuid, status.get('outcome'), status.get('status'),
                     os.path.join(vmdir.path, supervisor.LOGFILE)))
+
+    # -- the sandbox: see bhyve_capsicum, bhyve_jail (never run on FreeBSD)
+
+    @property
+    def jailed(self):
+        """Each bhyve in a jail of its own as a uid of its own."""
+        return CONF.bhyve.sandbox and CONF.bhyve.sandbox_jail
+
+    def uids(self):
+        """The uid allocations (kept under the runtime path, as the QEMU
+        backend keeps them: a reboot ends every VM and its jail)."""
+        return uids.UidAllocator(
+            os.path.join(CONF.bhyve.runtime_path, 'uids'),
+            CONF.bhyve.sandbox_uid_range)
+
+    @staticmethod
+    def sandbox_name(vmdir):
+        return os.path.basename(vmdir.runtime)
+
+    def check_host(self):
+        """Refuse a host where bhyve would not sandbox itself (Capsicum)
+        or could not be jailed, naming what is missing; with [bhyve]
+        sandbox off, a warning at every start."""
+        if not CONF.bhyve.sandbox:
+            LOG.warning('[bhyve] sandbox is off: bhyve runs as root on the '
+                        'host, and nothing checked that it enters Capsicum '
+                        'capability mode')
+            return
+        problems = bhyve_capsicum.missing(self.bhyve)
+        if CONF.bhyve.sandbox_jail:
+            try:
+                uid_range = uids.parse_range(CONF.bhyve.sandbox_uid_range)
+            except ValueError as e:
+                raise base.HypervisorError(str(e))
+            problems += bhyve_jail.host_problems(
+                uid_range, [self.bhyve, CONF.bhyve.bhyve_bootrom])
+            if bhyve_state.snapshot_supported(self.bhyvectl):
+                problems.append(
+                    '%s was built with BHYVE_SNAPSHOT: such a bhyve makes '
+                    'its checkpoint socket in /var/run/bhyve when it starts, '
+                    'which is read-only in its jail (use a build without '
+                    'it, or [bhyve] sandbox_jail = false)' % self.bhyvectl)
+        else:
+            LOG.warning('[bhyve] sandbox_jail is off: bhyve runs as root on '
+                        'the host, Capsicum capability mode is its only '
+                        'sandbox')
+        if problems:
+            raise base.HypervisorError(
+                'this host lacks what the VM sandbox needs: %s. Fix the '
+                'host, or turn the sandbox off knowingly ([bhyve] sandbox '
+                '= false).' % '; '.join(problems))
+        LOG.info('VM sandbox on: bhyve enters Capsicum capability mode%s',
+                 ', each in a jail of its own, uids %s' % (
+                     CONF.bhyve.sandbox_uid_range)
+                 if CONF.bhyve.sandbox_jail else '')
+
+    def _jail(self, spec, vmdir, tree):
+        """Make the VM's jail (uid, files, mounts, ruleset, jail, vmm
+        instance); the supervisor's argv. On failure nothing is left."""
+        # a leftover jail first: its root (mounts) is in the runtime dir
+        self.release_sandbox(vmdir)
+        try:
+            base.make_runtime_dir(vmdir)
+            uid = self.uids().allocate(self.sandbox_name(vmdir))
+            j = bhyve_jail.VMJail.for_tree(tree, vmdir, uid)
+            path = config.write_config(
+                bhyve_jail.jail_tree(tree, vmdir.path),
+                self.config_path(vmdir))
+            for f in [path] + [v for k, v in tree.items()
+                               if k.endswith('.path') and k.startswith('pci.')
+                               and v.startswith(vmdir.path + '/')]:
+                os.chown(f, uid, uid)
+                os.chmod(f, 0o600)
+            bhyve_jail.setup(j, self.bhyvectl)
+        except (SandboxError, OSError, ValueError,
+                base.HypervisorError) as e:
+            self.release_sandbox(vmdir)
+            if isinstance(e, base.HypervisorError):
+                raise
+            raise base.HypervisorError(
+                'cannot make the sandbox of instance %s: %s' % (spec.uuid, e))
+        LOG.debug('instance %s: bhyve jailed as %s, uid %d', spec.uuid,
+                  j.name, uid)
+        return j.bhyve_argv(self.bhyve, path)
+
+    def release_sandbox(self, vmdir):
+        """Remove the VM's jail (if it has one) and give back its uid;
+        idempotent."""
+        j = bhyve_jail.VMJail.from_state(vmdir)
+        if j is not None:
+            bhyve_jail.teardown(j)
+        if CONF.bhyve.sandbox or j is not None:
+            try:
+                self.uids().release(self.sandbox_name(vmdir))
+            except (OSError, ValueError) as e:
+                LOG.warning('uid of %s not released: %s', vmdir.uuid, e)
 
     # -- live migration: see bhyve_migration (never run on FreeBSD) -------
 
@@ -163,12 +277,19 @@ class BhyveHypervisor(base.Hypervisor):
 
     @property
     def supports_live_migration(self):
-        return self.migration_support().live
+        # the prototype's bhyvectl --migrate-live talks to bhyve's socket
+        # in /var/run/bhyve, read-only in a jail
+        return not self.jailed and self.migration_support().live
 
     def check_live_migration(self, vmdir, block, bandwidth_mibps):
         """Refuse (NotImplementedError, with the reason) what the prototype
         cannot do: no live support, a block migration, a bandwidth cap; on
         the source (``vmdir`` given) a VM without wired memory."""
+        if self.jailed:
+            raise NotImplementedError(
+                'live migration of a jailed bhyve is not supported: '
+                'bhyvectl reaches bhyve through a socket in /var/run/bhyve, '
+                'read-only in its jail ([bhyve] sandbox_jail)')
         support = self.migration_support()
         bhyve_migration.refuse_unsupported(support, block, bandwidth_mibps)
         if vmdir is not None:
@@ -232,7 +353,7 @@ class BhyveHypervisor(base.Hypervisor):
 
     def kill(self, vmdir):
         """SIGKILL the supervisor (so it restarts nothing), then bhyve, then
-        ``bhyvectl --vm=NAME --destroy``."""
+        ``bhyvectl --vm=NAME --destroy``, then its jail and uid."""
         try:
             name = self.vm_name(vmdir)
         except base.HypervisorError:
@@ -245,6 +366,7 @@ class BhyveHypervisor(base.Hypervisor):
             base.kill_and_wait(vm, vmdir.uuid)
         if name:
             self.destroy_vmm(name)
+        self.release_sandbox(vmdir)
         if not os.path.isdir(vmdir.path):
             return
         for path in (self.supervisor_pidfile(vmdir), vmdir.pidfile):
@@ -287,12 +409,20 @@ class BhyveHypervisor(base.Hypervisor):
     _snapshot_support = None
 
     def can_save(self):
+        if self.jailed:
+            return False     # bhyvectl --suspend: see _require_snapshot
         if self._snapshot_support is None:
             self._snapshot_support = bhyve_state.snapshot_supported(
                 self.bhyvectl)
         return self._snapshot_support
 
     def _require_snapshot(self):
+        if self.jailed:
+            raise NotImplementedError(
+                'suspend/resume of a jailed bhyve is not supported: '
+                'bhyvectl reaches bhyve through a socket bhyve creates in '
+                '/var/run/bhyve, read-only in its jail ([bhyve] '
+                'sandbox_jail)')
         if not self.can_save():
             raise NotImplementedError(
                 '%s was built without BHYVE_SNAPSHOT: no suspend/resume'
