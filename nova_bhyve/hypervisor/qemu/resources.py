@@ -35,8 +35,8 @@ exactly these to QEMU (all others are closed in the child), and the driver
 closes its copies once QEMU started (``close``).
 
 What QEMU still opens by path: its pid file (``-pidfile``, in the instance
-directory), the kernel/initrd/firmware, and what runtime QMP operations
-name (docs/sandbox.md).
+directory) and the kernel/initrd/firmware (docs/sandbox.md). Run-time
+operations hand it descriptors over QMP (fdpass.py).
 """
 import dataclasses
 import fcntl
