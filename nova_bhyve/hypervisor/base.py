@@ -314,10 +314,11 @@ class Hypervisor(abc.ABC):
 
     # -- live disk snapshots ---------------------------------------------
 
-    def freeze_disk(self, vmdir, index, overlay):
+    def freeze_disk(self, vmdir, index, overlay, disk=None):
         """Pivot the running disk ``index`` onto a new qcow2 ``overlay`` so
-        that the disk's file stops changing. Raises NotImplementedError when
-        the VM cannot do that while running."""
+        that the disk's file stops changing; ``disk`` (its guest.Disk, when
+        known) names the overlay's backing file. Raises NotImplementedError
+        when the VM cannot do that while running."""
         raise NotImplementedError()
 
     def thaw_disk(self, vmdir, index, overlay):

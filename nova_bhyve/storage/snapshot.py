@@ -77,7 +77,7 @@ def frozen_disk(hypervisor, vmdir, index, disk):
                     '(%s exists)' % (vmdir.uuid, overlay))
     t0 = time.monotonic()
     try:
-        hypervisor.freeze_disk(vmdir, index, overlay)
+        hypervisor.freeze_disk(vmdir, index, overlay, disk=disk)
     except base.HypervisorError as e:
         if os.path.exists(overlay):
             os.unlink(overlay)

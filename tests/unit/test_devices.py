@@ -2,6 +2,7 @@
 and bhyve config keys they add, the QMP command sequences for volume
 hot-plug (against a fake QMP server on a real unix socket), port choice,
 and Nova's config drive builder writing real ISO 9660 / vfat images."""
+import fcntl
 import json
 import os
 import shutil
@@ -26,6 +27,9 @@ from nova_bhyve.hypervisor.bhyve import config as bhyve_config
 from nova_bhyve.hypervisor.qemu import backend as qemu
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import resources as qemu_resources
+from nova_bhyve.storage import vdsk
+
+import fake_qmp
 
 CONF = conf.CONF
 UUID = '6d5ba3a0-55a1-4c7c-9a43-3d1b0f6a2b11'
@@ -336,72 +340,166 @@ PCI = [{'bus': 0, 'devices': [
      'pci_bridge': {'bus': {'number': 2}, 'devices': []}}]}]
 
 
-def test_attach_is_blockdev_add_then_device_add_on_a_free_port(vmdir):
-    fake = FakeQEMU(vmdir.control, lambda c, a: [
-        {'return': PCI if c == 'query-pci' else {}}])
-    try:
-        qemu.QemuHypervisor().attach_disk(vmdir, volume('/srv/vol'))
-    finally:
-        fake.close()
+def _modes(fake):
+    """{opaque: access mode} of the descriptors in the fake's fdsets."""
+    return {opaque: fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+            for fdset in fake.fdsets.values() for fd, opaque in fdset}
+
+
+def _pci_handler(extra=None):
+    def handler(cmd, args):
+        if cmd == 'query-pci':
+            return PCI
+        if extra:
+            return extra(cmd, args)
+        return {}
+    return handler
+
+
+def test_attach_hands_qemu_the_open_volume_then_device_add(vmdir, tmp_path):
+    path = str(tmp_path / 'vol')
+    with open(path, 'wb') as f:
+        f.truncate(1 << 20)
+    with fake_qmp.FakeQMP(vmdir.control, _pci_handler()) as fake:
+        qemu.QemuHypervisor().attach_disk(vmdir, volume(path))
+        held = fake.open_targets()
+        opaques = {i: [o for _, o in fds] for i, fds in fake.fdsets.items()}
+        modes = _modes(fake)
     node, devid = qemu.volume_names(VOL)
-    assert fake.commands == [
+    assert [(c, a) for c, a, _ in fake.calls] == [
         ('query-pci', None),
+        ('add-fd', {'opaque': path}),
         ('blockdev-add', {'driver': 'raw', 'node-name': node,
                           'read-only': False,
                           'file': {'driver': 'file',
-                                   'filename': '/srv/vol'}}),
+                                   'filename': '/dev/fdset/0'}}),
         ('device_add', {'driver': 'virtio-blk-pci', 'id': devid,
                         'drive': node, 'serial': VOL, 'bus': 'hp1'})]
+    # the descriptor travelled with add-fd, opened read-write
+    assert fake.calls[1][2] == [path]
+    assert held == [path]
+    assert opaques == {0: [path]}
+    assert modes == {path: os.O_RDWR}
 
 
-def test_attach_removes_the_node_when_device_add_fails(vmdir):
-    def handler(cmd, args):
-        if cmd == 'query-pci':
-            return [{'return': PCI}]
-        if cmd == 'device_add':
-            return [{'error': {'class': 'GenericError', 'desc': 'no'}}]
-        return [{'return': {}}]
-    fake = FakeQEMU(vmdir.control, handler)
-    try:
-        with pytest.raises(qmp.QMPError):
-            qemu.QemuHypervisor().attach_disk(vmdir, volume())
-    finally:
-        fake.close()
+def test_attach_of_a_read_only_chain_names_every_backing_node(vmdir,
+                                                              tmp_path):
+    base_img = str(tmp_path / 'base.qcow2')
+    top = str(tmp_path / 'vol.qcow2')
+    vdsk.create(base_img, 'qcow2', 1 << 20)
+    vdsk.create(top, 'qcow2', 0, backing=base_img, backing_fmt='qcow2')
+    with fake_qmp.FakeQMP(vmdir.control, _pci_handler()) as fake:
+        disk = guest.Disk(path=top, format='qcow2', serial=VOL,
+                          readonly=True)
+        qemu.QemuHypervisor().attach_disk(vmdir, disk)
+        modes = _modes(fake)
     node, _ = qemu.volume_names(VOL)
-    assert [c for c, _ in fake.commands] == ['query-pci', 'blockdev-add',
-                                             'device_add', 'blockdev-del']
-    assert fake.commands[-1][1] == {'node-name': node}
+    assert [c for c in fake.commands()] == [
+        'query-pci', 'add-fd', 'add-fd', 'blockdev-add', 'device_add']
+    assert fake.calls[3][1] == {
+        'driver': 'qcow2', 'node-name': node, 'read-only': True,
+        'file': {'driver': 'file', 'filename': '/dev/fdset/0'},
+        'backing': {'driver': 'qcow2', 'node-name': node + '-b1',
+                    'read-only': True,
+                    'file': {'driver': 'file',
+                             'filename': '/dev/fdset/1'}}}
+    assert modes == {top: os.O_RDONLY, base_img: os.O_RDONLY}
+
+
+def test_attach_removes_the_node_and_fdset_when_device_add_fails(vmdir,
+                                                                 tmp_path):
+    path = str(tmp_path / 'vol')
+    open(path, 'wb').close()
+
+    def extra(cmd, args):
+        if cmd == 'device_add':
+            raise fake_qmp.Fail('no')
+        if cmd == 'query-named-block-nodes':
+            return []
+        return {}
+    with fake_qmp.FakeQMP(vmdir.control, _pci_handler(extra)) as fake:
+        with pytest.raises(qmp.QMPError):
+            qemu.QemuHypervisor().attach_disk(vmdir, volume(path))
+        held = fake.open_targets()
+    node, _ = qemu.volume_names(VOL)
+    assert fake.commands() == [
+        'query-pci', 'add-fd', 'blockdev-add', 'device_add', 'blockdev-del',
+        'query-named-block-nodes', 'remove-fd']
+    assert fake.calls[4][1] == {'node-name': node}
+    assert fake.calls[6][1] == {'fdset-id': 0}
+    assert held == []
+
+
+def test_attach_of_a_missing_volume_hands_qemu_nothing(vmdir, tmp_path):
+    with fake_qmp.FakeQMP(vmdir.control, _pci_handler()) as fake:
+        with pytest.raises(base.HypervisorError, match='cannot open'):
+            qemu.QemuHypervisor().attach_disk(
+                vmdir, volume(str(tmp_path / 'none')))
+    assert fake.commands() == ['query-pci']
 
 
 def test_attach_without_a_free_port(vmdir):
     full = [{'bus': 0, 'devices': [PCI[0]['devices'][1]]}]
-    fake = FakeQEMU(vmdir.control, lambda c, a: [{'return': full}])
-    try:
+    with fake_qmp.FakeQMP(vmdir.control, lambda c, a: full) as fake:
         with pytest.raises(base.HypervisorError, match='hot-plug port'):
             qemu.QemuHypervisor().attach_disk(vmdir, volume())
-    finally:
-        fake.close()
-    assert [c for c, _ in fake.commands] == ['query-pci']
+    assert fake.commands() == ['query-pci']
 
 
-def test_detach_waits_for_device_deleted_then_deletes_the_node(vmdir):
-    node, devid = qemu.volume_names(VOL)
+def _detach_handler(devid, node, device_del=None):
+    """QEMU with the volume's nodes on fdsets 3 (top) and 4 (backing),
+    the root disk's on 1; blockdev-del removes the volume's."""
+    nodes = [{'node-name': 'disk0', 'file': '/dev/fdset/1'},
+             {'node-name': '#block1', 'file': '/dev/fdset/1'},
+             {'node-name': node, 'file': 'json:{"backing": {"file": '
+              '{"filename": "/dev/fdset/4"}}, "file": {"driver": "file", '
+              '"filename": "/dev/fdset/3"}}'},
+             {'node-name': '#block2', 'file': '/dev/fdset/3'},
+             {'node-name': node + '-b1', 'file': '/dev/fdset/4'},
+             {'node-name': '#block3', 'file': '/dev/fdset/4'}]
 
     def handler(cmd, args):
         if cmd == 'device_del':
+            if device_del:
+                return device_del()
             # the guest acknowledges later: an unrelated event first
-            return [{'return': {}},
-                    {'event': 'DEVICE_DELETED', 'data': {'device': 'other'}},
-                    {'event': 'DEVICE_DELETED',
-                     'data': {'device': devid, 'path': '/x'}}]
-        return [{'return': {}}]
-    fake = FakeQEMU(vmdir.control, handler)
-    try:
+            return fake_qmp.Messages([
+                {'return': {}},
+                {'event': 'DEVICE_DELETED', 'data': {'device': 'other'}},
+                {'event': 'DEVICE_DELETED',
+                 'data': {'device': devid, 'path': '/x'}}])
+        if cmd == 'query-named-block-nodes':
+            return nodes
+        if cmd == 'blockdev-del':
+            nodes[2:] = []
+        return {}
+    return handler
+
+
+def _fill_fdsets(fake, tmp_path, *ids):
+    for i in ids:
+        fd = os.open(str(tmp_path), os.O_RDONLY)
+        fake.fdsets[i] = [(fd, '/vol%d' % i)]
+
+
+def test_detach_waits_for_device_deleted_then_removes_node_and_fdsets(
+        vmdir, tmp_path):
+    node, devid = qemu.volume_names(VOL)
+    with fake_qmp.FakeQMP(vmdir.control,
+                          _detach_handler(devid, node)) as fake:
+        _fill_fdsets(fake, tmp_path, 1, 3, 4)
         qemu.QemuHypervisor().detach_disk(vmdir, volume(), timeout=10)
-    finally:
-        fake.close()
-    assert fake.commands == [('device_del', {'id': devid}),
-                             ('blockdev-del', {'node-name': node})]
+        left = sorted(fake.fdsets)
+    assert [(c, a) for c, a, _ in fake.calls] == [
+        ('device_del', {'id': devid}),
+        ('query-named-block-nodes', None),
+        ('query-fdsets', None),
+        ('blockdev-del', {'node-name': node}),
+        ('query-named-block-nodes', None),
+        ('remove-fd', {'fdset-id': 3}),
+        ('remove-fd', {'fdset-id': 4})]
+    # the root disk's set stays
+    assert left == [1]
 
 
 def test_detach_times_out_when_the_guest_never_lets_go(vmdir):
@@ -418,17 +516,18 @@ def test_detach_times_out_when_the_guest_never_lets_go(vmdir):
     assert set(c for c, _ in fake.commands) == {'device_del'}
 
 
-def test_detach_of_a_device_qemu_no_longer_has(vmdir):
-    def handler(cmd, args):
-        if cmd == 'device_del':
-            return [{'error': {'class': 'DeviceNotFound', 'desc': 'gone'}}]
-        return [{'return': {}}]
-    fake = FakeQEMU(vmdir.control, handler)
-    try:
+def test_detach_of_a_device_qemu_no_longer_has(vmdir, tmp_path):
+    node, devid = qemu.volume_names(VOL)
+
+    def gone():
+        raise fake_qmp.Fail('gone', 'DeviceNotFound')
+    with fake_qmp.FakeQMP(vmdir.control,
+                          _detach_handler(devid, node, gone)) as fake:
+        _fill_fdsets(fake, tmp_path, 1, 3, 4)
         qemu.QemuHypervisor().detach_disk(vmdir, volume(), timeout=5)
-    finally:
-        fake.close()
-    assert [c for c, _ in fake.commands] == ['device_del', 'blockdev-del']
+    assert fake.commands() == [
+        'device_del', 'query-named-block-nodes', 'query-fdsets',
+        'blockdev-del', 'query-named-block-nodes', 'remove-fd', 'remove-fd']
 
 
 def test_resize_is_block_resize_of_the_volume_node(vmdir):

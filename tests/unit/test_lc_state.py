@@ -1,12 +1,14 @@
 """Pure parts of suspend/resume, live snapshots and diagnostics.
 
 QEMU: argv and URIs, the state-file check, and the QMP command sequences of
-save, freeze and thaw against a fake QMP server on a real unix socket (one
-connection per command, as qmp.execute makes them). bhyve: bhyvectl
+save, restore, freeze and thaw against a fake QEMU behind a real unix
+socket (fake_qmp: the descriptors the driver passes arrive as they would
+in QEMU; only QEMU is faked). bhyve: bhyvectl
 --suspend / bhyve -r with processutils.execute mocked only for bhyvectl
 (fake_execute.py).
 Snapshot export on real libvdsk images with qemu-img as the oracle.
 """
+import fcntl
 import json
 import os
 import shutil
@@ -37,6 +39,7 @@ from nova_bhyve.storage import snapshot
 from nova_bhyve.storage import vdsk
 
 import fake_execute
+import fake_qmp
 
 CONF = conf.CONF
 UUID = '0e6f1c1a-4b7d-4c55-8a0f-6c2b9d3e4f50'
@@ -114,16 +117,15 @@ class FakeHyp:
 
 # -- QEMU save / restore --
 
-def test_uris_quote_the_path():
-    assert qemu_state.save_uri('/v/a b/s') == "exec:cat > '/v/a b/s'"
-    assert qemu_state.load_uri('/v/x/s') == 'exec:cat /v/x/s'
+def test_the_state_travels_as_a_named_descriptor():
+    assert qemu_state.fd_uri(qemu_state.SAVE_FD) == 'fd:nb-save'
+    assert qemu_state.fd_uri(qemu_state.RESTORE_FD) == 'fd:nb-restore'
 
 
-def test_incoming_argv_appends_paused_incoming():
+def test_incoming_argv_waits_paused_for_its_state_over_qmp():
     argv = ['qemu-system-x86_64', '-name', 'x']
-    assert qemu_state.incoming_argv(argv, '/v/x/suspended.state') == [
-        'qemu-system-x86_64', '-name', 'x', '-S',
-        '-incoming', 'exec:cat /v/x/suspended.state']
+    assert qemu_state.incoming_argv(argv) == [
+        'qemu-system-x86_64', '-name', 'x', '-S', '-incoming', 'defer']
 
 
 def test_restore_argv_is_the_normal_argv_plus_incoming(vmdir):
@@ -131,7 +133,9 @@ def test_restore_argv_is_the_normal_argv_plus_incoming(vmdir):
                      disks=[guest.Disk(path=vmdir.disk())])
     normal = qemu.render_argv(s, vmdir, 'qemu', 'tcg',
                               qemu_resources.numbered(s))
-    assert qemu_state.incoming_argv(normal, vmdir.saved_state)[:-3] == normal
+    assert qemu_state.incoming_argv(normal)[:-3] == normal
+    assert not any(vmdir.saved_state in a for a in
+                   qemu_state.incoming_argv(normal))
 
 
 def test_check_state_file(vmdir):
@@ -157,13 +161,14 @@ def test_stopped_state_tells_suspended_from_shut_off(vmdir):
     assert hv.power_state(vmdir) == power_state.SHUTDOWN
 
 
-def _save_handler(hyp, vmdir, migrate_status='completed'):
+def _save_handler(hyp, fake, migrate_status='completed'):
     def handler(cmd, args):
         if cmd == 'query-status':
             return {'status': 'running'}
         if cmd == 'migrate':
-            # what "exec:cat > FILE" does
-            with open(qemu_state.partial_path(vmdir.saved_state), 'wb') as f:
+            # QEMU writes the stream into the descriptor named in the URI
+            fd = fake.take(args['uri'].split(':', 1)[1])
+            with os.fdopen(fd, 'wb') as f:
                 f.write(qemu_state.MAGIC + b'state')
             return {}
         if cmd == 'query-migrate':
@@ -175,35 +180,107 @@ def _save_handler(hyp, vmdir, migrate_status='completed'):
     return handler
 
 
-def test_save_command_sequence(vmdir):
+def _fake_qemu(vmdir, make_handler, *args):
+    fake = fake_qmp.FakeQMP(vmdir.control)
+    fake.handler = make_handler(*args[:1], fake, *args[1:])
+    return fake
+
+
+def test_save_hands_qemu_the_open_state_file(vmdir):
     hyp = FakeHyp()
-    srv = FakeQMPServer(vmdir.control, _save_handler(hyp, vmdir))
-    try:
+    partial = qemu_state.partial_path(vmdir.saved_state)
+    with _fake_qemu(vmdir, _save_handler, hyp) as fake:
         qemu_state.save(hyp, vmdir)
-    finally:
-        srv.close()
-    assert [c[0] for c in srv.calls] == [
-        'query-status', 'stop', 'migrate-set-parameters', 'migrate',
-        'query-migrate', 'quit']
-    assert srv.calls[2][1] == {'max-bandwidth': qemu_state.SAVE_BANDWIDTH}
-    assert srv.calls[3][1] == {'uri': qemu_state.save_uri(
-        qemu_state.partial_path(vmdir.saved_state))}
-    assert os.path.exists(vmdir.saved_state)
-    assert not os.path.exists(qemu_state.partial_path(vmdir.saved_state))
+    assert fake.commands() == [
+        'query-status', 'stop', 'migrate-set-parameters', 'getfd',
+        'migrate', 'query-migrate', 'quit']
+    assert fake.calls[2][1] == {'max-bandwidth': qemu_state.SAVE_BANDWIDTH}
+    # the partial file, created by the driver, travelled with getfd
+    assert fake.calls[3][1:] == ({'fdname': 'nb-save'}, [partial])
+    assert fake.calls[4][1] == {'uri': 'fd:nb-save'}
+    with open(vmdir.saved_state, 'rb') as f:
+        assert f.read() == qemu_state.MAGIC + b'state'
+    assert os.stat(vmdir.saved_state).st_mode & 0o777 == 0o600
+    assert not os.path.exists(partial)
 
 
 def test_failed_save_removes_the_partial_file_and_resumes(vmdir):
     hyp = FakeHyp()
-    srv = FakeQMPServer(vmdir.control,
-                        _save_handler(hyp, vmdir, migrate_status='failed'))
-    try:
+    with _fake_qemu(vmdir, _save_handler, hyp, 'failed') as fake:
         with pytest.raises(base.HypervisorError, match='boom'):
             qemu_state.save(hyp, vmdir)
-    finally:
-        srv.close()
-    assert srv.calls[-1][0] == 'cont'
+    assert fake.commands()[-2:] == ['migrate_cancel', 'cont']
     assert os.listdir(vmdir.path) == []
     assert os.listdir(vmdir.runtime) == ['control.sock']
+
+
+def test_save_refused_by_qemu_takes_the_descriptor_back(vmdir):
+    hyp = FakeHyp()
+
+    def handler(hyp, fake):
+        def answer(cmd, args):
+            if cmd == 'query-status':
+                return {'status': 'running'}
+            if cmd == 'migrate':
+                raise fake_qmp.Fail('no migration now')
+            return {}
+        return answer
+    with _fake_qemu(vmdir, handler, hyp) as fake:
+        with pytest.raises(base.HypervisorError, match='no migration now'):
+            qemu_state.save(hyp, vmdir)
+        held = fake.open_targets()
+    assert fake.commands()[3:] == ['getfd', 'migrate', 'closefd',
+                                   'migrate_cancel', 'cont']
+    assert held == []
+    assert os.listdir(vmdir.path) == []
+
+
+def _restore_handler(loaded, fake, status='completed'):
+    def handler(cmd, args):
+        if cmd == 'migrate-incoming':
+            fd = fake.take(args['uri'].split(':', 1)[1])
+            loaded.append(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE)
+            with os.fdopen(fd, 'rb') as f:
+                loaded.append(f.read())
+            return {}
+        if cmd == 'query-migrate':
+            return {'status': status, 'error-desc': 'bad section'}
+        return {}
+    return handler
+
+
+def test_restore_hands_qemu_the_open_state_file(vmdir):
+    """launch is mocked (it would start QEMU; the real one is in
+    tests/interop/test_qemu_runtime_fds.py): the argv it gets and the QMP
+    sequence after it are pinned."""
+    with open(vmdir.saved_state, 'wb') as f:
+        f.write(qemu_state.MAGIC + b'state')
+    loaded = []
+    with _fake_qemu(vmdir, _restore_handler, loaded) as fake:
+        with mock.patch.object(qemu_state, 'launch') as launch:
+            qemu_state.restore(FakeHyp(), ['qemu'], vmdir, UUID, fds=[7])
+    launch.assert_called_once_with(
+        mock.ANY, ['qemu', '-S', '-incoming', 'defer'], vmdir, UUID, [7])
+    assert [(c, a) for c, a, _ in fake.calls] == [
+        ('getfd', {'fdname': 'nb-restore'}),
+        ('migrate-incoming', {'uri': 'fd:nb-restore'}),
+        ('query-migrate', None), ('cont', None)]
+    assert fake.calls[0][2] == [vmdir.saved_state]
+    assert loaded == [os.O_RDONLY, qemu_state.MAGIC + b'state']
+    assert not os.path.exists(vmdir.saved_state)
+
+
+def test_failed_restore_kills_qemu_and_keeps_the_state(vmdir):
+    with open(vmdir.saved_state, 'wb') as f:
+        f.write(qemu_state.MAGIC + b'state')
+    hyp = FakeHyp()
+    with _fake_qemu(vmdir, _restore_handler, [], 'failed'):
+        with mock.patch.object(qemu_state, 'launch'):
+            with pytest.raises(base.HypervisorError,
+                               match='cannot resume.*bad section'):
+                qemu_state.restore(hyp, ['qemu'], vmdir, UUID)
+    assert hyp.killed
+    assert os.path.exists(vmdir.saved_state)
 
 
 def test_restore_refuses_a_missing_file_without_starting_qemu(vmdir):
@@ -215,12 +292,63 @@ def test_restore_refuses_a_missing_file_without_starting_qemu(vmdir):
 
 # -- QEMU live snapshot: freeze / thaw --
 
-def test_freeze_command():
-    assert qemu_blockjob.freeze_commands(0, '/v/x/ov.qcow2') == [
-        ('blockdev-snapshot-sync', {
-            'node-name': 'disk0', 'snapshot-file': '/v/x/ov.qcow2',
-            'snapshot-node-name': 'disk0-snap', 'format': 'qcow2',
-            'mode': 'absolute-paths'})]
+def _freeze_handler(snapshot_error=None):
+    nodes = [{'node-name': 'disk0', 'file': '/dev/fdset/1',
+              'image': {'virtual-size': 3 << 20}}]
+
+    def handler(cmd, args):
+        if cmd == 'query-named-block-nodes':
+            return nodes
+        if cmd == 'blockdev-add':
+            nodes.append({'node-name': args['node-name'],
+                          'file': args['file']['filename']})
+        if cmd == 'blockdev-del':
+            nodes.pop()
+        if cmd == 'blockdev-snapshot' and snapshot_error:
+            raise fake_qmp.Fail(snapshot_error)
+        return {}
+    return handler
+
+
+def test_freeze_creates_the_overlay_and_hands_qemu_its_descriptor(vmdir):
+    overlay = os.path.join(vmdir.path, 'ov.qcow2')
+    disk = vmdir.disk()
+    vdsk.create(disk, 'qcow2', 3 << 20)
+    with fake_qmp.FakeQMP(vmdir.control, _freeze_handler()) as fake:
+        qemu_blockjob.freeze(vmdir.control, 0, overlay,
+                             backing=disk, backing_fmt='qcow2')
+        modes = {o: fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+                 for s in fake.fdsets.values() for fd, o in s}
+    assert [(c, a) for c, a, _ in fake.calls] == [
+        ('query-named-block-nodes', None),
+        ('add-fd', {'opaque': overlay}),
+        # backing null: QEMU opens no backing file by the header's name
+        ('blockdev-add', {'driver': 'qcow2', 'node-name': 'disk0-snap',
+                          'discard': 'unmap', 'backing': None,
+                          'file': {'driver': 'file',
+                                   'filename': '/dev/fdset/0'}}),
+        ('blockdev-snapshot', {'node': 'disk0', 'overlay': 'disk0-snap'})]
+    assert fake.calls[1][2] == [overlay]
+    assert modes == {overlay: os.O_RDWR}
+    info = vdsk.info(overlay)
+    assert (info['format'], info['virtual_size'], info['backing_file'],
+            info['backing_format']) == ('qcow2', 3 << 20, disk, 'qcow2')
+
+
+def test_freeze_refused_leaves_qemu_as_it_was(vmdir):
+    overlay = os.path.join(vmdir.path, 'ov.qcow2')
+    with fake_qmp.FakeQMP(vmdir.control,
+                          _freeze_handler('no pivot')) as fake:
+        with pytest.raises(base.HypervisorError, match='no pivot'):
+            qemu_blockjob.freeze(vmdir.control, 0, overlay)
+        held = fake.open_targets()
+    assert fake.commands() == [
+        'query-named-block-nodes', 'add-fd', 'blockdev-add',
+        'blockdev-snapshot', 'blockdev-del', 'query-named-block-nodes',
+        'remove-fd']
+    assert held == []
+    # without a backing name: nothing in the header
+    assert vdsk.info(overlay)['backing_file'] is None
 
 
 def test_commit_stops_at_the_instance_disk():
@@ -237,23 +365,34 @@ def test_thaw_sequence(vmdir):
     polls = iter([[{'device': 'nb-commit-disk0', 'ready': False}],
                   [{'device': 'nb-commit-disk0', 'ready': True}],
                   [{'device': 'nb-commit-disk0', 'ready': True}], []])
+    nodes = [{'node-name': 'disk0', 'file': '/dev/fdset/1'},
+             {'node-name': 'disk0-snap', 'file': '/dev/fdset/0'}]
 
     def handler(cmd, args):
         if cmd == 'query-block-jobs':
             return next(polls)
         if cmd == 'query-block':
             return [{'inserted': {'node-name': 'disk0'}}]
+        if cmd == 'query-named-block-nodes':
+            return nodes
+        if cmd == 'blockdev-del':
+            nodes.pop()
         return {}
-    srv = FakeQMPServer(vmdir.control, handler)
-    try:
+    with fake_qmp.FakeQMP(vmdir.control, handler) as fake:
+        for fdset, path in ((0, overlay), (1, vmdir.path)):
+            fake.fdsets[fdset] = [(os.open(path, os.O_RDONLY), path)]
         qemu_blockjob.thaw(vmdir.control, 0, overlay)
-    finally:
-        srv.close()
-    assert [c[0] for c in srv.calls] == [
+        left = sorted(fake.fdsets)
+    assert fake.commands() == [
         'block-commit', 'query-block-jobs', 'query-block-jobs',
         'block-job-complete', 'query-block-jobs', 'query-block-jobs',
-        'query-block']
-    assert srv.calls[3][1] == {'device': 'nb-commit-disk0'}
+        'query-block', 'query-named-block-nodes', 'query-fdsets',
+        'blockdev-del', 'query-named-block-nodes', 'remove-fd']
+    assert fake.calls[3][1] == {'device': 'nb-commit-disk0'}
+    assert fake.calls[9][1] == {'node-name': 'disk0-snap'}
+    assert fake.calls[11][1] == {'fdset-id': 0}
+    # the disk's own set stays
+    assert left == [1]
     assert not os.path.exists(overlay)
 
 
@@ -502,5 +641,5 @@ def test_frozen_disk_thaws_when_the_export_fails(vmdir):
     with pytest.raises(OSError):
         with snapshot.frozen_disk(hv, vmdir, 0, None):
             raise OSError(28, 'No space left on device')
-    hv.freeze_disk.assert_called_once_with(vmdir, 0, overlay)
+    hv.freeze_disk.assert_called_once_with(vmdir, 0, overlay, disk=None)
     hv.thaw_disk.assert_called_once_with(vmdir, 0, overlay)

@@ -5,6 +5,9 @@ cannot run here - FreeBSD's ifconfig(8) tap/if_bridge handling and
 ovs-vsctl on FreeBSD - is pinned with ``execute`` mocked: these paths are
 unverified on a real FreeBSD host.
 """
+import os
+import shutil
+import tempfile
 from unittest import mock
 
 from nova import exception
@@ -19,6 +22,8 @@ from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.net import freebsd
 from nova_bhyve.net import linux
 from nova_bhyve.net import vif as network
+
+import fake_qmp
 
 PORT = '5e1c1a83-8d4c-4a6b-9b5e-6f0f3b1c2d4e'
 
@@ -164,16 +169,81 @@ def test_qemu_renders_hotplug_root_ports():
     assert old.hotplug_ports == 0
 
 
-def test_qemu_attach_nic_qmp():
-    hv = qemu.QemuHypervisor.__new__(qemu.QemuHypervisor)
+@pytest.fixture
+def qmp_vmdir():
+    path = tempfile.mkdtemp(prefix='nbnet-')      # short: a socket path
+    d = base.VMDir(path)
+    base.make_runtime_dir(d)
+    yield d
+    shutil.rmtree(path)
+
+
+def _attach_nic(vmdir, handler=lambda c, a: {}):
+    """attach_nic against a fake QEMU (fake_qmp: a real socket, the
+    descriptors received); the tap is faked by /dev/null: opening a real
+    one (resources.open_tap) needs root and is tested in
+    tests/interop/test_qemu_runtime_fds.py. Returns the fake, what it
+    still holds, and the error attach_nic raised (or None)."""
     nic = guest.Nic(mac='fa:16:3e:11:22:33', ifname='tapX', mtu=1450)
-    with mock.patch.object(qemu.qmp, 'execute') as ex:
-        hv.attach_nic(base.VMDir('/i/u'), nic, 'hp1')
-    assert [c.args[1:] for c in ex.call_args_list] == [
-        ('netdev_add', {'type': 'tap', 'id': 'hostnet-tapX',
-                        'ifname': 'tapX', 'script': 'no',
-                        'downscript': 'no'}),
+    opened = []
+
+    def open_tap(ifname):
+        assert ifname == 'tapX'
+        opened.append(os.open('/dev/null', os.O_RDWR))
+        return opened[-1]
+    error = None
+    with fake_qmp.FakeQMP(vmdir.control, handler) as fake:
+        with mock.patch.object(qemu_resources, 'open_tap', open_tap):
+            try:
+                qemu.QemuHypervisor().attach_nic(vmdir, nic, 'hp1')
+            except base.HypervisorError as e:
+                error = e
+        held = fake.open_targets()
+    # the driver's copy is closed whatever happened
+    with pytest.raises(OSError):
+        os.fstat(opened[0])
+    return fake, held, error
+
+
+GETFD = ('getfd', {'fdname': 'hostnet-tapX'})
+NETDEV_ADD = ('netdev_add', {'type': 'tap', 'id': 'hostnet-tapX',
+                             'fd': 'hostnet-tapX'})
+
+
+def test_qemu_attach_nic_hands_qemu_the_open_tap(qmp_vmdir):
+    fake, held, error = _attach_nic(qmp_vmdir)
+    assert error is None
+    assert [(c, a) for c, a, _ in fake.calls] == [
+        GETFD, NETDEV_ADD,
         ('device_add', {'driver': 'virtio-net-pci', 'id': 'nic-tapX',
                         'netdev': 'hostnet-tapX', 'mac': 'fa:16:3e:11:22:33',
                         'bus': 'hp1', 'host_mtu': 1450}),
     ]
+    # the descriptor travelled with getfd (the fake's netdev_add does not
+    # consume it as QEMU's does)
+    assert fake.calls[0][2] == ['/dev/null']
+    assert held == ['/dev/null']
+
+
+def test_qemu_attach_nic_refused_takes_the_descriptor_back(qmp_vmdir):
+    def handler(cmd, args):
+        raise fake_qmp.Fail('tap: no')
+    fake, held, error = _attach_nic(qmp_vmdir, handler)
+    assert 'tap: no' in str(error)
+    assert [(c, a) for c, a, _ in fake.calls] == [
+        GETFD, NETDEV_ADD, ('closefd', {'fdname': 'hostnet-tapX'})]
+    assert held == []
+
+
+def test_qemu_attach_nic_device_add_refused_removes_the_netdev(qmp_vmdir):
+    def handler(cmd, args):
+        if cmd == 'device_add':
+            raise fake_qmp.Fail('bus full')
+        return {}
+    fake, _, error = _attach_nic(qmp_vmdir, handler)
+    assert 'bus full' in str(error)
+    assert fake.commands() == ['getfd', 'netdev_add', 'device_add',
+                               'netdev_del']
+    assert fake.calls[-1][1] == {'id': 'hostnet-tapX'}
+
+

@@ -19,6 +19,7 @@ from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import accel
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
+from nova_bhyve.hypervisor.qemu import fdpass
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
@@ -63,8 +64,7 @@ def _opts(*pairs, **kw):
     return ','.join(items)
 
 
-def fdset_path(fdset):
-    return '/dev/fdset/%d' % fdset
+fdset_path = fdpass.fdset_path
 
 
 def fd_path(fd):
@@ -224,12 +224,29 @@ def volume_names(volume_id):
     return 'vol' + volume_id.replace('-', '')[:24], 'vol-' + volume_id
 
 
-def _volume_blockdev(disk, node):
-    """blockdev-add arguments of a hot-plugged volume (QEMU opens its
-    path: see docs/sandbox.md)."""
-    return {'driver': disk.format, 'node-name': node,
-            'read-only': disk.readonly,
-            'file': {'driver': _protocol(disk), 'filename': disk.path}}
+def _volume_blockdev(node, images, protocol):
+    """blockdev-add arguments of a hot-plugged volume whose chain
+    ``images`` (qemu_resources.Image, top first) is on fdsets: one tree,
+    named as _chain_blockdevs names a volume's nodes at start; each image
+    that has a backing file gets its backing node explicitly, so QEMU opens
+    no image by the name in a header."""
+    tree = None
+    for j in reversed(range(len(images))):
+        image = images[j]
+        opts = {'driver': image.format,
+                'node-name': node if j == 0 else '%s-b%d' % (node, j),
+                'read-only': image.readonly,
+                'file': {'driver': protocol if j == 0 else 'file',
+                         'filename': fdset_path(image.fdset)}}
+        if tree is not None:
+            opts['backing'] = tree
+        tree = opts
+    return tree
+
+
+def _volume_nodes(node):
+    """Matches the node names of a volume's chain (``node``, ``node``-bN)."""
+    return lambda name: name == node or name.startswith(node + '-b')
 
 
 class QemuHypervisor(base.Hypervisor):
@@ -417,8 +434,10 @@ class QemuHypervisor(base.Hypervisor):
 
     # -- live disk snapshots: see qemu_blockjob ---------------------------
 
-    def freeze_disk(self, vmdir, index, overlay):
-        qemu_blockjob.freeze(vmdir.control, index, overlay)
+    def freeze_disk(self, vmdir, index, overlay, disk=None):
+        qemu_blockjob.freeze(vmdir.control, index, overlay,
+                             backing=disk.path if disk else None,
+                             backing_fmt=disk.format if disk else None)
 
     def thaw_disk(self, vmdir, index, overlay):
         qemu_blockjob.thaw(vmdir.control, index, overlay)
@@ -457,20 +476,31 @@ class QemuHypervisor(base.Hypervisor):
 
     def attach_nic(self, vmdir, nic, port):
         """Hot-plug ``nic`` (its tap exists) into the free root port
-        ``port`` (an id like 'hp0')."""
+        ``port`` (an id like 'hp0'): the driver opens the tap
+        (qemu_resources.open_tap) and hands QEMU the descriptor (``getfd``,
+        ``netdev_add tap,fd=NAME``); QEMU opens no /dev/net/tun."""
         netdev = 'hostnet-' + nic.ifname
-        qmp.execute(vmdir.control, 'netdev_add', {
-            'type': 'tap', 'id': netdev, 'ifname': nic.ifname,
-            'script': 'no', 'downscript': 'no'})
         args = {'driver': _NIC_DEVICE[nic.model], 'id': 'nic-' + nic.ifname,
                 'netdev': netdev, 'mac': nic.mac, 'bus': port}
         if nic.mtu and nic.model == 'virtio':
             args['host_mtu'] = nic.mtu
+        fd = qemu_resources.open_tap(nic.ifname)
         try:
-            qmp.execute(vmdir.control, 'device_add', args)
-        except base.HypervisorError:
-            qmp.execute(vmdir.control, 'netdev_del', {'id': netdev})
-            raise
+            with qmp.Session(vmdir.control) as s:
+                fdpass.give(s, netdev, fd)
+                try:
+                    s.execute('netdev_add', {'type': 'tap', 'id': netdev,
+                                             'fd': netdev})
+                except base.HypervisorError:
+                    fdpass.take_back(s, netdev)
+                    raise
+                try:
+                    s.execute('device_add', args)
+                except base.HypervisorError:
+                    fdpass.rollback(s, 'netdev_del', {'id': netdev})
+                    raise
+        finally:
+            os.close(fd)
 
     def used_hotplug_ports(self, vmdir):
         """Root port ids ('hpN') that hold a device now."""
@@ -528,23 +558,38 @@ class QemuHypervisor(base.Hypervisor):
                                    % vmdir.uuid)
 
     def attach_disk(self, vmdir, disk):
-        """Hot-plug a volume: blockdev-add, then a virtio-blk-pci on a free
-        root port, serial = volume id."""
+        """Hot-plug a volume: the driver opens each image of its chain and
+        hands QEMU the descriptors (``add-fd``, one new fdset each), then
+        blockdev-add on /dev/fdset/N and a virtio-blk-pci on a free root
+        port, serial = volume id. QEMU opens no path."""
         node, devid = volume_names(disk.serial)
         port = self._free_hotplug_port(vmdir)
-        qmp.execute(vmdir.control, 'blockdev-add',
-                    _volume_blockdev(disk, node))
-        try:
-            qmp.execute(vmdir.control, 'device_add', {
-                'driver': 'virtio-blk-pci', 'id': devid, 'drive': node,
-                'serial': disk.serial, 'bus': port})
-        except base.HypervisorError:
-            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
-            raise
+        chain = qemu_resources.disk_chain(disk.path, disk.format)
+        with qmp.Session(vmdir.control) as s:
+            images = []
+            try:
+                for n, (path, fmt) in enumerate(chain):
+                    ro = disk.readonly or n > 0
+                    images.append(qemu_resources.Image(
+                        fdpass.add_file(s, path, ro), fmt, ro, path))
+                s.execute('blockdev-add', _volume_blockdev(
+                    node, images, _protocol(disk)))
+            except base.HypervisorError:
+                fdpass.remove_unused(s, {i.fdset for i in images})
+                raise
+            try:
+                s.execute('device_add', {
+                    'driver': 'virtio-blk-pci', 'id': devid, 'drive': node,
+                    'serial': disk.serial, 'bus': port})
+            except base.HypervisorError:
+                fdpass.rollback(s, 'blockdev-del', {'node-name': node})
+                fdpass.remove_unused(s, {i.fdset for i in images})
+                raise
 
     def detach_disk(self, vmdir, disk, timeout=120.0):
         """device_del, wait for the guest to release the device
-        (DEVICE_DELETED), then blockdev-del."""
+        (DEVICE_DELETED), then blockdev-del and remove-fd of the fdsets
+        its nodes used (hot-plugged or there since the start)."""
         node, devid = volume_names(disk.serial)
         try:
             qmp.execute_until_event(
@@ -554,10 +599,15 @@ class QemuHypervisor(base.Hypervisor):
         except qmp.QMPError as e:
             if e.error_class != 'DeviceNotFound':
                 raise
-        try:
-            qmp.execute(vmdir.control, 'blockdev-del', {'node-name': node})
-        except qmp.QMPError as e:
-            LOG.debug('blockdev-del %s: %s', node, e)
+        with qmp.Session(vmdir.control) as s:
+            fdsets = fdpass.node_fdsets(s, _volume_nodes(node))
+            # sets of a node deleted earlier (a detach retried)
+            fdsets |= fdpass.opaque_fdsets(s, [disk.path])
+            try:
+                s.execute('blockdev-del', {'node-name': node})
+            except qmp.QMPError as e:
+                LOG.debug('blockdev-del %s: %s', node, e)
+            fdpass.remove_unused(s, fdsets)
 
     def resize_disk(self, vmdir, disk, size):
         node, _ = volume_names(disk.serial)

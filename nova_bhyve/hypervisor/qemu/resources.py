@@ -40,8 +40,9 @@ exactly these to QEMU (all others are closed in the child), and the driver
 closes its copies once QEMU started (``close``).
 
 What QEMU still opens by path: its pid file when not sandboxed
-(``-pidfile``, in the instance directory), its firmware, and what runtime
-QMP operations name (docs/sandbox.md).
+(``-pidfile``, in the instance directory) and its firmware
+(docs/sandbox.md). Run-time operations hand it descriptors over QMP
+(fdpass.py).
 """
 import dataclasses
 import fcntl

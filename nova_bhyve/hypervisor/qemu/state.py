@@ -1,25 +1,29 @@
 """QEMU save/restore: suspend a VM to a file in its directory, resume it.
 
-save: QMP ``stop`` (the vCPUs halt, the state no longer changes), migration
-to ``exec:cat > FILE.partial`` with the bandwidth cap lifted, wait for the
-migration to complete, fsync, rename to FILE, ``quit``. The rename is the
-commit point: ``vmdir.saved_state`` exists only when it holds a complete
-state, and a VM directory with that file and no VM process is SUSPENDED.
+QEMU opens no path for either: the driver opens the state file and hands
+QEMU the descriptor over QMP (``getfd``), the migration URI is
+``fd:NAME`` (no ``exec:``: QEMU spawns nothing, its sandbox denies it).
 
-restore: the VM's usual command line plus ``-S -incoming exec:cat FILE``;
-QEMU loads the state, we wait for the incoming migration to complete, then
-``cont``. The file is removed once the guest runs again.
+save: QMP ``stop`` (the vCPUs halt, the state no longer changes), the
+driver creates ``FILE.partial`` (mode 0600), migration to it with the
+bandwidth cap lifted, wait for the migration to complete, fsync, rename to
+FILE, ``quit``. The rename is the commit point: ``vmdir.saved_state``
+exists only when it holds a complete state, and a VM directory with that
+file and no VM process is SUSPENDED.
 
-QEMU 7.2 has no ``file:`` migration URI (added in 8.2), hence ``exec:``.
+restore: the VM's usual command line plus ``-S -incoming defer``; once
+QEMU is up, the driver opens FILE and passes it with ``migrate-incoming
+fd:NAME``; QEMU loads the state, we wait for the incoming migration to
+complete, then ``cont``. The file is removed once the guest runs again.
 """
 import os
-import shlex
 import subprocess
 import time
 
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor.qemu import fdpass
 from nova_bhyve.hypervisor.qemu import qmp
 
 LOG = logging.getLogger(__name__)
@@ -32,24 +36,27 @@ SAVE_BANDWIDTH = 64 * 1024 ** 3
 SAVE_TIMEOUT = 600.0
 RESTORE_TIMEOUT = 600.0
 POLL = 0.05
+#: the names the state file's descriptor has in QEMU (getfd)
+SAVE_FD = 'nb-save'
+RESTORE_FD = 'nb-restore'
+#: a state holds guest memory
+STATE_MODE = 0o600
 
 
 def partial_path(path):
     return path + '.partial'
 
 
-def save_uri(path):
-    return 'exec:cat > %s' % shlex.quote(path)
+def fd_uri(name):
+    """The migration URI of the descriptor QEMU holds as ``name``."""
+    return 'fd:%s' % name
 
 
-def load_uri(path):
-    return 'exec:cat %s' % shlex.quote(path)
-
-
-def incoming_argv(argv, path):
-    """``argv`` (a complete QEMU command line) restoring from ``path``:
-    stay paused after loading (-S) so the caller decides when to run."""
-    return list(argv) + ['-S', '-incoming', load_uri(path)]
+def incoming_argv(argv):
+    """``argv`` (a complete QEMU command line) waiting for its state
+    (``migrate-incoming``, see restore): stay paused after loading (-S) so
+    the caller decides when to run."""
+    return list(argv) + ['-S', '-incoming', 'defer']
 
 
 def check_state_file(path):
@@ -98,12 +105,8 @@ def wait_migration(vmdir, alive, timeout, what):
         time.sleep(POLL)
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _fsync(fd, path):
+    os.fsync(fd)
     dfd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         os.fsync(dfd)
@@ -127,20 +130,36 @@ def save(hyp, vmdir, timeout=None, bandwidth=None):
     was_running = qmp.execute(vmdir.control,
                               'query-status')['status'] == 'running'
     t0 = time.monotonic()
+    fd = None
     try:
-        qmp.execute(vmdir.control, 'stop')
-        qmp.execute(vmdir.control, 'migrate-set-parameters',
-                    {'max-bandwidth': int(bandwidth)})
-        qmp.execute(vmdir.control, 'migrate', {'uri': save_uri(partial)})
+        with qmp.Session(vmdir.control) as s:
+            s.execute('stop')
+            s.execute('migrate-set-parameters',
+                      {'max-bandwidth': int(bandwidth)})
+            fd = fdpass.open_file(partial, create_mode=STATE_MODE)
+            fdpass.give(s, SAVE_FD, fd)
+            try:
+                s.execute('migrate', {'uri': fd_uri(SAVE_FD)})
+            except base.HypervisorError:
+                fdpass.take_back(s, SAVE_FD)
+                raise
         info = wait_migration(vmdir, lambda: hyp.pid(vmdir) is not None,
                               timeout, 'saving the state of %s' % vmdir.uuid)
-        _fsync(partial)
+        _fsync(fd, partial)
         os.rename(partial, path)
     except Exception:
+        if fd is not None:
+            os.close(fd)
         try:
             os.unlink(partial)
         except FileNotFoundError:
             pass
+        if hyp.pid(vmdir) is not None:
+            # a migration still running (timed out) writes no more
+            try:
+                qmp.execute(vmdir.control, 'migrate_cancel')
+            except base.HypervisorError as e:
+                LOG.debug('migrate_cancel: %s', e)
         if was_running and hyp.pid(vmdir) is not None:
             try:
                 qmp.execute(vmdir.control, 'cont')
@@ -148,6 +167,7 @@ def save(hyp, vmdir, timeout=None, bandwidth=None):
                 LOG.warning('instance %s: cannot resume vCPUs after a failed '
                             'save: %s', vmdir.uuid, e)
         raise
+    os.close(fd)
     LOG.info('instance %s: state saved to %s (%d bytes, %.2f s, '
              'migration total %s ms)', vmdir.uuid, path,
              os.path.getsize(path), time.monotonic() - t0,
@@ -196,6 +216,26 @@ def launch(hyp, argv, vmdir, uuid, fds=(), spec=None):
             'QEMU for instance %s exited right after starting' % uuid)
 
 
+def _load(vmdir, path):
+    """Hand the state file to the waiting QEMU: migrate-incoming from its
+    descriptor."""
+    try:
+        fd = fdpass.open_file(path, readonly=True)
+    except OSError as e:
+        raise base.HypervisorError('cannot open saved state %s: %s'
+                                   % (path, e))
+    try:
+        with qmp.Session(vmdir.control) as s:
+            fdpass.give(s, RESTORE_FD, fd)
+            try:
+                s.execute('migrate-incoming', {'uri': fd_uri(RESTORE_FD)})
+            except base.HypervisorError:
+                fdpass.take_back(s, RESTORE_FD)
+                raise
+    finally:
+        os.close(fd)
+
+
 def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=(),
             spec=None):
     """Start QEMU with ``argv`` (its normal command line) from the saved
@@ -207,7 +247,8 @@ def restore(hyp, argv, vmdir, uuid, timeout=RESTORE_TIMEOUT, fds=(),
     check_state_file(path)
     t0 = time.monotonic()
     try:
-        launch(hyp, incoming_argv(argv, path), vmdir, uuid, fds, spec)
+        launch(hyp, incoming_argv(argv), vmdir, uuid, fds, spec)
+        _load(vmdir, path)
         wait_migration(vmdir, lambda: hyp.pid(vmdir) is not None, timeout,
                        'loading the saved state of %s' % uuid)
         qmp.execute(vmdir.control, 'cont')
