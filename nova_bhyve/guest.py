@@ -118,8 +118,10 @@ def validate_flavor(flavor):
 def cpu_quota(flavor):
     """The flavor's quota:cpu_* extra specs (as libvirt reads them),
     checked; InvalidInput for a value no cgroup can take."""
-    specs = {k: str(v) for k, v in (flavor.extra_specs or {}).items()
-             if k in CPU_QUOTA_SPECS}
+    is_set = getattr(flavor, 'obj_attr_is_set', None)
+    extra = (flavor.extra_specs if is_set is None or is_set('extra_specs')
+             else None) or {}
+    specs = {k: str(v) for k, v in extra.items() if k in CPU_QUOTA_SPECS}
     try:
         cgroups.limits_for(flavor.memory_mb, flavor.vcpus, specs, 0, 1)
     except ValueError as e:

@@ -223,3 +223,26 @@ def test_from_json_rejects_unknown_keys():
                        'memory_mb': 64, 'bogus': 1})
     with pytest.raises(TypeError):
         guest.VMSpec.from_json(text)
+
+
+def test_build_keeps_the_flavor_cpu_quota_specs_only():
+    inst = instance()
+    inst.flavor.extra_specs = {'quota:cpu_shares': '512',
+                               'quota:cpu_quota': 20000,
+                               'hw:cpu_policy': 'shared'}
+    spec = guest.build(inst, image_meta(), root())
+    assert spec.cpu_quota == {'quota:cpu_shares': '512',
+                              'quota:cpu_quota': '20000'}
+    assert guest.VMSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize('specs,words', [
+    ({'quota:cpu_shares': 'lots'}, 'not an integer'),
+    ({'quota:cpu_period': '10'}, '1000-1000000'),
+    ({'quota:cpu_quota': '5'}, '>= 1000'),
+])
+def test_build_refuses_cpu_quota_specs_no_cgroup_takes(specs, words):
+    inst = instance()
+    inst.flavor.extra_specs = specs
+    with pytest.raises(exception.InvalidInput, match='m1.test: .*' + words):
+        guest.build(inst, image_meta(), root())

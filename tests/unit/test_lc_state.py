@@ -258,9 +258,11 @@ def test_restore_hands_qemu_the_open_state_file(vmdir):
     loaded = []
     with _fake_qemu(vmdir, _restore_handler, loaded) as fake:
         with mock.patch.object(qemu_state, 'launch') as launch:
-            qemu_state.restore(FakeHyp(), ['qemu'], vmdir, UUID, fds=[7])
+            qemu_state.restore(FakeHyp(), ['qemu'], vmdir, UUID, fds=[7],
+                               spec='the spec')
     launch.assert_called_once_with(
-        mock.ANY, ['qemu', '-S', '-incoming', 'defer'], vmdir, UUID, [7])
+        mock.ANY, ['qemu', '-S', '-incoming', 'defer'], vmdir, UUID, [7],
+        'the spec')
     assert [(c, a) for c, a, _ in fake.calls] == [
         ('getfd', {'fdname': 'nb-restore'}),
         ('migrate-incoming', {'uri': 'fd:nb-restore'}),
