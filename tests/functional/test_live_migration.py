@@ -269,15 +269,21 @@ def _tcp_sockets(pid):
     return out
 
 
+def _vnc_port(vmdir):
+    with open(os.path.join(vmdir, 'spec.json')) as f:
+        return json.load(f)['consoles'].get('vnc_port')
+
+
 class _SocketWatch(fixtures.Fixture):
     """Records the sockets the driver hands to a QEMU (qemu_channel
     .hand_over, both computes run in this process) and, right after the
     source passed the memory stream, the TCP sockets both QEMU processes
-    hold."""
+    hold, but for their VNC servers' (QEMU's own: docs/sandbox.md)."""
 
-    def __init__(self, src_pid, dst_vmdir):
+    def __init__(self, src_vmdir, src_pid, dst_vmdir):
         super().__init__()
-        self.src_pid, self.dst_vmdir = src_pid, dst_vmdir
+        self.src_vmdir, self.src_pid = src_vmdir, src_pid
+        self.dst_vmdir = dst_vmdir
         self.passed = set()
         self.seen = None
 
@@ -294,13 +300,20 @@ class _SocketWatch(fixtures.Fixture):
             real_start(handle)
             with open(os.path.join(watch.dst_vmdir, 'vm.pid')) as f:
                 dst_pid = int(f.read())
-            watch.seen = (handle.endpoint, _tcp_sockets(watch.src_pid),
-                          _tcp_sockets(dst_pid))
+            watch.seen = (
+                handle.endpoint,
+                watch._not_vnc(watch.src_vmdir, watch.src_pid),
+                watch._not_vnc(watch.dst_vmdir, dst_pid))
         self.useFixture(fixtures.MonkeyPatch(
             'nova_bhyve.hypervisor.qemu.channel.hand_over', hand_over))
         self.useFixture(fixtures.MonkeyPatch(
             'nova_bhyve.hypervisor.qemu.migration.OutgoingMigration.'
             'start_memory', start_memory))
+
+    @staticmethod
+    def _not_vnc(vmdir, pid):
+        vnc = _vnc_port(vmdir)
+        return {i: v for i, v in _tcp_sockets(pid).items() if v[0] != vnc}
 
 
 class TestLiveMigration(_LiveMigrationBase):
@@ -316,7 +329,7 @@ class TestLiveMigration(_LiveMigrationBase):
         src_pid = self.pid_in(src, server)
         tick_before = _last_tick(src)
         at_post = self.run_state_when_post_step_reaches('compute2', dst)
-        watch = self.useFixture(_SocketWatch(src_pid, dst))
+        watch = self.useFixture(_SocketWatch(src, src_pid, dst))
 
         self.migrate(server)
         mig = self.migration(server, ('completed', 'error', 'failed'))

@@ -26,6 +26,7 @@ unchanged. The block migration's NBD connections use ``listening_socket``
 (one connection per disk on the source), each passed with ``hand_over``.
 """
 import hmac
+import os
 import socket
 import threading
 
@@ -83,8 +84,11 @@ def hand_over(control, sock, name, command, args, timeout=30.0):
     same connection; the name is closed again when the command fails.
     The caller closes its own copy of ``sock`` afterwards."""
     # O_NONBLOCK lives on the open file description, which QEMU shares:
-    # hand it over in blocking mode, as a socket QEMU opened would be
+    # hand it over in blocking mode whatever this process uses (a green
+    # socket under eventlet keeps its descriptor non-blocking); QEMU sets
+    # the mode it wants where it cares
     sock.setblocking(True)
+    os.set_blocking(sock.fileno(), True)
     with qmp.Session(control, timeout) as session:
         session.execute('getfd', {'fdname': name}, fds=[sock.fileno()])
         try:
