@@ -519,6 +519,11 @@ class MigrationHandle(abc.ABC):
         NotImplementedError: the backend has no post-copy."""
         raise NotImplementedError()
 
+    def release_destination(self):
+        """After cancel(), shared instances path (Nova calls no rollback on
+        the destination): make the destination's VM, if it still waits for
+        the migration, give up and exit. Default: nothing."""
+
     def resume_destination(self):
         """After finish(): have the destination run the guest now, before
         Nova's post step. Returns None, or why it did not (it then runs at

@@ -6,13 +6,8 @@ apart from the source VM that still uses the instance directory. A marker
 file names the host receiving it: on shared storage other hosts see it too.
 """
 import os
-import socket
-
-from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
-
-LOG = logging.getLogger(__name__)
 
 #: marker file of a VM directory that holds an incoming migration
 MARKER = 'incoming'
@@ -55,19 +50,3 @@ def receiving_host(vm):
 
 def is_incoming(vmdir):
     return is_marked(vmdir) or os.path.isdir(runtime_dir(vmdir).path)
-
-
-def poison(endpoint):
-    """Make a destination QEMU still waiting for its migration give up and
-    exit: QEMU 7.2 exits when an incoming stream fails to load. Used when
-    Nova will not call rollback_live_migration_at_destination (shared
-    instances path)."""
-    if not getattr(endpoint, "uri", "").startswith("tcp:"):
-        return
-    host, port = endpoint.uri[4:].rsplit(':', 1)
-    try:
-        with socket.create_connection((host.strip('[]'), int(port)),
-                                      timeout=5) as s:
-            s.sendall(b'not a migration stream\n' * 8)
-    except OSError as e:
-        LOG.debug('poisoning %s: %s', endpoint.uri, e)

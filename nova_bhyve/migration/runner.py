@@ -265,7 +265,7 @@ class Migration:
             # Nova calls no rollback on the destination for shared storage:
             # the waiting destination VM is made to exit, and its runtime
             # directory (visible here) goes
-            incoming.poison(self.handle.endpoint)
+            self.handle.release_destination()
             runtime = incoming.runtime_dir(self.vmdir)
             pid = runtime.read_pid()
             if pid and not base.wait_for_exit(pid, 30, runtime.uuid):

@@ -29,6 +29,8 @@ from nova import context as nova_context
 from nova import objects
 
 from nova_bhyve.hypervisor import base as hyp_base
+from nova_bhyve.hypervisor.qemu import channel as qemu_channel
+from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.migration import policy as migration_policy
 from nova_bhyve.migration import runner
@@ -244,6 +246,76 @@ def _qemu_pids(marker):
     return pids
 
 
+def _tcp_sockets(pid):
+    """The TCP sockets process ``pid`` holds: {inode: (local port, state)}
+    (/proc/net/tcp{,6}: state 0A is LISTEN)."""
+    table = {}
+    for name in ('/proc/net/tcp', '/proc/net/tcp6'):
+        with open(name) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                table[int(fields[9])] = (
+                    int(fields[1].rsplit(':', 1)[1], 16), fields[3])
+    out = {}
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            target = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith('socket:['):
+            inode = int(target[len('socket:['):-1])
+            if inode in table:
+                out[inode] = table[inode]
+    return out
+
+
+def _vnc_port(vmdir):
+    with open(os.path.join(vmdir, 'spec.json')) as f:
+        return json.load(f)['consoles'].get('vnc_port')
+
+
+class _SocketWatch(fixtures.Fixture):
+    """Records the sockets the driver hands to a QEMU (qemu_channel
+    .hand_over, both computes run in this process) and, right after the
+    source passed the memory stream, the TCP sockets both QEMU processes
+    hold, but for their VNC servers' (QEMU's own: docs/sandbox.md)."""
+
+    def __init__(self, src_vmdir, src_pid, dst_vmdir):
+        super().__init__()
+        self.src_vmdir, self.src_pid = src_vmdir, src_pid
+        self.dst_vmdir = dst_vmdir
+        self.passed = set()
+        self.seen = None
+
+    def _setUp(self):
+        real_hand_over = qemu_channel.hand_over
+        real_start = qemu_migration.OutgoingMigration.start_memory
+        watch = self
+
+        def hand_over(control, sock, *args, **kwargs):
+            watch.passed.add(os.fstat(sock.fileno()).st_ino)
+            return real_hand_over(control, sock, *args, **kwargs)
+
+        def start_memory(handle):
+            real_start(handle)
+            with open(os.path.join(watch.dst_vmdir, 'vm.pid')) as f:
+                dst_pid = int(f.read())
+            watch.seen = (
+                handle.endpoint,
+                watch._not_vnc(watch.src_vmdir, watch.src_pid),
+                watch._not_vnc(watch.dst_vmdir, dst_pid))
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.hypervisor.qemu.channel.hand_over', hand_over))
+        self.useFixture(fixtures.MonkeyPatch(
+            'nova_bhyve.hypervisor.qemu.migration.OutgoingMigration.'
+            'start_memory', start_memory))
+
+    @staticmethod
+    def _not_vnc(vmdir, pid):
+        vnc = _vnc_port(vmdir)
+        return {i: v for i, v in _tcp_sockets(pid).items() if v[0] != vnc}
+
+
 class TestLiveMigration(_LiveMigrationBase):
 
     def test_block_migration_keeps_the_guest_running(self):
@@ -257,11 +329,27 @@ class TestLiveMigration(_LiveMigrationBase):
         src_pid = self.pid_in(src, server)
         tick_before = _last_tick(src)
         at_post = self.run_state_when_post_step_reaches('compute2', dst)
+        watch = self.useFixture(_SocketWatch(src, src_pid, dst))
 
         self.migrate(server)
         mig = self.migration(server, ('completed', 'error', 'failed'))
         self.assertEqual('completed', mig.status)
         server = self.wait_server(server, 'ACTIVE', 'compute2')
+
+        # neither QEMU listened or connected for the migration: each TCP
+        # socket it held once the memory stream started was handed to it
+        # by nova-compute (NBD listener, NBD client connection, the memory
+        # stream), or accepted by the destination's NBD server on the
+        # listening socket it was handed (docs/sandbox.md)
+        endpoint, src_tcp, dst_tcp = watch.seen
+        self.assertTrue(src_tcp and dst_tcp, watch.seen)
+        self.assertLessEqual(set(src_tcp), watch.passed, watch.seen)
+        accepted = {i for i, (port, state) in dst_tcp.items()
+                    if port == endpoint.nbd_port and state != '0A'}
+        self.assertLessEqual(set(dst_tcp) - accepted, watch.passed,
+                             watch.seen)
+        self.assertEqual([(endpoint.nbd_port, '0A')],
+                         [v for v in dst_tcp.values() if v[1] == '0A'])
 
         # the source had the destination run the guest once the memory
         # stream and the disk copy completed, as libvirt's Finish phase

@@ -3,8 +3,12 @@ switchover of hypervisor/qemu/postcopy.py against it.
 
 Two real ``qemu-system-x86_64 -accel tcg -m 64`` processes running the
 memory-dirtying boot sector of test_qemu_migration_policy.py, migrating
-over loopback TCP with post-copy enabled on both sides. Nothing is mocked:
-the resume request goes over a real socket to a real ResumeListener.
+over a loopback TCP connection with post-copy enabled on both sides. As in
+the driver, the connection is made by this process (qemu_channel: the
+destination's acceptor checks the token) and handed to both QEMUs with
+``getfd`` (``migrate fd:`` / ``migrate-incoming fd:``): post-copy's return
+path runs over the same passed socket. Nothing is mocked: the resume
+request goes over a real socket to a real ResumeListener.
 
 Findings this pins (QEMU 7.2):
 
@@ -30,6 +34,7 @@ from test_qemu_migration_policy import _wait_for
 from test_qemu_migration_policy import BOOT_CODE
 from test_qemu_migration_policy import QEMU
 
+from nova_bhyve.hypervisor.qemu import channel as qemu_channel
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
@@ -54,6 +59,7 @@ def pair():
             '-nodefaults', '-display', 'none', '-boot', 'a',
             '-drive', 'file=%s,format=raw,if=floppy' % floppy]
     socks = {n: os.path.join(tmp, n + '.sock') for n in ('src', 'dst')}
+    socks['dir'] = tmp
     procs = [subprocess.Popen(
         argv + ['-qmp', 'unix:%s,server=on,wait=off' % socks['src']],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -66,13 +72,20 @@ def pair():
     try:
         for name, proc in zip(('src', 'dst'), procs):
             _wait_for(socks[name], proc)
-        socks['dir'] = tmp
         yield socks
     finally:
+        qemu_channel.close(_stream_vm(socks))
         for proc in procs:
             proc.kill()
             proc.wait()
         shutil.rmtree(tmp)
+
+
+def _stream_vm(pair):
+    """The destination as the stream acceptor sees it (no pid file: the
+    fixture's QEMU; the acceptor does not watch the process)."""
+    return types.SimpleNamespace(control=pair['dst'], uuid='pc-test',
+                                 path=pair['dir'], read_pid=lambda: None)
 
 
 def _status(sock):
@@ -102,13 +115,18 @@ def _start_postcopy(pair, proxy=None):
     # 32 KiB/s leaves the re-dirtied 512 KiB in flight for seconds
     qmp.execute(src, 'migrate-set-parameters', {
         'max-bandwidth': 256 * KiB, 'max-postcopy-bandwidth': 32 * KiB})
-    port = qemu_migration.free_port('127.0.0.1')
-    qmp.execute(dst, 'migrate-incoming',
-                {'uri': 'tcp:127.0.0.1:%d' % port})
+    lsn = qemu_channel.listening_socket('127.0.0.1')
+    port = lsn.getsockname()[1]
+    token = '5a' * 16
+    command, args = qemu_migration.stream_command()
+    qemu_channel.accept_stream(_stream_vm(pair), lsn, token,
+                               qemu_migration.STREAM_FD, command, args)
     if proxy is not None:
         proxy.append(TCPProxy('127.0.0.1', port))
         port = proxy[0].port
-    qmp.execute(src, 'migrate', {'uri': 'tcp:127.0.0.1:%d' % port})
+    with qemu_channel.connect_stream('127.0.0.1', port, token) as sock:
+        qemu_channel.hand_over(src, sock, qemu_migration.STREAM_FD,
+                               'migrate', {'uri': 'fd:migration'})
     time.sleep(3)
     assert _status(src) == ('active', 'running')
     if proxy:

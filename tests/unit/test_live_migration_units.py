@@ -43,44 +43,44 @@ def test_only_own_writable_disks_are_migrated():
     assert [i for i, _ in base.migrated_disks(spec())] == [0]
 
 
-def test_incoming_commands_block():
-    cmds = qemu_migration.incoming_commands(spec(), '10.0.0.2', 49152,
-                                            10809, block=True)
-    assert cmds == [
-        ('nbd-server-start', {'addr': {'type': 'inet', 'data': {
-            'host': '10.0.0.2', 'port': '10809'}}}),
+def test_nbd_commands_start_on_the_passed_socket():
+    assert qemu_migration.nbd_commands(spec()) == [
+        ('nbd-server-start', {'addr': {'type': 'fd',
+                                       'data': {'str': 'nbd-listen'}}}),
         ('nbd-server-add', {'device': 'disk0', 'name': 'disk0',
                             'writable': True}),
-        ('migrate-incoming', {'uri': 'tcp:10.0.0.2:49152'}),
     ]
-
-
-def test_incoming_commands_ipv6_without_block():
-    cmds = qemu_migration.incoming_commands(spec(), 'fd00::2', 49152, None,
-                                            block=False)
-    assert cmds == [('migrate-incoming', {'uri': 'tcp:[fd00::2]:49152'})]
+    assert qemu_migration.stream_command() == (
+        'migrate-incoming', {'uri': 'fd:migration'})
 
 
 def test_mirror_commands_top_for_overlays_full_otherwise():
-    ep = qemu_migration.Endpoint(uri='tcp:h:1', nbd_host='h', nbd_port=2)
-    add, mirror = qemu_migration.mirror_commands(spec(), ep, backed={0},
+    add, mirror = qemu_migration.mirror_commands(spec(), backed={0},
                                                  speed=1048576)
     assert add == ('blockdev-add', {
         'driver': 'nbd', 'node-name': 'mig-disk0',
-        'server': {'type': 'inet', 'host': 'h', 'port': '2'},
+        'server': {'type': 'fd', 'str': 'mig-disk0'},
         'export': 'disk0'})
     assert mirror == ('blockdev-mirror', {
         'job-id': 'nb-mirror-disk0', 'device': 'disk0',
         'target': 'mig-disk0', 'sync': 'top', 'auto-dismiss': False,
         'speed': 1048576})
-    _, mirror = qemu_migration.mirror_commands(spec(), ep, backed=(),
-                                               speed=0)
+    _, mirror = qemu_migration.mirror_commands(spec(), backed=(), speed=0)
     assert mirror[1]['sync'] == 'full' and 'speed' not in mirror[1]
 
 
 def test_endpoint_json_round_trip():
-    ep = qemu_migration.Endpoint(uri='tcp:h:1', nbd_host='h', nbd_port=2)
+    ep = qemu_migration.Endpoint(uri='tcp:h:1', nbd_host='h', nbd_port=2,
+                                 stream_token='ab' * 16)
     assert qemu_migration.Endpoint.from_json(ep.to_json()) == ep
+    v6 = qemu_migration.Endpoint(uri='tcp:[fd00::2]:49152')
+    assert (v6.host, v6.port) == ('fd00::2', 49152)
+
+
+def test_endpoint_of_an_older_destination_has_no_stream_token():
+    old = '{"nbd_host": null, "nbd_port": null, "resume_port": 7, ' \
+          '"resume_token": "t", "uri": "tcp:h:1"}'
+    assert qemu_migration.Endpoint.from_json(old).stream_token is None
 
 
 def test_snapshot_maps_qemu_counters():

@@ -21,7 +21,6 @@ from nova_bhyve.hypervisor.qemu import accel
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
 from nova_bhyve.hypervisor.qemu import fdpass
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
-from nova_bhyve.hypervisor.qemu import postcopy as qemu_postcopy
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import resources as qemu_resources
 from nova_bhyve.hypervisor.qemu import sandboxed as qemu_sandboxed
@@ -355,7 +354,7 @@ class QemuHypervisor(base.Hypervisor):
                 LOG.debug('system_powerdown for %s: %s', vmdir.uuid, e)
 
     def kill(self, vmdir):
-        qemu_postcopy.close(vmdir)
+        qemu_migration.close_listeners(vmdir)
         pid = vmdir.read_pid()
         base.kill_and_wait(pid, vmdir.uuid)
         if os.path.exists(vmdir.pidfile):

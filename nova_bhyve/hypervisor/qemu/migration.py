@@ -1,12 +1,18 @@
 """QEMU live migration: incoming VM on the destination, outgoing migration
 (block mirror + memory) on the source.
 
+Every TCP connection of a migration is made by nova-compute and handed to
+QEMU as a descriptor (qemu_channel): QEMU neither listens nor connects.
+
 Destination (``prepare_incoming``): the VM's usual command line plus
 ``-S -incoming defer``; its writable instance disks are exported over NBD
-(``nbd-server-start`` on the inbound address, ``nbd-server-add
+(``nbd-server-start`` on a listening socket nova-compute bound on the
+inbound address and passed with ``getfd``, ``nbd-server-add
 writable=true`` per disk; the exports are named after the block nodes,
-``diskN``), then ``migrate-incoming tcp:ADDR:PORT``; it opens the resume
-listener (qemu_postcopy: the resume channel). ``-S``: the guest is not run
+``diskN``); nova-compute listens for the memory stream (qemu_channel:
+the source's connection, checked by its token, goes to QEMU with
+``migrate-incoming fd:migration``); it opens the resume listener
+(qemu_postcopy: the resume channel). ``-S``: the guest is not run
 when the memory stream ends; it runs (NBD server stopped, ``cont``) once the
 source has synchronised the disks and let go of them - the order libvirt
 uses for NBD storage migration - when the source asks through the resume
@@ -18,13 +24,17 @@ Source (``OutgoingMigration``):
 1. capabilities and parameters (qemu_migration_params.initial_qmp:
    bandwidth cap, downtime, auto-converge / postcopy as the convergence
    policy wants);
-2. block migration: per disk, ``blockdev-add`` of the destination's NBD
-   export as node ``mig-diskN``, ``blockdev-mirror`` into it (sync ``top``
-   for an overlay - the destination made its own overlay over its own copy
-   of the same image, so only the top layer moves; ``full`` otherwise;
+2. block migration: per disk, a connection to the destination's NBD
+   server passed with ``getfd`` and ``blockdev-add`` of its export on it
+   (server ``{type: fd}``) as node ``mig-diskN``, ``blockdev-mirror`` into
+   it (sync ``top`` for an overlay - the destination made its own overlay
+   over its own copy of the same image, so only the top layer moves;
+   ``full`` otherwise;
    background copy mode: a stalled network never blocks guest writes);
    wait until every job is ready;
-3. ``migrate`` to the destination's URI; ``poll()`` reads ``query-migrate``
+3. the memory stream's connection (qemu_channel.connect_stream: token
+   sent, accepted by the destination) passed with ``getfd``, ``migrate``
+   to ``fd:migration``; ``poll()`` reads ``query-migrate``
    and ``query-block-jobs``;
    Post-copy (the policy's fallback): once QEMU reports
    ``postcopy-active`` (vCPUs stopped here), ``switchover()`` completes the
@@ -45,12 +55,13 @@ jobs, NBD nodes removed, the vCPUs run again if they were running before.
 """
 import dataclasses
 import json
-import socket
+import secrets
 import time
 
 from oslo_log import log as logging
 
 from nova_bhyve.hypervisor import base
+from nova_bhyve.hypervisor.qemu import channel as qemu_channel
 from nova_bhyve.hypervisor.qemu import (
     migration_params as qemu_migration_params,
 )
@@ -71,6 +82,10 @@ POSTCOPY = ('postcopy-active', 'postcopy-paused', 'postcopy-recover')
 #: the post-copy link broke: QEMU waits for a recovery, the guest's memory
 #: is split between the hosts
 POSTCOPY_BROKEN = ('postcopy-paused', 'postcopy-recover')
+#: getfd names: the memory stream (either side), the destination's NBD
+#: listening socket; a source's NBD connection is named after its node
+STREAM_FD = 'migration'
+NBD_LISTEN_FD = 'nbd-listen'
 
 
 def export_name(index):
@@ -85,14 +100,6 @@ def mirror_job(index):
     return 'nb-mirror-disk%d' % index
 
 
-def free_port(host):
-    """A TCP port nothing listens on at ``host`` now (the kernel's pick)."""
-    family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _hostport(host, port):
     return '[%s]:%d' % (host, port) if ':' in host else '%s:%d' % (host, port)
 
@@ -103,34 +110,47 @@ def incoming_argv(argv):
     return list(argv) + ['-S', '-incoming', 'defer']
 
 
-def incoming_commands(spec, host, mig_port, nbd_port, block):
-    """QMP commands that open the destination for a migration (pure)."""
-    cmds = []
-    if block:
-        cmds.append(('nbd-server-start', {'addr': {
-            'type': 'inet', 'data': {'host': host, 'port': str(nbd_port)}}}))
-        for i, _ in base.migrated_disks(spec):
-            cmds.append(('nbd-server-add', {
-                'device': export_name(i), 'name': export_name(i),
-                'writable': True}))
-    cmds.append(('migrate-incoming',
-                  {'uri': 'tcp:' + _hostport(host, mig_port)}))
+def nbd_commands(spec):
+    """QMP commands of the destination's NBD server for a block migration
+    (pure): started on the listening socket passed as NBD_LISTEN_FD (the
+    first command consumes it), one writable export per migrated disk."""
+    cmds = [('nbd-server-start', {'addr': {
+        'type': 'fd', 'data': {'str': NBD_LISTEN_FD}}})]
+    for i, _ in base.migrated_disks(spec):
+        cmds.append(('nbd-server-add', {
+            'device': export_name(i), 'name': export_name(i),
+            'writable': True}))
     return cmds
+
+
+def stream_command():
+    """The QMP command that consumes the memory stream's descriptor
+    STREAM_FD on the destination (``migrate`` takes the same URI on the
+    source)."""
+    return 'migrate-incoming', {'uri': 'fd:' + STREAM_FD}
 
 
 @dataclasses.dataclass
 class Endpoint:
     """Where the source sends the migration (JSON-able; it travels in
     Nova's migrate_data)."""
-    uri: str                       # memory stream, e.g. tcp:10.0.0.2:49152
+    uri: str                       # memory stream: where the source
+    #                                connects, e.g. tcp:10.0.0.2:49152
     nbd_host: str = None           # disk stream (block migration)
     nbd_port: int = None
     resume_port: int = None        # resume listener (qemu_postcopy)
     resume_token: str = None
+    #: the memory stream's token (qemu_channel); None: a destination of an
+    #: older version, whose QEMU listens itself
+    stream_token: str = None
 
     @property
     def host(self):
         return self.uri[len('tcp:'):].rsplit(':', 1)[0].strip('[]')
+
+    @property
+    def port(self):
+        return int(self.uri.rsplit(':', 1)[1])
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -145,28 +165,62 @@ def prepare_incoming(hyp, argv, spec, vmdir, host, block, policy=None,
     """Start the destination VM from ``argv`` (its normal command line)
     waiting for the migration; return its Endpoint. ``policy``: the
     convergence policy, for the capabilities both sides need
-    (qemu_migration_params.incoming_qmp: post-copy). On failure the VM
-    process is killed and HypervisorError raised."""
-    mig_port = free_port(host)
-    nbd_port = free_port(host) if block else None
+    (qemu_migration_params.incoming_qmp: post-copy). The sockets are
+    nova-compute's: the NBD server's listening socket goes to QEMU, the
+    memory stream's connection once the source made it (qemu_channel). On
+    failure the VM process is killed and HypervisorError raised."""
+    stream = qemu_channel.listening_socket(host)
+    nbd = None
     try:
-        qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid, fds,
-                          spec)
-    except base.HypervisorError:
-        hyp.kill(vmdir)
-        raise
-    first = qemu_migration_params.incoming_qmp(policy)
-    try:
-        for command, args in first + incoming_commands(
-                spec, host, mig_port, nbd_port, block):
-            qmp.execute(vmdir.control, command, args, timeout=timeout)
-        resume_port, resume_token = qemu_postcopy.listen(vmdir, host)
-    except (base.HypervisorError, OSError):
-        hyp.kill(vmdir)
-        raise
-    return Endpoint(uri='tcp:' + _hostport(host, mig_port),
+        nbd = qemu_channel.listening_socket(host) if block else None
+        stream_port = stream.getsockname()[1]
+        nbd_port = nbd.getsockname()[1] if nbd else None
+        try:
+            qemu_state.launch(hyp, incoming_argv(argv), vmdir, spec.uuid,
+                              fds, spec)
+        except base.HypervisorError:
+            hyp.kill(vmdir)
+            raise
+        token = secrets.token_hex(qemu_channel.TOKEN_HEX // 2)
+        try:
+            for command, args in qemu_migration_params.incoming_qmp(policy):
+                qmp.execute(vmdir.control, command, args, timeout=timeout)
+            if nbd:
+                start_nbd_server(vmdir.control, spec, nbd, timeout)
+            command, args = stream_command()
+            qemu_channel.accept_stream(vmdir, stream, token, STREAM_FD,
+                                       command, args)
+            stream = None               # the acceptor's now
+            resume_port, resume_token = qemu_postcopy.listen(vmdir, host)
+        except (base.HypervisorError, OSError):
+            hyp.kill(vmdir)             # closes the listeners too
+            raise
+    finally:
+        for sock in (stream, nbd):
+            if sock is not None:
+                sock.close()
+    return Endpoint(uri='tcp:' + _hostport(host, stream_port),
                     nbd_host=host if block else None, nbd_port=nbd_port,
-                    resume_port=resume_port, resume_token=resume_token)
+                    resume_port=resume_port, resume_token=resume_token,
+                    stream_token=token)
+
+
+def start_nbd_server(control, spec, sock, timeout=INCOMING_TIMEOUT):
+    """Destination: the NBD server of a block migration on ``sock`` (a
+    listening socket; QEMU gets its own copy), its exports."""
+    cmds = nbd_commands(spec)
+    command, args = cmds[0]
+    qemu_channel.hand_over(control, sock, NBD_LISTEN_FD, command, args,
+                           timeout)
+    for command, args in cmds[1:]:
+        qmp.execute(control, command, args, timeout=timeout)
+
+
+def close_listeners(vmdir):
+    """Close what nova-compute listens on for the incoming VM in
+    ``vmdir``: the memory stream's port and the resume listener."""
+    qemu_channel.close(vmdir)
+    qemu_postcopy.close(vmdir)
 
 
 def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
@@ -175,7 +229,7 @@ def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
     guest unless the source already had it run (resume_destination, or a
     post-copy switchover). The source saw 'completed' first: the
     destination may need a moment to say so too."""
-    qemu_postcopy.close(vmdir)
+    close_listeners(vmdir)
     deadline = time.monotonic() + timeout
     while True:
         status = qmp.execute(vmdir.control, 'query-migrate').get('status')
@@ -201,16 +255,17 @@ def finish_incoming(hyp, vmdir, timeout=INCOMING_TIMEOUT):
 
 # -- source -----------------------------------------------------------------
 
-def mirror_commands(spec, endpoint, backed, speed):
+def mirror_commands(spec, backed, speed):
     """QMP commands that start mirroring the disks into the destination's
-    NBD exports (pure). ``backed``: indices of disks that are overlays over
-    an image both hosts hold (sync top); others are copied whole."""
+    NBD exports (pure). Each ``blockdev-add`` consumes the connection to
+    the NBD server passed under the node's name (``getfd``: the caller's).
+    ``backed``: indices of disks that are overlays over an image both hosts
+    hold (sync top); others are copied whole."""
     cmds = []
     for i, _ in base.migrated_disks(spec):
         cmds.append(('blockdev-add', {
             'driver': 'nbd', 'node-name': target_node(i),
-            'server': {'type': 'inet', 'host': endpoint.nbd_host,
-                       'port': str(endpoint.nbd_port)},
+            'server': {'type': 'fd', 'str': target_node(i)},
             'export': export_name(i)}))
         args = {'job-id': mirror_job(i), 'device': export_name(i),
                 'target': target_node(i),
@@ -284,13 +339,25 @@ class OutgoingMigration(base.MigrationHandle):
             self._qmp(command, args)
         if not self.block:
             return                # shared storage: no disk copy
-        for command, args in mirror_commands(self.spec, self.endpoint,
-                                             self.backed, self.bandwidth):
-            self._qmp(command, args, timeout=60.0)
+        for command, args in mirror_commands(self.spec, self.backed,
+                                             self.bandwidth):
             if command == 'blockdev-add':
+                self._add_nbd_target(args)
                 self.nodes.append(args['node-name'])
             else:
+                self._qmp(command, args, timeout=60.0)
                 self.jobs.append(args['job-id'])
+
+    def _add_nbd_target(self, args):
+        """``blockdev-add`` of an NBD export on a connection made here."""
+        sock = qemu_channel.connect(self.endpoint.nbd_host,
+                                    self.endpoint.nbd_port, 'NBD server')
+        try:
+            qemu_channel.hand_over(self.vmdir.control, sock,
+                                   args['server']['str'], 'blockdev-add',
+                                   args, timeout=60.0)
+        finally:
+            sock.close()
 
     def _jobs(self):
         """Our mirror jobs as query-jobs reports them, by id."""
@@ -312,8 +379,38 @@ class OutgoingMigration(base.MigrationHandle):
         return all(jobs[j]['status'] == 'ready' for j in self.jobs)
 
     def start_memory(self):
-        self._qmp('migrate', {'uri': self.endpoint.uri})
+        """The memory stream on a connection made here and accepted by the
+        destination (qemu_channel), passed to QEMU: ``migrate fd:``."""
+        sock = qemu_channel.connect_stream(self.endpoint.host,
+                                           self.endpoint.port,
+                                           self.endpoint.stream_token)
+        try:
+            qemu_channel.hand_over(self.vmdir.control, sock, STREAM_FD,
+                                   'migrate', {'uri': 'fd:' + STREAM_FD})
+        finally:
+            sock.close()
         self.memory_started = True
+
+    def release_destination(self):
+        """Make a destination VM still waiting for its memory stream exit:
+        QEMU 7.2 exits when an incoming stream does not load, so it gets
+        one that does not (a failed migration over a shared instances path:
+        Nova calls no rollback there). Once the stream went, the port is
+        closed and QEMU exits by itself when the stream breaks."""
+        try:
+            sock = qemu_channel.connect_stream(
+                self.endpoint.host, self.endpoint.port,
+                self.endpoint.stream_token, timeout=10.0)
+        except base.HypervisorError as e:
+            LOG.debug('releasing the destination of %s: %s',
+                      self.vmdir.uuid, e)
+            return
+        with sock:
+            try:
+                sock.sendall(b'not a migration stream\n' * 8)
+            except OSError as e:
+                LOG.debug('releasing the destination of %s: %s',
+                          self.vmdir.uuid, e)
 
     # -- watch ----------------------------------------------------------
 
@@ -473,7 +570,7 @@ def stop_unfinished_incoming(hyp, vmdir):
         return None
     if status not in UNFINISHED_INCOMING:
         return None
-    qemu_postcopy.close(vmdir)
+    close_listeners(vmdir)
     hyp.kill(vmdir)
     return status or 'none'
 
