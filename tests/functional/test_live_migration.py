@@ -567,6 +567,21 @@ class TickWatch:
         return next(t for t, _, where in self.seen if where == vmdir)
 
 
+def allow_unprivileged_userfaultfd(test):
+    """Post-copy into a sandboxed QEMU needs vm.unprivileged_userfaultfd
+    = 1 (docs/sandbox.md); set for the test, the host's value restored."""
+    path = '/proc/sys/vm/unprivileged_userfaultfd'
+    with open(path) as f:
+        before = f.read().strip()
+
+    def restore():
+        with open(path, 'w') as f:
+            f.write(before)
+    test.addCleanup(restore)
+    with open(path, 'w') as f:
+        f.write('1')
+
+
 class TestPostCopy(_LiveMigrationBase):
 
     def test_post_copy_runs_the_guest_on_the_destination_early(self):
@@ -577,6 +592,7 @@ class TestPostCopy(_LiveMigrationBase):
         The guest ticks on the destination before the memory stream ends,
         and no gap between ticks is anywhere near as long as the post-copy
         phase."""
+        allow_unprivileged_userfaultfd(self)
         self.flags(live_migration_bandwidth=1,
                    live_migration_fallback='post-copy',
                    live_migration_downtime=50,
@@ -637,6 +653,7 @@ class TestPostCopyNetworkCut(_LiveMigrationBase):
         in 'error', the instance in ERROR, and both VM processes are left
         alive (for QEMU's recovery or an operator). The test stops them by
         PID."""
+        allow_unprivileged_userfaultfd(self)
         self.flags(live_migration_bandwidth=1,
                    live_migration_fallback='post-copy',
                    live_migration_downtime=50,

@@ -118,3 +118,28 @@ def test_a_device_the_vm_uid_cannot_open_is_refused_before_launch(
     sandboxed.check_devices([str(node)])
     with pytest.raises(base.HypervisorError, match='No such file'):
         sandboxed.check_devices([str(tmp_path / 'none')])
+
+
+def test_post_copy_needs_unprivileged_userfaultfd(tmp_path):
+    sysctl = tmp_path / 'unprivileged_userfaultfd'
+    sysctl.write_text('0\n')
+    with pytest.raises(base.HypervisorError,
+                       match='vm.unprivileged_userfaultfd = 1'):
+        sandboxed.check_post_copy(str(sysctl))
+    sysctl.write_text('1\n')
+    sandboxed.check_post_copy(str(sysctl))
+    with pytest.raises(base.HypervisorError):
+        sandboxed.check_post_copy(str(tmp_path / 'none'))
+
+
+def test_a_post_copy_fallback_the_sandbox_cannot_do_is_refused_at_start(
+        monkeypatch):
+    # fault injection: the sysctl as a host without it says
+    monkeypatch.setattr(sandboxed, 'userfaultfd_allowed', lambda path: False)
+    CONF.set_override('live_migration_fallback', 'post-copy', group='bhyve')
+    try:
+        with pytest.raises(base.HypervisorError,
+                           match='post-copy needs vm.unprivileged'):
+            qemu.QemuHypervisor().check_host()
+    finally:
+        CONF.clear_override('live_migration_fallback', group='bhyve')

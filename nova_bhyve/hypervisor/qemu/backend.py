@@ -287,6 +287,8 @@ class QemuHypervisor(base.Hypervisor):
                 'this host lacks what the VM sandbox needs: %s. Fix the '
                 'host, or turn the sandbox off knowingly ([bhyve] sandbox '
                 '= false).' % '; '.join(lacking))
+        if CONF.bhyve.live_migration_fallback == 'post-copy':
+            qemu_sandboxed.check_post_copy()
         LOG.info('VM sandbox on: uids %s, %s', CONF.bhyve.sandbox_uid_range,
                  type(self.sandbox.cgroups).__name__)
 
@@ -409,6 +411,9 @@ class QemuHypervisor(base.Hypervisor):
     supports_block_migration = True
 
     def prepare_incoming(self, spec, vmdir, address, block, policy=None):
+        if (self.sandbox is not None and policy is not None and
+                policy.wants_postcopy):
+            qemu_sandboxed.check_post_copy()
         return self._with_resources(spec, vmdir, lambda argv, fds: (
             qemu_migration.prepare_incoming(self, argv, spec, vmdir,
                                             address, block, policy,

@@ -56,6 +56,7 @@ RELEASE_TIMEOUT = 5.0
 PROC_FD = '/proc/self/fd/'
 VNC_BASE = 5900
 KVM = '/dev/kvm'
+USERFAULTFD_SYSCTL = '/proc/sys/vm/unprivileged_userfaultfd'
 DEV_NULL = '/dev/null'
 
 
@@ -121,6 +122,28 @@ def check_devices(paths):
                 'cannot open it; make it 0666 as systemd\'s udev rules do '
                 '(KVM checks access itself), or use [bhyve] qemu_accel = '
                 'tcg' % (path, mode & 0o777))
+
+
+def userfaultfd_allowed(path=USERFAULTFD_SYSCTL):
+    try:
+        with open(path) as f:
+            return f.read().strip() == '1'
+    except OSError:
+        return False
+
+
+def check_post_copy(path=USERFAULTFD_SYSCTL):
+    """HypervisorError unless a sandboxed QEMU can receive a post-copy
+    migration: QEMU 7.2 gets its userfaultfd from the system call, which
+    the kernel grants a process without CAP_SYS_PTRACE only when
+    vm.unprivileged_userfaultfd is 1."""
+    if not userfaultfd_allowed(path):
+        raise base.HypervisorError(
+            '[bhyve] live_migration_fallback = post-copy needs '
+            'vm.unprivileged_userfaultfd = 1 when VM processes are '
+            'sandboxed (their QEMU has no capability to open a '
+            'userfaultfd otherwise): set the sysctl, or choose another '
+            'fallback')
 
 
 def vnc_ports(argv):
