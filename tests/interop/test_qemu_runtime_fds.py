@@ -46,8 +46,6 @@ from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import state as qemu_state
 from nova_bhyve.storage import vdsk
 
-import conftest
-
 CONF = conf.CONF
 QEMU = shutil.which('qemu-system-x86_64')
 STRACE = shutil.which('strace')
@@ -209,9 +207,9 @@ def _ticks(log):
                                        consoles.log_tail(log, 1 << 20))]
 
 
-def test_runtime_operations_hand_qemu_descriptors(env, taps):
+def test_runtime_operations_hand_qemu_descriptors(env, taps, test_guest):
     top = env
-    manifest = conftest.guest_manifest()
+    manifest = test_guest
     uuid = str(uuidlib.uuid4())
     vm = os.path.join(top, 'instances', uuid)
     os.makedirs(vm)

@@ -160,3 +160,22 @@ def test_no_module_touches_another_modules_private_names():
                 touched.append('%s:%d %s.%s' % (mod, node.lineno,
                                                 node.value.id, node.attr))
     assert touched == []
+
+
+def test_unit_and_interop_tests_never_import_conftest():
+    """They run in one pytest process, which loads tests/conftest.py and
+    tests/unit/conftest.py: ``import conftest`` then finds whichever came
+    last (it broke CI once). The test guest is the ``test_guest`` fixture."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    found = []
+    for sub in ('unit', 'interop'):
+        for name in sorted(os.listdir(os.path.join(tests, sub))):
+            if not name.endswith('.py'):
+                continue
+            with open(os.path.join(tests, sub, name)) as f:
+                for n, line in enumerate(f, 1):
+                    if re.match(r'\s*(import conftest|from conftest )',
+                                line):
+                        found.append('%s/%s:%d' % (sub, name, n))
+    assert found == []
