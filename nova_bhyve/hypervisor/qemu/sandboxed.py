@@ -51,6 +51,8 @@ NAMESPACES = ('ipc', 'uts', 'mount')
 PLAIN_ONLY = {'-daemonize': 0, '-pidfile': 1}
 #: how long a launched QEMU may take to answer on its monitor
 READY_TIMEOUT = 60.0
+#: how long one readiness question waits for QEMU's greeting
+READY_POLL = 1.0
 LOG_TAIL = 2000
 RELEASE_TIMEOUT = 5.0
 PROC_FD = '/proc/self/fd/'
@@ -263,14 +265,16 @@ class Sandbox:
 
     @staticmethod
     def _wait_ready(vmdir, pid, uuid):
-        # the socket is bound already: the connection waits in its backlog
-        # until QEMU's monitor greets it, and is reset if QEMU dies first
+        # the socket is bound already (and still held by the driver while
+        # QEMU starts): a connection waits in its backlog until QEMU's
+        # monitor greets it, whether QEMU lives or not - so ask in short
+        # rounds and look at the process in between
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             left = deadline - time.monotonic()
             try:
                 qmp.execute(vmdir.control, 'query-status',
-                            timeout=max(left, 1))
+                            timeout=min(max(left, 0.1), READY_POLL))
                 return
             except base.HypervisorError as e:
                 if not base.process_alive(pid, uuid):
