@@ -865,7 +865,9 @@ class TestSharedInstancesPath(_LiveMigrationBase):
         ticks = _wait_ticks(vmdir, tick_before + 1)
         self.assertGreater(ticks[0], tick_before)
         self.assertEqual(boot_id, self.boot_id(vmdir))
-        self.assertEqual(['console.log', 'disk', 'spec.json', 'vm.pid'],
+        # vm.log: the sandboxed QEMU's own messages
+        self.assertEqual(['console.log', 'disk', 'spec.json', 'vm.log',
+                          'vm.pid'],
                          sorted(n for n in os.listdir(vmdir)
                                 if not n.startswith('supervisor')))
         # the sockets: the incoming VM's runtime directory became the
