@@ -63,7 +63,9 @@ class TestRescue(nova_harness.MultiComputeMixin,
                                      flavor_id=self.flavor_id,
                                      networks='none')
         out = self.wait_for_console(server, COUNT % 1)
-        first_boot = re.search(INIT + r'(\S+)', out).group(1)
+        # the id is a UUID: a kernel message printed right after it on the
+        # UART (no newline between them) once added its '[' to \S+
+        first_boot = re.search(INIT + r'([0-9a-f-]{36})', out).group(1)
         # the boot is complete (the test counts SHELL-READY lines later)
         self.wait_for_console(server, SHELL)
         vmdir = self.vmdir(server)
