@@ -15,17 +15,10 @@ from nova_bhyve.hypervisor.qemu import sandboxed
 from nova_bhyve.sandbox import cgroups
 
 import nova_harness
+import procfs
 
 ROOT = 'NOVA-BHYVE-ROOT-MOUNTED'
 
-
-def _status(pid):
-    out = {}
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            key, _, value = line.partition(':')
-            out[key] = value.split()
-    return out
 
 
 class _Sandboxes:
@@ -69,7 +62,7 @@ class TestSandbox(_Sandboxes, nova_harness.BhyveFunctionalTestBase):
         uids = []
         for server in servers:
             self.wait_for_console(server, ROOT)
-            st = _status(self.vm_pid(server))
+            st = procfs.status(self.vm_pid(server))
             self.assertEqual(1, len(set(st['Uid'])), st['Uid'])
             self.assertNotEqual('0', st['Uid'][0])
             self.assertEqual(st['Uid'], st['Gid'])

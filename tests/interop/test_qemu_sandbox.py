@@ -26,6 +26,8 @@ from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import sandboxed
 from nova_bhyve.sandbox import features
 
+import procfs
+
 CONF = conf.CONF
 QEMU = shutil.which('qemu-system-x86_64')
 
@@ -33,14 +35,6 @@ pytestmark = pytest.mark.skipif(
     QEMU is None or os.geteuid() != 0,
     reason='needs qemu-system-x86_64 and root (the launcher changes uid)')
 
-
-def _status(pid):
-    out = {}
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            key, _, value = line.partition(':')
-            out[key] = value.split()
-    return out
 
 
 class Host:
@@ -139,7 +133,7 @@ def test_each_vm_process_its_own_uid_no_capabilities_nnp_seccomp(host):
         pids.append(host.hyp.pid(vmdir))
     uids = []
     for pid in pids:
-        st = _status(pid)
+        st = procfs.status(pid)
         assert len(set(st['Uid'])) == 1 and st['Uid'][0] != '0', st['Uid']
         assert st['Gid'] == st['Uid'], st['Gid']
         assert st.get('Groups', []) == []
