@@ -10,6 +10,10 @@ import tempfile
 import time
 from unittest import mock
 
+import pytest
+
+pytest.importorskip('neutron')  # run with Neutron's Python
+
 from neutron import service as neutron_service
 from neutron.tests.unit.plugins.ml2 import test_plugin
 from neutron_lib import constants
@@ -258,3 +262,8 @@ class WatcherEndToEndTestCase(_ML2Base):
             [('network-vif-plugged', port['id'], 'completed'),
              ('network-vif-unplugged', port['id'], 'completed')],
             self._events())
+
+
+def test_the_source_tree_is_tested():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert mech_driver.__file__.startswith(here + os.sep)
