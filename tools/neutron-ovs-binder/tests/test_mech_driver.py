@@ -240,6 +240,13 @@ class WatcherEndToEndTestCase(_ML2Base):
                             'port %s never %s' % (port_id, status))
             time.sleep(0.05)
 
+    def _wait_events(self, count):
+        # queued by the watcher's thread once its transaction is over
+        deadline = time.monotonic() + 20
+        while len(self.nova_events) < count:
+            self.assertLess(time.monotonic(), deadline, self._events())
+            time.sleep(0.05)
+
     def test_interface_appearing_and_going(self):
         ovsdb = OVSDBServer()
         self.addCleanup(ovsdb.cleanup)
@@ -256,8 +263,10 @@ class WatcherEndToEndTestCase(_ML2Base):
                     'tap1', 'type=internal',
                     'external_ids:iface-id=%s' % port['id'])
         self._wait_status(port['id'], constants.PORT_STATUS_ACTIVE)
+        self._wait_events(1)
         ovsdb.vsctl('del-port', 'br-int', 'tap1')
         self._wait_status(port['id'], constants.PORT_STATUS_DOWN)
+        self._wait_events(2)
         self.assertEqual(
             [('network-vif-plugged', port['id'], 'completed'),
              ('network-vif-unplugged', port['id'], 'completed')],
