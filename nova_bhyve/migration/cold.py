@@ -15,11 +15,13 @@ The flow follows Nova's libvirt driver:
 Where the disks go:
 
 * the destination is on this machine (its compute runs in this process, or
-  its address is this host's ``my_ip``): a local sparse copy. When the
-  destination compute runs in this process its own instances path is used
-  (Nova's functional harness runs several computes in one process, each with
-  its own tree); otherwise the destination's instances path is assumed to be
-  ours, as the libvirt driver assumes;
+  its address is this host's ``my_ip``): a local sparse copy into the
+  destination compute's instances path. Every compute records its path at
+  start, in this process (Nova's functional harness runs several computes
+  in one process) and in ``<runtime_path>/computes/<host>`` (several
+  nova-compute processes on one machine, as tools/cloud runs them); a
+  compute found in neither is assumed to use ours, as the libvirt driver
+  assumes;
 * another machine: ``ssh DEST mkdir -p``, then ``rsync --sparse`` (or
   ``scp`` when rsync is not installed), as the libvirt driver does, over the
   nova user's ssh keys. NOT EXERCISED by the tests here (one machine, no ssh
@@ -52,9 +54,35 @@ class MigrationCopyError(Exception):
     """Copying the disks to the destination failed; the source is intact."""
 
 
+def _registry(host):
+    return os.path.join(CONF.bhyve.runtime_path, 'computes', host)
+
+
 def register_compute(host, instances_path):
-    """Called by each driver's init_host: ``host`` keeps its disks here."""
+    """Called by each driver's init_host: ``host`` keeps its disks here
+    (known to this process, and to the other computes of this machine)."""
     _LOCAL_COMPUTES[host] = instances_path
+    path = _registry(host)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path + '.tmp', 'w') as f:
+            f.write(instances_path)
+        os.replace(path + '.tmp', path)
+    except OSError as e:
+        LOG.warning('cannot record the instances path of %s in %s: %s',
+                    host, path, e)
+
+
+def _registered_path(host):
+    if host in _LOCAL_COMPUTES:
+        return _LOCAL_COMPUTES[host]
+    if not host or os.sep in host or host.startswith('.'):
+        return None
+    try:
+        with open(_registry(host)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def resize_path(vmdir_path):
@@ -67,7 +95,7 @@ def is_local(dest_ip, dest_compute):
 
 
 def target_instances_path(dest_compute, own_instances_path):
-    return _LOCAL_COMPUTES.get(dest_compute, own_instances_path)
+    return _registered_path(dest_compute) or own_instances_path
 
 
 def copy_sparse(src, dst):

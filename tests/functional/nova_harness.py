@@ -26,6 +26,7 @@ from nova_bhyve.hypervisor.qemu import backend as qemu_backend
 
 import conftest
 
+CONF = nova_bhyve.conf.CONF
 BOOT_TIMEOUT = float(os.environ.get('NOVA_BHYVE_BOOT_TIMEOUT', '240'))
 
 
@@ -81,6 +82,21 @@ def _kill_leftovers(instances_path):
         shutil.rmtree(top, ignore_errors=True)
 
 
+def _forget_computes(instances_path):
+    """Remove the machine-wide records (migration/cold.py) of this test's
+    computes: those naming a path inside ``instances_path``."""
+    registry = os.path.join(CONF.bhyve.runtime_path, 'computes')
+    for name in os.listdir(registry) if os.path.isdir(registry) else ():
+        path = os.path.join(registry, name)
+        try:
+            with open(path) as f:
+                mine = f.read().startswith(instances_path)
+            if mine:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def new_instances_path(long=False):
     """A fresh instances path; ``long``: 200 characters (the top temporary
     directory is removed with it: _kill_leftovers)."""
@@ -103,6 +119,7 @@ class BhyveFunctionalTestBase(integrated_helpers._IntegratedTestBase):
         # length of instances_path (LONG_INSTANCES_PATH: 200 characters).
         self.instances_path = new_instances_path(self.LONG_INSTANCES_PATH)
         self.addCleanup(_kill_leftovers, self.instances_path)
+        self.addCleanup(_forget_computes, self.instances_path)
         self.flags(compute_driver='bhyve.BhyveDriver',
                    instances_path=self.instances_path)
         self.flags(api_paste_config=os.path.join(

@@ -240,3 +240,25 @@ def test_freebsd_reports_vmm_and_firmware_instead_of_installing(tmp_path):
     assert 'kldload vmm' in out
     assert 'pkg install bhyve-firmware' in out
     assert _named(calls, 'pip_install') == [[REPO]]
+
+
+def test_post_config_writes_what_tools_cloud_gives_nova_compute(tmp_path):
+    """devstack and tools/cloud configure nova-compute for this driver the
+    same way: the options the plugin writes on its defaults are exactly
+    the driver options of the cloud's nova-computes."""
+    sys.path.insert(0, os.path.join(REPO, 'tools'))
+    try:
+        from allinone import configs
+    finally:
+        sys.path.remove(os.path.join(REPO, 'tools'))
+    calls, _ = _run(tmp_path, 'stack post-config')
+    written = {(section, key): value
+               for _, section, key, value in _named(calls, 'iniset')}
+    assert written == configs.DRIVER_OPTIONS
+    for host in ('compute1', 'compute2'):
+        options = configs.compute_options(host)
+        for (section, key), value in written.items():
+            assert options[section][key] == value
+        # and nothing else of the driver's own section
+        assert set(options['bhyve']) == {
+            k for s, k in written if s == 'bhyve'}

@@ -153,6 +153,20 @@ def test_local_or_remote_and_target_path():
         '/own'
 
 
+def test_a_compute_of_another_process_on_this_machine(runtime_path):
+    # another nova-compute process of this machine (tools/cloud runs two)
+    # recorded its instances path under [bhyve] runtime_path at start
+    cold_migration.register_compute('peer', '/srv/peer')
+    del cold_migration._LOCAL_COMPUTES['peer']       # not this process's
+    with open(os.path.join(runtime_path, 'computes', 'peer')) as f:
+        assert f.read() == '/srv/peer'
+    assert cold_migration.target_instances_path('peer', '/own') == \
+        '/srv/peer'
+    # a host name is never taken as a path
+    for name in ('../peer', '.hidden', ''):
+        assert cold_migration.target_instances_path(name, '/own') == '/own'
+
+
 # -- storage: grow and rebase moved disks ----------------------------------
 
 def test_grow_raw_is_sparse_truncate(tmp_path):

@@ -1,0 +1,1 @@
+"""An all-in-one OpenStack around nova-bhyve on one host (tools/cloud)."""

@@ -1,0 +1,62 @@
+"""Taking the cloud down: its servers through the API first (the driver
+cleans up after each), then a check of what the computes left."""
+import os
+import shutil
+import signal
+import time
+
+from allinone import bootstrap
+from allinone import configs
+from allinone import layout
+from allinone import services
+
+
+def delete_servers(timeout=300):
+    """Delete every server of every project; the names of those that are
+    still there after ``timeout``."""
+    if not (services.api_up('keystone') and services.api_up('nova')):
+        return []
+    conn = bootstrap.admin()
+    servers = list(conn.compute.servers(all_projects=True))
+    for server in servers:
+        conn.compute.delete_server(server, force=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = list(conn.compute.servers(all_projects=True))
+        if not left:
+            return []
+        time.sleep(2)
+    return [s.name for s in left]
+
+
+def _vm_pid(vmdir):
+    try:
+        with open(os.path.join(vmdir, 'vm.pid')) as f:
+            pid = int(f.read().split()[0])
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            cmdline = f.read()
+    except (OSError, ValueError, IndexError):
+        return None
+    # still this VM's process: its command line names the instance
+    uuid = os.path.basename(vmdir).split('_')[0]
+    return pid if uuid.encode() in cmdline else None
+
+
+def kill_leftover_vms():
+    """SIGKILL VM processes still running in the computes' instance
+    directories (a compute that was killed, a delete that failed)."""
+    killed = []
+    for host in layout.COMPUTES:
+        root = configs.instances_path(host)
+        if not os.path.isdir(root):
+            continue
+        for entry in os.listdir(root):
+            pid = _vm_pid(os.path.join(root, entry))
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def remove_state():
+    shutil.rmtree(layout.BASE, ignore_errors=True)
