@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.join(REPO, 'tools'))
 from allinone import configs  # noqa: E402
 from allinone import layout  # noqa: E402
 from allinone import procs  # noqa: E402
+from allinone import results  # noqa: E402
 
 sys.path.remove(os.path.join(REPO, 'tools'))
 
@@ -133,3 +134,37 @@ def test_a_daemon_that_exits_fails_the_wait_with_its_log(cloud_dir):
         procs.wait_for('dies', lambda: False, 'its port', timeout=30)
     assert 'port 1 is taken' in str(e.value)
     procs.stop('dies')
+
+
+# -- tempest's results ------------------------------------------------------
+
+CONSOLE = [
+    '{1} setUpClass (tempest.api.compute.servers.test_create_server.'
+    'ServersTestBootFromVolume) ... SKIPPED: Volume service not enabled.',
+    '{1} tempest.api.compute.test_versions.TestVersions.'
+    'test_list_api_versions [0.013565s] ... ok',
+    '{0} tempest.api.compute.admin.test_servers.ServersAdminTestJSON.'
+    'test_reset_state [3.5s] ... FAILED',
+    'Captured traceback: ... ok',
+    '{0} tempest.api.compute.servers.test_a.A.test_b [1.0s] ... ok',
+]
+
+
+def test_console_lines_become_a_summary_and_a_comparison():
+    tests = results.parse(CONSOLE)
+    assert results.summary(tests) == {'ran': 4, 'passed': 2, 'failed': 1,
+                                      'skipped': 1}
+    assert tests['tempest.api.compute.servers.test_create_server.'
+                 'ServersTestBootFromVolume'] == {
+        'status': 'skipped', 'reason': 'Volume service not enabled.'}
+    fake = {t: {'status': 'passed', 'reason': ''} for t in tests}
+    fake['tempest.api.compute.extra.X.test_y'] = {'status': 'passed',
+                                                  'reason': ''}
+    gaps = results.compare(tests, fake)
+    assert sorted(gaps) == [
+        'tempest.api.compute.admin.test_servers.ServersAdminTestJSON.'
+        'test_reset_state',
+        'tempest.api.compute.extra.X.test_y',
+        'tempest.api.compute.servers.test_create_server.'
+        'ServersTestBootFromVolume']
+    assert gaps['tempest.api.compute.extra.X.test_y']['status'] == 'not run'

@@ -53,7 +53,7 @@ def wait_for_computes(timeout=180):
 def up(args):
     start = time.monotonic()
     step('configuration in %s' % layout.path('etc'))
-    configs.write_all()
+    configs.write_all(args.compute_driver)
     step('MariaDB, RabbitMQ, Open vSwitch (userspace datapath)')
     infra.start_mariadb()
     infra.start_rabbitmq()
@@ -129,7 +129,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog='tools/cloud',
                                      description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
-    sub.add_parser('up').set_defaults(func=up)
+    u = sub.add_parser('up')
+    u.add_argument('--compute-driver', default=None,
+                   help='the computes\' driver instead of this one '
+                        '(fake.FakeDriver: docs/tempest.md)')
+    u.set_defaults(func=up)
     sub.add_parser('down').set_defaults(func=down)
     sub.add_parser('status').set_defaults(func=status)
     t = sub.add_parser('tempest')

@@ -143,7 +143,7 @@ def neutron():
     })
 
 
-def nova():
+def nova(compute_driver=None):
     _paste('nova', 'api-paste.ini')
     common = {
         'DEFAULT': {
@@ -179,7 +179,8 @@ def nova():
                             'api', 'wsgi', 'scheduler', 'conductor')}
     for host in layout.COMPUTES:
         sections = {k: dict(v) for k, v in compute.items()}
-        for section, options in compute_options(host).items():
+        for section, options in compute_options(host,
+                                                compute_driver).items():
             sections.setdefault(section, {}).update(options)
         # nova-compute runs as root here: its privsep daemons are started
         # directly, not through sudo and rootwrap
@@ -194,25 +195,35 @@ def compute_conf(host):
     return layout.etc('nova', '%s.conf' % host)
 
 
-def compute_options(host):
+def compute_options(host, compute_driver=None):
     """What one nova-compute adds to nova.conf: its host name, instances
-    path, and this driver."""
+    path, and this driver (or ``compute_driver``: Nova's fake driver for
+    docs/tempest.md's comparison)."""
     # its own state_path: nova keeps the node's identity (compute_id) there
     sections = {'DEFAULT': {'host': host,
                             'state_path': layout.path(host, 'state'),
                             'instances_path': instances_path(host)}}
     for (section, key), value in DRIVER_OPTIONS.items():
         sections.setdefault(section, {})[key] = value
+    if compute_driver:
+        sections['DEFAULT']['compute_driver'] = compute_driver
     return sections
+
+
+def compute_driver():
+    """The compute driver the running cloud's computes were given."""
+    conf = configparser.RawConfigParser()
+    conf.read(compute_conf(layout.COMPUTES[0]))
+    return conf.get('DEFAULT', 'compute_driver', fallback=None)
 
 
 def instances_path(host):
     return layout.path(host, 'instances')
 
 
-def write_all():
+def write_all(compute_driver=None):
     keystone()
     glance()
     placement()
     neutron()
-    nova()
+    nova(compute_driver)

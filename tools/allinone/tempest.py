@@ -7,11 +7,14 @@ is taken as tempest regexes.
 """
 import os
 import subprocess
+import sys
+import time
 
 from allinone import bootstrap
 from allinone import configs
 from allinone import layout
 from allinone import procs
+from allinone import results
 
 SETS = {
     'smoke': [r'^tempest\.api\.compute\..*\[.*\bsmoke\b.*\]'],
@@ -121,4 +124,26 @@ def run(args):
             '--exclude-regex', '|'.join(EXCLUDE)]
     print('tempest: %s (workspace %s)' % (' '.join(argv[2:]), workspace()),
           flush=True)
-    return subprocess.call(argv, cwd=workspace())
+    name = '-'.join(args.tests) if args.tests in (['smoke'], ['broad']) \
+        else 'run'
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    out_path = os.path.join(workspace(), '%s-%s.log' % (name, stamp))
+    start = time.monotonic()
+    lines = []
+    with open(out_path, 'w') as out:
+        proc = subprocess.Popen(argv, cwd=workspace(), text=True,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+            lines.append(line)
+        rc = proc.wait()
+    tests = results.parse(lines)
+    json_path = out_path[:-len('.log')] + '.json'
+    results.save(json_path, tests, set=args.tests,
+                 compute_driver=configs.compute_driver(),
+        seconds=round(time.monotonic() - start), returncode=rc)
+    print('tempest: %(ran)d ran, %(passed)d passed, %(failed)d failed, '
+          '%(skipped)d skipped; %%s' % results.summary(tests) % json_path)
+    return rc
