@@ -16,6 +16,7 @@ from allinone import configs  # noqa: E402
 from allinone import layout  # noqa: E402
 from allinone import procs  # noqa: E402
 from allinone import results  # noqa: E402
+from allinone import tempest  # noqa: E402
 
 sys.path.remove(os.path.join(REPO, 'tools'))
 
@@ -168,3 +169,17 @@ def test_console_lines_become_a_summary_and_a_comparison():
         'tempest.api.compute.servers.test_create_server.'
         'ServersTestBootFromVolume']
     assert gaps['tempest.api.compute.extra.X.test_y']['status'] == 'not run'
+
+
+def test_only_skips_this_config_explains_pass_the_smoke_set():
+    tests = results.parse(CONSOLE + [
+        '{0} setUpClass (tempest.api.compute.servers.test_attach_interfaces.'
+        'AttachInterfacesUnderV243Test) ... SKIPPED: Validation should be '
+        'enabled to ensure guest OS is running and capable of processing '
+        'ACPI events.',
+        '{0} setUpClass (tempest.api.compute.servers.test_server_rescue.'
+        'ServerRescueTestJSON) ... SKIPPED: Server rescue not available.',
+    ])
+    assert tempest.unexpected_skips(tests) == [(
+        'tempest.api.compute.servers.test_server_rescue.ServerRescueTestJSON',
+        'Server rescue not available.')]

@@ -107,7 +107,11 @@ def down(args):
         infra.vsctl('--if-exists', 'del-br', layout.BRIDGE)
     for name in reversed(procs.names()):
         procs.stop(name)
+    left = teardown.processes_left()
     teardown.remove_state()
+    if left:
+        raise procs.CloudError('still running after down:\n  ' +
+                               '\n  '.join(left))
     step('cloud down')
 
 

@@ -58,5 +58,40 @@ def kill_leftover_vms():
     return killed
 
 
+def forget_computes():
+    """The computes' records of their instances paths (nova_bhyve's
+    migration/cold.py, under [bhyve] runtime_path: the default here)."""
+    registry = '/run/nova-bhyve/computes'
+    for host in layout.COMPUTES:
+        path = os.path.join(registry, host)
+        try:
+            with open(path) as f:
+                ours = f.read().startswith(layout.BASE)
+            if ours:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def processes_left():
+    """Processes still working in the cloud's directory or running from its
+    virtualenv: none may be left once every daemon is stopped."""
+    left = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            cwd = os.readlink('/proc/%s/cwd' % pid)
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                cmd = f.read().replace(b'\0', b' ').decode(errors='replace')
+        except OSError:
+            continue
+        if int(pid) == os.getpid():
+            continue
+        if cwd == layout.BASE or cwd.startswith(layout.BASE + '/') or \
+                layout.VENV + '/bin/' in cmd:
+            left.append('%s %s' % (pid, cmd.strip()[:120]))
+    return left
+
+
 def remove_state():
+    forget_computes()
     shutil.rmtree(layout.BASE, ignore_errors=True)
