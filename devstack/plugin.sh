@@ -109,6 +109,8 @@ function configure_nova_bhyve {
     iniset "$NOVA_CONF" DEFAULT compute_driver "$NOVA_BHYVE_COMPUTE_DRIVER"
     iniset "$NOVA_CONF" bhyve hypervisor "${BHYVE_HYPERVISOR:-auto}"
     iniset "$NOVA_CONF" bhyve qemu_accel "${BHYVE_QEMU_ACCEL:-auto}"
+    iniset "$NOVA_CONF" bhyve cold_migrate_to_same_host \
+        "${BHYVE_COLD_MIGRATE_TO_SAME_HOST:-False}"
     if [[ -n "${BHYVE_QEMU_BINARY:-}" ]]; then
         iniset "$NOVA_CONF" bhyve qemu_binary "$BHYVE_QEMU_BINARY"
     fi

@@ -162,6 +162,17 @@ OPTS = [
                      'off and booted again). A resize that changes vCPUs or '
                      'memory is always cold.'),
 
+    cfg.BoolOpt('cold_migrate_to_same_host',
+                default=True,
+                help='Cold migration may land on the instance\'s own host '
+                     '(the driver reports Nova\'s '
+                     'COMPUTE_SAME_HOST_COLD_MIGRATE trait, so the scheduler '
+                     'may pick it: useful with one compute). Off: a cold '
+                     'migration always moves to another host, as with '
+                     'libvirt (and as tempest\'s migration tests expect in '
+                     'a multi-node cloud: devstack and tools/cloud turn it '
+                     'off).'),
+
     cfg.BoolOpt('sandbox',
                 default=True,
                 help='Run each VM process (QEMU on Linux) in its own '

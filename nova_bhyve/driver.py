@@ -92,7 +92,8 @@ class BhyveDriver(driver.ComputeDriver):
         self.capabilities = dict(
             self.capabilities,
             supports_attach_interface=hasattr(self.hypervisor, 'attach_nic'),
-            supports_extend_volume=self.hypervisor.hotplug_ports > 0)
+            supports_extend_volume=self.hypervisor.hotplug_ports > 0,
+            supports_migrate_to_same_host=CONF.bhyve.cold_migrate_to_same_host)
 
     # -- what the migration modules share with the driver --
 

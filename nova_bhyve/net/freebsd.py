@@ -32,6 +32,12 @@ class FreeBSDLinks:
             cmd += ['mtu', str(mtu)]
         execute(*cmd + ['up'])
 
+    @staticmethod
+    def in_use(dev):
+        """Never asked on FreeBSD: a tap(4) has one opener, so two VMs of
+        one machine never share it."""
+        return False
+
     def delete(self, dev):
         if self.exists(dev):
             execute('ifconfig', dev, 'destroy')

@@ -22,10 +22,24 @@ class LinuxLinks:
     def exists(dev):
         return os.path.exists('/sys/class/net/%s' % dev)
 
+    @staticmethod
+    def in_use(dev):
+        """A process holds the tap open (the tun driver reports carrier
+        while a queue is attached)."""
+        try:
+            with open('/sys/class/net/%s/carrier' % dev) as f:
+                return f.read().strip() == '1'
+        except OSError:
+            return False
+
     def create_tap(self, dev, mac, mtu, owner=None):
+        # Multi-queue, so that a second VM process can attach while the
+        # first still runs: a live migration between two computes of one
+        # machine (one kernel, one tap name for the port). Each QEMU takes
+        # one queue; the kernel spreads the host->guest flows over them.
         if not self.exists(dev):
             execute('ip', 'tuntap', 'add', 'dev', dev, 'mode', 'tap',
-                    *(['user', str(owner)] if owner else []))
+                    'multi_queue', *(['user', str(owner)] if owner else []))
         # The host needs no address on the tap: no IPv6 DAD into the guest.
         try:
             with open('/proc/sys/net/ipv6/conf/%s/disable_ipv6' % dev,

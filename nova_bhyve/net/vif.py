@@ -225,6 +225,15 @@ class VifPlugger:
 
     def unplug(self, instance, vif):
         vif_type = vif.get('type')
+        dev = devname(vif)
+        if vif_type in SUPPORTED_BINDINGS and dev and self.impl.in_use(dev):
+            # This instance's VM is gone, yet its tap is held: by the VM of
+            # another compute of this machine that took the instance over
+            # (a live migration's other end). Its tap and port stay.
+            LOG.info('tap %s of port %s is held by another VM process of '
+                     'this machine: left in place', dev, vif.get('id'),
+                     instance=instance)
+            return
         if vif_type == 'ovs' and not _reason(vif):
             self._unplug_ovs(instance, vif)
         elif vif_type in SUPPORTED_BINDINGS:

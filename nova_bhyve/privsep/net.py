@@ -121,7 +121,7 @@ def del_ovs_port(bridge, dev):
 
 class Privileged:
     """The device operations VifPlugger uses, each entry point above run in
-    the privileged process; ``exists`` (a read) runs here."""
+    the privileged process; ``exists`` and ``in_use`` (reads) run here."""
 
     def __init__(self):
         self.name = platform().name
@@ -129,6 +129,10 @@ class Privileged:
     @staticmethod
     def exists(dev):
         return platform().exists(dev)
+
+    @staticmethod
+    def in_use(dev):
+        return platform().in_use(dev)
 
     @staticmethod
     def create_tap(dev, mac, mtu):

@@ -125,8 +125,11 @@ def test_post_config_passes_devstack_variables(tmp_path):
         'NOVA_CONF': '/etc/nova/other.conf',
         'BHYVE_HYPERVISOR': 'qemu', 'BHYVE_QEMU_ACCEL': 'tcg',
         'BHYVE_QEMU_BINARY': '/usr/local/bin/qemu-system-x86_64',
-        'BHYVE_BOOTROM': '/fw/BHYVE.fd'})
+        'BHYVE_BOOTROM': '/fw/BHYVE.fd',
+        'BHYVE_COLD_MIGRATE_TO_SAME_HOST': 'True'})
     assert sorted(_named(calls, 'iniset')) == sorted([
+        ['/etc/nova/other.conf', 'bhyve', 'cold_migrate_to_same_host',
+         'True'],
         ['/etc/nova/other.conf', 'DEFAULT', 'compute_driver',
          'bhyve.BhyveDriver'],
         ['/etc/nova/other.conf', 'bhyve', 'hypervisor', 'qemu'],

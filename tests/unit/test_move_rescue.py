@@ -416,6 +416,20 @@ def test_capabilities_claim_move_operations():
     assert caps['supports_migrate_to_same_host'] is True
 
 
+@pytest.mark.parametrize('allowed', [True, False])
+def test_cold_migration_to_the_same_host_is_the_operators_choice(
+        bhyve_env, allowed):
+    CONF.set_override('cold_migrate_to_same_host', allowed, group='bhyve')
+    try:
+        drv = driver.BhyveDriver(None)
+        assert drv.capabilities['supports_migrate_to_same_host'] is allowed
+        # Nova turns the capability into the trait the API checks
+        assert drv.capabilities_as_traits()[
+            'COMPUTE_SAME_HOST_COLD_MIGRATE'] is allowed
+    finally:
+        CONF.clear_override('cold_migrate_to_same_host', group='bhyve')
+
+
 def test_finish_migration_refuses_flavor_larger_than_this_host(bhyve_env):
     """The destination's own check (placement's inventory may have been
     wrong): InvalidInput before it writes a spec, plugs or starts anything;

@@ -72,6 +72,7 @@ def test_direct_vnic_refused():
 
 def test_failed_plug_unplugs_what_was_plugged():
     impl = mock.Mock()
+    impl.in_use.return_value = False
     impl.create_tap.side_effect = [None, RuntimeError('boom')]
     plugger = network.VifPlugger(impl=impl)
     second = vif('tap')
@@ -81,6 +82,35 @@ def test_failed_plug_unplugs_what_was_plugged():
         plugger.plug_all(Inst(), [vif('tap'), second])
     deleted = [c.args[0] for c in impl.delete.call_args_list]
     assert sorted(deleted) == ['tap5e1c1a83-8d', 'tapffffffff-00']
+
+
+def test_a_tap_held_by_another_vm_of_this_machine_stays():
+    """Two computes of one machine, one kernel: after a live migration
+    between them the source's unplug finds the tap held by the destination's
+    VM; deleting it (or its OVS port) would cut the migrated guest off."""
+    impl = mock.Mock()
+    impl.in_use.return_value = True
+    plugger = network.VifPlugger(impl=impl)
+    plugger.unplug_all(Inst(), [vif('tap'), vif('bridge')],
+                       ignore_errors=False)
+    impl.in_use.assert_called_with('tap5e1c1a83-8d')
+    impl.delete.assert_not_called()
+    impl.in_use.return_value = False           # the other VM went away
+    plugger.unplug_all(Inst(), [vif('tap')], ignore_errors=False)
+    impl.delete.assert_called_once_with('tap5e1c1a83-8d')
+
+
+def test_linux_taps_are_multi_queue_and_in_use_means_attached(tmp_path):
+    from nova_bhyve.net import linux
+    calls = []
+    links = linux.LinuxLinks()
+    with mock.patch.object(linux, 'execute',
+                           lambda *a, **k: calls.append(a)), \
+            mock.patch.object(links, 'exists', return_value=False):
+        links.create_tap('tapx', 'fa:16:3e:00:00:01', 1450, owner=64001)
+    assert calls[0] == ('ip', 'tuntap', 'add', 'dev', 'tapx', 'mode', 'tap',
+                        'multi_queue', 'user', '64001')
+    assert not linux.LinuxLinks.in_use('no-such-device-here')
 
 
 # -- FreeBSD: commands pinned (unverified on a FreeBSD host) ---------------

@@ -16,6 +16,8 @@ DRIVER_OPTIONS = {
     ('DEFAULT', 'compute_driver'): 'bhyve.BhyveDriver',
     ('bhyve', 'hypervisor'): 'auto',
     ('bhyve', 'qemu_accel'): 'auto',
+    # two computes and tempest: a cold migration must move
+    ('bhyve', 'cold_migrate_to_same_host'): 'False',
 }
 
 FLAT_NETWORK = 'physnet1'
