@@ -6,8 +6,11 @@
     status    what runs, what answers
     tempest [smoke | broad | REGEX...]
               write tempest.conf for this cloud and run tempest
+    compare OURS.json FAKE.json
+              two runs' results (tempest's JSON summaries) side by side
 """
 import argparse
+import json
 import sys
 import time
 
@@ -16,6 +19,7 @@ from allinone import configs
 from allinone import infra
 from allinone import layout
 from allinone import procs
+from allinone import results
 from allinone import services
 from allinone import teardown
 from allinone import tempest
@@ -129,6 +133,24 @@ def status(args):
     return 0 if alive and procs.names() else 1
 
 
+def compare(args):
+    runs = []
+    for path in (args.ours, args.fake):
+        with open(path) as f:
+            runs.append(json.load(f))
+    print('| | %s | %s |' % tuple(r.get('compute_driver') for r in runs))
+    print('|---|---|---|')
+    for key in ('ran', 'passed', 'failed', 'skipped'):
+        print('| %s | %d | %d |' % (key, runs[0]['summary'][key],
+                                    runs[1]['summary'][key]))
+    print()
+    for test, result in results.compare(runs[0]['tests'],
+                                        runs[1]['tests']).items():
+        print('- `%s`: %s %s' % (test, result['status'],
+                                 result['reason']).rstrip())
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='tools/cloud',
                                      description=__doc__.split('\n')[0])
@@ -143,6 +165,10 @@ def main(argv=None):
     t = sub.add_parser('tempest')
     t.add_argument('tests', nargs='*', default=['smoke'])
     t.set_defaults(func=tempest.run)
+    c = sub.add_parser('compare')
+    c.add_argument('ours')
+    c.add_argument('fake')
+    c.set_defaults(func=compare)
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0

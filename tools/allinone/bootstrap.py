@@ -51,7 +51,7 @@ def catalog_and_users(conn):
     project = ident.find_project('service') or ident.create_project(
         name='service', domain_id='default')
     roles = {}
-    for role in ('admin', 'service', 'member', 'reader'):
+    for role in ('admin', 'service', 'manager', 'member', 'reader'):
         roles[role] = ident.find_role(role) or ident.create_role(name=role)
     for name, (stype, user) in SERVICES.items():
         u = ident.find_user(user, domain_id='default') or ident.create_user(

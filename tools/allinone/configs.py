@@ -21,6 +21,12 @@ DRIVER_OPTIONS = {
 }
 
 FLAT_NETWORK = 'physnet1'
+# Nova's default filters plus those tempest's scheduler hint tests use (as
+# devstack enables them)
+SCHEDULER_FILTERS = ('ComputeFilter,ComputeCapabilitiesFilter,'
+                     'ImagePropertiesFilter,ServerGroupAntiAffinityFilter,'
+                     'ServerGroupAffinityFilter,SameHostFilter,'
+                     'DifferentHostFilter')
 PRIVSEP_CONTEXTS = ('privsep', 'vif_plug_ovs_privileged',
                     'vif_plug_linux_bridge_privileged',
                     'nova_bhyve_privileged')
@@ -165,6 +171,7 @@ def nova(compute_driver=None):
         'glance': {'region_name': layout.REGION},
         'scheduler': {'discover_hosts_in_cells_interval': 5,
                       'workers': 1},
+        'filter_scheduler': {'enabled_filters': SCHEDULER_FILTERS},
         'conductor': {'workers': 1},
         'wsgi': {'api_paste_config': layout.etc('nova', 'api-paste.ini')},
         'oslo_concurrency': {'lock_path': layout.path('lock', 'nova')},
@@ -178,7 +185,8 @@ def nova(compute_driver=None):
     # no database connections, its host name, paths and this driver
     compute = {k: dict(v) for k, v in common.items()
                if k not in ('database', 'api_database', 'keystone_authtoken',
-                            'api', 'wsgi', 'scheduler', 'conductor')}
+                            'api', 'wsgi', 'scheduler', 'conductor',
+                            'filter_scheduler')}
     for host in layout.COMPUTES:
         sections = {k: dict(v) for k, v in compute.items()}
         for section, options in compute_options(host,

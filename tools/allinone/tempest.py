@@ -104,7 +104,9 @@ def write_conf(conn):
             'build_timeout': 300, 'region': layout.REGION,
             'min_microversion': '2.1', 'max_microversion': 'latest',
         },
-        'compute-feature-enabled': FEATURES,
+        'compute-feature-enabled': dict(
+            FEATURES, scheduler_enabled_filters=configs.SCHEDULER_FILTERS),
+        'enforce_scope': {'nova': True},
         'network': {'project_network_cidr': '10.100.0.0/16',
                     'shared_physical_network': True},
         'network-feature-enabled': {'floating_ips': False},
