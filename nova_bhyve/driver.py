@@ -10,8 +10,8 @@ claimed in ``capabilities``. docs/architecture.md has the picture.
 The migration modules take this driver and use its public members only:
 ``hypervisor``, ``store``, ``watcher``, ``vifs``, ``host_name``,
 ``instances_path``, ``image_cache_dir``, ``start_vm``, ``prepare_consoles``,
-``remove_instance_dir``, ``root_disk``, ``new_spec``, ``plug_nics`` and
-``power_off``.
+``remove_instance_dir``, ``root_disk``, ``new_spec``,
+``resolve_machine``, ``plug_nics`` and ``power_off``.
 """
 import os
 
@@ -67,6 +67,16 @@ def _capabilities():
         'supports_migrate_to_same_host': True,
     })
     return caps
+
+
+def _record_machine(instance, machine):
+    """The versioned machine in the instance's image metadata, as Nova's
+    libvirt driver records it (system_metadata image_hw_machine_type,
+    saved with the instance by Nova after spawn): a live migration's
+    destination reads it there (live.dest_check)."""
+    if machine and instance.image_meta.properties.get(
+            'hw_machine_type') != machine:
+        instance.system_metadata['image_hw_machine_type'] = machine
 
 
 class BhyveDriver(driver.ComputeDriver):
@@ -130,17 +140,33 @@ class BhyveDriver(driver.ComputeDriver):
         finally:
             self.store.remove(vmdir)
 
+    def resolve_machine(self, image_meta):
+        """The versioned machine type a new VM of ``image_meta`` gets
+        here (its hw_machine_type honoured); ImageUnacceptable for one
+        this host cannot run."""
+        requested = image_meta.properties.get('hw_machine_type')
+        try:
+            return self.hypervisor.resolve_machine(requested)
+        except base.HypervisorError as e:
+            raise exception.ImageUnacceptable(
+                image_id=image_meta.id if 'id' in image_meta else None,
+                reason=str(e))
+
     def new_spec(self, context, instance, image_meta, root, kernel_id,
-                 ramdisk_id, config_drive_dir=None, **config_drive_args):
+                 ramdisk_id, config_drive_dir=None, machine=None,
+                 **config_drive_args):
         """The VM spec of ``instance`` booting ``root`` - the one path
-        spawn, finish_migration and rescue build a spec by. The config
-        drive is made in ``config_drive_dir`` when the instance needs one
+        spawn, finish_migration and rescue build a spec by. ``machine``:
+        the versioned machine type to keep (a moved VM's), resolved from
+        ``image_meta`` when None. The config drive is made in
+        ``config_drive_dir`` when the instance needs one
         (``config_drive_args``: injected_files, admin_password,
         network_info)."""
         kernel, ramdisk = image_cache.fetch_kernel(
             context, kernel_id, ramdisk_id, self.image_cache_dir)
         spec = guest.build(instance, image_meta, root, kernel, ramdisk)
         spec.hotplug_ports = self.hypervisor.hotplug_ports
+        spec.machine = machine or self.resolve_machine(image_meta)
         if config_drive_dir and configdrive.required(instance):
             spec.disks.append(configdrive.build(
                 context, instance, config_drive_dir, **config_drive_args))
@@ -207,7 +233,8 @@ class BhyveDriver(driver.ComputeDriver):
         os.makedirs(self.instances_path, exist_ok=True)
         vcpus_used = sum(spec.vcpus for _, spec in self.store.specs())
         return host.available_resource(nodename, self.instances_path,
-                                       vcpus_used, self.hypervisor.host_info())
+                                       vcpus_used, self.hypervisor.host_info(),
+                                       self.hypervisor.cpu_info())
 
     def update_provider_tree(self, provider_tree, nodename, allocations=None):
         ratios = self._get_allocation_ratios(
@@ -240,6 +267,7 @@ class BhyveDriver(driver.ComputeDriver):
         volumes.refuse_at_boot(block_device_info)
         net_vif.validate(network_info)
         guest.nic_model(image_meta)
+        machine = self.resolve_machine(image_meta)
         vmdir = self.store.create(instance)
         plugged = False
         try:
@@ -250,7 +278,7 @@ class BhyveDriver(driver.ComputeDriver):
                 context, instance, image_meta, root, instance.kernel_id,
                 instance.ramdisk_id, config_drive_dir=vmdir.path,
                 injected_files=injected_files, admin_password=admin_password,
-                network_info=network_info)
+                network_info=network_info, machine=machine)
             disks.create_root_disk(
                 base_path, base_fmt, root.path, instance.flavor.root_gb,
                 image_meta.id, disk_format=root.format)
@@ -259,6 +287,7 @@ class BhyveDriver(driver.ComputeDriver):
             instance_store.write_spec(vmdir, spec)
             if power_on:
                 self.start_vm(vmdir, spec)
+            _record_machine(instance, machine)
         except Exception:
             LOG.exception('spawn of %s failed; removing what it made',
                           instance.uuid, instance=instance)
@@ -451,7 +480,7 @@ class BhyveDriver(driver.ComputeDriver):
                                            block_migration=False,
                                            disk_over_commit=False):
         return live.dest_check(self, instance, block_migration,
-                               disk_over_commit)
+                               disk_over_commit, src_compute_info)
 
     def cleanup_live_migration_destination_check(self, context,
                                                  dest_check_data):
@@ -537,7 +566,8 @@ class BhyveDriver(driver.ComputeDriver):
         disk = guest.Disk(path=rescue.disk_path(vmdir),
                           format=self.hypervisor.instance_disk_format)
         rescue_spec = rescue.build_spec(spec, self.new_spec(
-            context, instance, image_meta, disk, kernel_id, ramdisk_id))
+            context, instance, image_meta, disk, kernel_id, ramdisk_id,
+            machine=spec.machine))
         self.watcher.unwatch(instance.uuid)
         self.hypervisor.kill(vmdir)
         try:

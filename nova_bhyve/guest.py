@@ -76,6 +76,10 @@ class VMSpec:
     # process's cgroup, when sandboxed)
     cpu_quota: typing.Dict[str, str] = dataclasses.field(
         default_factory=dict)
+    # the versioned machine type the VM was first started with (QEMU:
+    # 'pc-q35-7.2'), kept across every move; None: the backend has none
+    # (bhyve), or a spec older than this field (QEMU's 'q35' alias)
+    machine: typing.Optional[str] = None
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)

@@ -70,25 +70,10 @@ def uptime():
                        os.getloadavg())
 
 
-def cpu_info():
-    return {'arch': platform.machine(), 'vendor': _cpu_vendor(),
-            'topology': {'sockets': 1, 'cores': vcpus(), 'threads': 1},
-            'features': []}
-
-
-def _cpu_vendor():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('vendor_id'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'unknown'
-
-
-def available_resource(nodename, instances_path, vcpus_used, hv_info):
-    """The resource view of get_available_resource (Nova's dict)."""
+def available_resource(nodename, instances_path, vcpus_used, hv_info,
+                       cpu_info):
+    """The resource view of get_available_resource (Nova's dict);
+    ``cpu_info``: the backend's (Hypervisor.cpu_info)."""
     mem_total, mem_used = memory_mb()
     disk_total, disk_used, disk_free = disk_gb(instances_path)
     return {
@@ -101,7 +86,7 @@ def available_resource(nodename, instances_path, vcpus_used, hv_info):
         'hypervisor_type': hv_info['hypervisor_type'],
         'hypervisor_version': hv_info['hypervisor_version'],
         'hypervisor_hostname': nodename,
-        'cpu_info': jsonutils.dumps(cpu_info()),
+        'cpu_info': jsonutils.dumps(cpu_info),
         'disk_available_least': disk_free,
         'supported_instances': [(obj_fields.Architecture.X86_64,
                                  hv_info['hypervisor_type'],

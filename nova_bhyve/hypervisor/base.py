@@ -272,6 +272,27 @@ class Hypervisor(abc.ABC):
         """Hypervisor type/version for get_available_resource."""
         return {'hypervisor_type': self.name, 'hypervisor_version': 0}
 
+    def cpu_info(self):
+        """get_available_resource's cpu_info (a dict): the host CPU in the
+        shape of Nova's libvirt driver (arch, model, vendor, topology,
+        features) plus this backend's facts: accelerator, hypervisor_type,
+        hypervisor_version, machine_types (versioned), guest_cpu.
+        migration/compat.py compares two of them."""
+        raise NotImplementedError()
+
+    # -- machine type ------------------------------------------------------
+
+    def resolve_machine(self, requested):
+        """The versioned machine type a new VM gets here for the image's
+        ``hw_machine_type`` (``requested``; None: the default), stored in
+        its spec; HypervisorError for one this host cannot run."""
+        raise NotImplementedError()
+
+    def check_machine(self, machine):
+        """HypervisorError when this host cannot start the stored
+        (versioned) ``machine`` of a VM moved here."""
+        raise NotImplementedError()
+
     # -- save / restore (suspend / resume) -------------------------------
     #
     # A suspended VM is told from a shut-off one by its saved-state file:

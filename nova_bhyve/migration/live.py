@@ -56,6 +56,7 @@ from nova_bhyve import instance_store
 from nova_bhyve.devices import configdrive
 from nova_bhyve.devices import consoles
 from nova_bhyve.hypervisor import base
+from nova_bhyve.migration import compat
 from nova_bhyve.migration import incoming
 from nova_bhyve.migration import runner
 from nova_bhyve.storage import image_cache
@@ -93,13 +94,20 @@ def inbound_address():
 
 # -- checks -----------------------------------------------------------------
 
-def dest_check(drv, instance, block_migration, disk_over_commit):
-    """Destination: what the source needs to decide (a probe file in our
-    instances path tells whether the source sees the same directory)."""
+def dest_check(drv, instance, block_migration, disk_over_commit,
+               src_compute_info=None):
+    """Destination: refuse a guest this host cannot take (compat: the
+    source's cpu_info from its compute node record against ours; the
+    instance's machine type); then what the source needs to decide (a
+    probe file in our instances path tells whether the source sees the
+    same directory)."""
     if not drv.hypervisor.supports_live_migration:
         raise exception.MigrationPreCheckError(
             reason='the %s backend cannot live-migrate' % drv.hypervisor.name)
     _backend_check(drv, None, bool(block_migration))
+    check_cpu(drv, src_compute_info)
+    _check_machine(drv, instance.image_meta.properties.get(
+        'hw_machine_type'))
     os.makedirs(drv.instances_path, exist_ok=True)
     name = SHARED_PROBE_PREFIX + uuidlib.uuid4().hex
     with open(os.path.join(drv.instances_path, name), 'w'):
@@ -136,6 +144,36 @@ def _backend_check(drv, vmdir, block):
         hyp.check_live_migration(vmdir, block, runner.bandwidth_mibps())
     except (NotImplementedError, base.HypervisorError) as e:
         raise exception.MigrationPreCheckError(reason=str(e))
+
+
+def check_cpu(drv, src_compute_info):
+    """MigrationPreCheckError naming each reason (compat.refusals) the
+    source's guests cannot run here; InvalidCPUInfo for a source record
+    whose cpu_info is not JSON."""
+    text = (src_compute_info or {}).get('cpu_info')
+    if not text:
+        LOG.warning('the source compute reported no cpu_info: its CPU and '
+                    'hypervisor are not compared with this host\'s')
+        return
+    try:
+        source = compat.load(text)
+    except ValueError as e:
+        raise exception.InvalidCPUInfo(reason=str(e))
+    reasons = compat.refusals(source, drv.hypervisor.cpu_info())
+    if reasons:
+        raise exception.MigrationPreCheckError(
+            reason='%s cannot take this guest: %s' % (
+                drv.host_name, '; '.join(reasons)))
+
+
+def _check_machine(drv, machine):
+    """MigrationPreCheckError when this host cannot start the guest's
+    versioned ``machine``."""
+    try:
+        drv.hypervisor.check_machine(machine)
+    except base.HypervisorError as e:
+        raise exception.MigrationPreCheckError(
+            reason='%s cannot take this guest: %s' % (drv.host_name, e))
 
 
 def cleanup_dest_check(drv, data):
@@ -280,6 +318,7 @@ def pre_live_migration(drv, context, instance, block_device_info,
             reason='local disks need a block migration')
     info = json.loads(disk_info_json)
     spec = guest.VMSpec.from_json(info['spec'])
+    _check_machine(drv, spec.machine)
     vmdir = drv.store.vmdir(instance, must_exist=False)
     if os.path.exists(vmdir.path):
         raise exception.DestinationDiskExists(path=vmdir.path)
@@ -317,6 +356,7 @@ def _pre_live_migration_shared(drv, context, instance, network_info, data):
     vmdir = drv.store.vmdir(instance)
     runtime = incoming.runtime_dir(vmdir)
     spec = instance_store.read_spec(vmdir)
+    _check_machine(drv, spec.machine)
     shutil.rmtree(runtime.path, ignore_errors=True)
     os.makedirs(runtime.path)
     plugged = False

@@ -13,19 +13,25 @@ import os
 from nova import exception
 from nova import objects
 from oslo_log import log as logging
+from oslo_serialization import jsonutils
 from oslo_utils import units
 
 from nova_bhyve import guest
 from nova_bhyve import host
 from nova_bhyve import instance_store
 from nova_bhyve.devices import volumes
+from nova_bhyve.hypervisor import base
 from nova_bhyve.migration import cold
+from nova_bhyve.migration import compat
 from nova_bhyve.migration import warm
 from nova_bhyve.storage import disks
 from nova_bhyve.storage import image_cache
 from nova_bhyve.storage import vdsk
 
 LOG = logging.getLogger(__name__)
+
+#: the disk_info key of the moved VM's machine type
+MACHINE = 'machine'
 
 
 def _dest_compute(context, instance):
@@ -48,6 +54,25 @@ def _refuse_shrinking(root_path, flavor):
                            root_size, flavor.name, flavor.root_gb)))
 
 
+def _refuse_unknown_machine(context, dest_compute, machine):
+    """Before anything stops: the destination's compute record (its
+    cpu_info, compat.machine_refusal) must list the VM's machine type."""
+    if not machine or not dest_compute:
+        return
+    try:
+        node = objects.ComputeNode.get_first_node_by_host_for_old_compat(
+            context, dest_compute)
+        dest = compat.load(node.cpu_info)
+    except (exception.ComputeHostNotFound, ValueError, TypeError) as e:
+        LOG.warning('the machine types of %s are unknown (%s): %s is '
+                    'checked there', dest_compute, e, machine)
+        return
+    reason = compat.machine_refusal(machine, dest)
+    if reason:
+        raise exception.InstanceFaultRollback(
+            inner_exception=exception.ResizeError(reason=reason))
+
+
 def migrate_disk_and_power_off(drv, context, instance, dest, flavor,
                                network_info, block_device_info, timeout,
                                retry_interval):
@@ -55,6 +80,8 @@ def migrate_disk_and_power_off(drv, context, instance, dest, flavor,
     disks = cold.instance_disks(vmdir.path, spec)
     _refuse_shrinking(drv.root_disk(vmdir).path, flavor)
     dest_compute = _dest_compute(context, instance)
+    if dest_compute != drv.host_name:
+        _refuse_unknown_machine(context, dest_compute, spec.machine)
     if dest_compute == drv.host_name:
         target = vmdir.path
     else:
@@ -86,6 +113,7 @@ def migrate_disk_and_power_off(drv, context, instance, dest, flavor,
         raise exception.InstanceFaultRollback(
             inner_exception=exception.ResizeError(
                 reason='moving the disks to %s failed: %s' % (dest, e)))
+    disk_info = _with_machine(disk_info, spec.machine)
     # the destination connects the volumes again (finish_migration)
     volumes.disconnect_all(block_device_info)
     if dest_compute != drv.host_name:
@@ -100,6 +128,7 @@ def finish_migration(drv, context, instance, disk_info, network_info,
     guest.validate_flavor_fits_host(instance.flavor, host.vcpus(),
                                     host.memory_mb()[0])
     vmdir = drv.store.vmdir(instance, must_exist=False)
+    machine = _moved_machine(drv, disk_info)
     saved = warm.parse(disk_info)
     root = drv.root_disk(vmdir)
     actual = vdsk.info(root.path)
@@ -117,7 +146,7 @@ def finish_migration(drv, context, instance, disk_info, network_info,
     spec = drv.new_spec(context, instance, image_meta, root,
                         instance.kernel_id, instance.ramdisk_id,
                         config_drive_dir=vmdir.path,
-                        network_info=network_info)
+                        network_info=network_info, machine=machine)
     spec.disks.extend(volumes.connect_all(block_device_info))
     if instance.flavor.root_gb:
         disks.grow_disk(root.path, instance.flavor.root_gb * units.Gi)
@@ -138,6 +167,29 @@ def finish_migration(drv, context, instance, disk_info, network_info,
              'warm: resumed from its saved state' if resumed else
              'cold: booted' if power_on else 'cold: not started',
              instance=instance)
+
+
+def _with_machine(disk_info, machine):
+    """``disk_info`` (cold.move_out's JSON) carrying the spec's machine
+    type to the destination (the spec itself does not move)."""
+    info = jsonutils.loads(disk_info)
+    info[MACHINE] = machine
+    return jsonutils.dumps(info)
+
+
+def _moved_machine(drv, disk_info):
+    """The moved VM's machine type (kept: the VM is the same hardware
+    here, and a saved state loads only into it); ResizeError when this
+    host cannot run it. None from a source that did not send one."""
+    try:
+        machine = jsonutils.loads(disk_info or '{}').get(MACHINE)
+    except (ValueError, AttributeError):
+        return None
+    try:
+        drv.hypervisor.check_machine(machine)
+    except base.HypervisorError as e:
+        raise exception.ResizeError(reason=str(e))
+    return machine
 
 
 def _resume_saved(drv, context, instance, vmdir, spec=None, signature=None,

@@ -27,11 +27,13 @@ import urllib.parse
 import fixtures
 from nova import context as nova_context
 from nova import objects
+from nova.tests.functional.api import client as api_client
 
 from nova_bhyve.hypervisor import base as hyp_base
 from nova_bhyve.hypervisor.qemu import channel as qemu_channel
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import qmp
+from nova_bhyve.migration import compat
 from nova_bhyve.migration import policy as migration_policy
 from nova_bhyve.migration import runner
 
@@ -912,6 +914,86 @@ class _DowntimeWhenTold(_Unchanging):
             return [migration_policy.Step('downtime', 5000,
                                         'test: the restart is done')]
         return []
+
+
+class TestLiveMigrationRefusedByHostFacts(_LiveMigrationBase):
+    """The destination's check refuses a host whose accelerator or QEMU
+    version differs from the source's, before anything starts there.
+
+    Both computes run on this one machine, so their real facts are equal.
+    Mocked: only the destination backend's ``cpu_info`` (the host fact
+    function its check reads), wrapped to change one fact of the real
+    answer. The source's facts are the real ones, read by Nova from its
+    compute node record (src_compute_info)."""
+
+    def fake_destination_facts(self, **changes):
+        hyp = self.driver('compute2').hypervisor
+        real = hyp.cpu_info
+
+        def cpu_info():
+            info = real()
+            info.update(changes)
+            return info
+        return _PatchAttr(hyp, 'cpu_info', cpu_info)
+
+    def assert_refused(self, server, expected):
+        """The live migration API answers 400 with the pre-check error
+        (microversion 2.30: before 2.34 the API waits for the pre-checks;
+        ``force``: the conductor checks the named host only - through the
+        scheduler a refused host is skipped and the answer is "No valid
+        host"), the guest keeps running on the source, nothing is on the
+        destination."""
+        pid = self.pid_in(self.host_vmdir('compute', server), server)
+        self.api.microversion = '2.30'
+        try:
+            e = self.assertRaises(
+                api_client.OpenStackApiException,
+                self.api.post_server_action, server['id'],
+                {'os-migrateLive': {'host': 'compute2', 'force': True,
+                                    'block_migration': 'auto'}})
+        finally:
+            self.api.microversion = 'latest'
+        self.assertEqual(400, e.response.status_code)
+        self.assertIn(expected, e.response.text)
+        self.assertIn('compute2 cannot take this guest', e.response.text)
+        self.wait_server(server, 'ACTIVE', 'compute', timeout=60)
+        self.assertEqual(pid, self.pid_in(self.host_vmdir('compute', server),
+                                          server))
+        self.assert_clean('compute2', server)
+        self.assertEqual([], [n for n in os.listdir(
+            self.compute_path('compute2')) if n.startswith('.nova-bhyve')])
+
+    def test_other_accelerator_or_older_qemu_is_refused(self):
+        server = self.boot()
+        # the guest runs a versioned machine, stored in its spec and in
+        # the instance's image metadata (what the destination checks)
+        src_dir = self.host_vmdir('compute', server)
+        with open(os.path.join(src_dir, 'spec.json')) as f:
+            machine = json.load(f)['machine']
+        self.assertRegex(machine, r'^pc-q35-\d+\.\d+')
+        with open('/proc/%d/cmdline' % self.pid_in(src_dir, server),
+                  'rb') as f:
+            self.assertIn(('%s,accel=' % machine).encode(), f.read())
+        inst = objects.Instance.get_by_uuid(self.ctxt, server['id'],
+                                            expected_attrs=['system_metadata'])
+        self.assertEqual(machine,
+                         inst.system_metadata['image_hw_machine_type'])
+        node = objects.ComputeNode.get_first_node_by_host_for_old_compat(
+            self.ctxt, 'compute')
+        src = json.loads(node.cpu_info)
+        other = 'kvm' if src['accelerator'] == 'tcg' else 'tcg'
+        with self.fake_destination_facts(accelerator=other):
+            self.assert_refused(server, 'the source runs its guests under '
+                                '%s, this host under %s' % (
+                                    src['accelerator'].upper(),
+                                    other.upper()))
+        older = src['hypervisor_version'] - 1000
+        with self.fake_destination_facts(hypervisor_version=older):
+            self.assert_refused(server, 'qemu %s here is older than the '
+                                'source\'s %s' % (
+                                    compat.version_text(older),
+                                    compat.version_text(
+                                        src['hypervisor_version'])))
 
 
 class _PatchAttr(fixtures.Fixture):

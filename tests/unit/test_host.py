@@ -13,6 +13,7 @@ from oslo_utils import units
 import pytest
 
 from nova_bhyve import host
+from nova_bhyve import host_cpu
 
 
 def _meminfo_kib():
@@ -147,12 +148,24 @@ def test_uptime_matches_uptime_command():
         assert abs(a - c) <= max(0.5, c * 0.25)
 
 
-def test_cpu_info():
-    info = host.cpu_info()
-    assert info['arch'] == platform.machine()
-    assert info['topology'] == {'sockets': 1, 'cores': host.vcpus(),
-                                'threads': 1}
-    with open('/proc/cpuinfo') as f:
-        vendors = {line.split(':', 1)[1].strip() for line in f
-                   if line.startswith('vendor_id')}
-    assert info['vendor'] in (vendors or {'unknown'})
+def test_cpu_info_from_proc_cpuinfo_agrees_with_lscpu():
+    """host_cpu.read() on this host against lscpu(1), an independent
+    reader of the same kernel facts."""
+    lscpu = shutil.which('lscpu')
+    if lscpu is None:
+        pytest.skip('no lscpu')
+    out = subprocess.run([lscpu], capture_output=True, text=True,
+                         env={'LC_ALL': 'C', 'PATH': os.environ['PATH']},
+                         check=True).stdout
+    facts = {k.strip(): v.strip() for k, _, v in
+             (line.partition(':') for line in out.splitlines())}
+    info = host_cpu.read()
+    assert info['arch'] == platform.machine() == facts['Architecture']
+    assert info['model'] == facts['Model name']
+    assert info['topology'] == {
+        'sockets': int(facts['Socket(s)']),
+        'cores': int(facts['Core(s) per socket']),
+        'threads': int(facts['Thread(s) per core'])}
+    assert info['features'] == sorted(facts['Flags'].split())
+    n = info['topology']
+    assert n['sockets'] * n['cores'] * n['threads'] == host.vcpus()

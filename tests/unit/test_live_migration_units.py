@@ -118,14 +118,17 @@ class _Drv:
         self.hypervisor = types.SimpleNamespace(
             supports_live_migration=True, supports_block_migration=True,
             name='qemu', is_running=lambda vmdir: True,
-            check_live_migration=lambda vmdir, block, bw: None)
+            check_live_migration=lambda vmdir, block, bw: None,
+            check_machine=lambda machine: None)
 
         self.store = types.SimpleNamespace(vmdir=lambda instance: None)
 
 
 def _instance(config_drive=False):
     return types.SimpleNamespace(uuid=UUID, config_drive=config_drive,
-                                 metadata={}, system_metadata={})
+                                 metadata={}, system_metadata={},
+                                 image_meta=types.SimpleNamespace(
+                                     properties={}))
 
 
 def test_dest_check_returns_a_class_nova_registers(tmp_path):

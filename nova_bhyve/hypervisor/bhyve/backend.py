@@ -53,6 +53,7 @@ from nova_bhyve import conf
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.bhyve import capsicum as bhyve_capsicum
 from nova_bhyve.hypervisor.bhyve import config
+from nova_bhyve.hypervisor.bhyve import cpu as bhyve_cpu
 from nova_bhyve.hypervisor.bhyve import jail as bhyve_jail
 from nova_bhyve.hypervisor.bhyve import migration as bhyve_migration
 from nova_bhyve.hypervisor.bhyve import state as bhyve_state
@@ -403,6 +404,33 @@ class BhyveHypervisor(base.Hypervisor):
         release = platform.release() if platform.system() == 'FreeBSD' else ''
         return {'hypervisor_type': self.name,
                 'hypervisor_version': freebsd_version(release)}
+
+    def cpu_info(self):
+        """sysctl's and dmesg.boot's facts (bhyve_cpu); the accelerator is
+        vmm(4) (VT-x/AMD-V), the guest CPU the host's (vmm filters its
+        CPUID), no machine types."""
+        info = bhyve_cpu.read()
+        info.update({
+            'accelerator': 'vmm',
+            'hypervisor_type': self.name,
+            'hypervisor_version': self.host_info()['hypervisor_version'],
+            'machine_types': [],
+            'guest_cpu': 'host'})
+        return info
+
+    # -- machine type: none ---------------------------------------------------
+
+    def resolve_machine(self, requested):
+        """None: bhyve has no machine types (one virtual platform, not
+        versioned); an image's hw_machine_type names QEMU's and is
+        ignored here."""
+        if requested:
+            LOG.debug('hw_machine_type=%s ignored: bhyve has no machine '
+                      'types', requested)
+        return None
+
+    def check_machine(self, machine):
+        """Nothing to check: bhyve has no machine types."""
 
     # -- save / restore: see bhyve_state ------------------------------------
 

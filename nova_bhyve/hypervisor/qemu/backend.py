@@ -16,10 +16,12 @@ from oslo_concurrency import processutils
 from oslo_log import log as logging
 
 from nova_bhyve import conf
+from nova_bhyve import host_cpu
 from nova_bhyve.hypervisor import base
 from nova_bhyve.hypervisor.qemu import accel
 from nova_bhyve.hypervisor.qemu import blockjob as qemu_blockjob
 from nova_bhyve.hypervisor.qemu import fdpass
+from nova_bhyve.hypervisor.qemu import machines as qemu_machines
 from nova_bhyve.hypervisor.qemu import migration as qemu_migration
 from nova_bhyve.hypervisor.qemu import qmp
 from nova_bhyve.hypervisor.qemu import resources as qemu_resources
@@ -76,7 +78,8 @@ def render_argv(spec, vmdir, binary, accelerator, res, cpu_model=None):
     argv = [binary,
             '-name', _opts(guest=spec.name, **{'debug-threads': 'on'}),
             '-uuid', spec.uuid,
-            '-machine', _opts('q35', accel=accelerator),
+            '-machine', _opts(spec.machine or qemu_machines.DEFAULT_ALIAS,
+                              accel=accelerator),
             '-smp', str(spec.vcpus),
             '-m', memory_size(spec.memory_mb, accelerator),
             '-nodefaults', '-no-user-config',
@@ -312,6 +315,49 @@ class QemuHypervisor(base.Hypervisor):
             LOG.warning('cannot parse QEMU version from %r', out)
         return {'hypervisor_type': 'kvm' if self.accelerator == 'kvm'
                 else 'qemu', 'hypervisor_version': version}
+
+    def guest_cpu(self):
+        """The -cpu the VMs get: [bhyve] qemu_cpu_model, else 'host' under
+        KVM, QEMU's default model under TCG."""
+        return CONF.bhyve.qemu_cpu_model or (
+            'host' if self.accelerator == 'kvm' else 'default')
+
+    def cpu_info(self):
+        """/proc/cpuinfo's facts, the accelerator, QEMU's version, its
+        versioned q35 machines and the guest CPU."""
+        info = host_cpu.read()
+        info.update({
+            'accelerator': self.accelerator,
+            'hypervisor_type': self.name,
+            'hypervisor_version': self.host_info()['hypervisor_version'],
+            'machine_types': self.machine_types().versioned_q35(),
+            'guest_cpu': self.guest_cpu()})
+        return info
+
+    # -- machine types: see qemu_machines ----------------------------------
+
+    def machine_types(self):
+        """qemu_machines.MachineTypes of this host's QEMU (read once)."""
+        try:
+            return qemu_machines.probe(self.binary)
+        except (OSError, processutils.ProcessExecutionError) as e:
+            raise base.HypervisorError('cannot list the machine types of '
+                                       '%s: %s' % (self.binary, e))
+
+    def resolve_machine(self, requested):
+        """The alias (``q35``, the default) or the image's name mapped to
+        the versioned machine this QEMU has for it."""
+        try:
+            return self.machine_types().resolve(requested)
+        except ValueError as e:
+            raise base.HypervisorError(str(e))
+
+    def check_machine(self, machine):
+        if machine and not self.machine_types().knows(machine):
+            raise base.HypervisorError(
+                'machine type %s is unknown to this host\'s QEMU (%s): it '
+                'is older than the one the instance was started with, or '
+                'dropped that machine' % (machine, self.binary))
 
     def _with_resources(self, spec, vmdir, run):
         """Open the VM's resources, ``run(argv, fds)`` (QEMU inherits
