@@ -214,6 +214,7 @@ def test_rollback_at_destination_removes_the_vm_and_unplugs_its_ports(
     os.makedirs(vmdir.path)
     incoming.mark(vmdir, 'compute')
     impl = mock.Mock()
+    impl.in_use.return_value = False
     drv = types.SimpleNamespace(
         store=types.SimpleNamespace(vmdir_for=lambda u: vmdir),
         remove_instance_dir=mock.Mock(
