@@ -112,6 +112,10 @@ def down(args):
     for name in reversed(procs.names()):
         procs.stop(name)
     left = teardown.processes_left()
+    vms = teardown.remove_runtime()
+    if vms:
+        left.append('VM runtime directories in %s: %s' % (
+            layout.RUNTIME, ', '.join(vms)))
     teardown.remove_state()
     if left:
         raise procs.CloudError('still running after down:\n  ' +

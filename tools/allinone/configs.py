@@ -215,6 +215,7 @@ def compute_options(host, compute_driver=None):
                             'instances_path': instances_path(host)}}
     for (section, key), value in DRIVER_OPTIONS.items():
         sections.setdefault(section, {})[key] = value
+    sections['bhyve']['runtime_path'] = layout.RUNTIME
     if compute_driver:
         sections['DEFAULT']['compute_driver'] = compute_driver
     return sections

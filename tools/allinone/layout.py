@@ -33,6 +33,9 @@ MYSQL_PORT = 3306
 RABBIT_PORT = 5672
 RABBIT_DIST_PORT = 25672
 
+# the computes' [bhyve] runtime_path (VM runtime dirs, sandbox uids, the
+# computes' records): the cloud's own, apart from the test suite's default
+RUNTIME = '/run/nova-bhyve-cloud'
 # two nova-computes: each its own host name and instances path
 COMPUTES = ('compute1', 'compute2')
 BRIDGE = 'br-int'

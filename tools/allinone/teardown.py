@@ -58,19 +58,16 @@ def kill_leftover_vms():
     return killed
 
 
-def forget_computes():
-    """The computes' records of their instances paths (nova_bhyve's
-    migration/cold.py, under [bhyve] runtime_path: the default here)."""
-    registry = '/run/nova-bhyve/computes'
-    for host in layout.COMPUTES:
-        path = os.path.join(registry, host)
-        try:
-            with open(path) as f:
-                ours = f.read().startswith(layout.BASE)
-            if ours:
-                os.unlink(path)
-        except OSError:
-            pass
+def remove_runtime():
+    """The computes' runtime directory (their records, the sandbox uid
+    allocations): only once no VM runtime directory is left in it."""
+    if not os.path.isdir(layout.RUNTIME):
+        return []
+    vms = [d for d in os.listdir(layout.RUNTIME)
+           if d not in ('computes', 'uids')]
+    if not vms:
+        shutil.rmtree(layout.RUNTIME, ignore_errors=True)
+    return vms
 
 
 def processes_left():
@@ -93,5 +90,4 @@ def processes_left():
 
 
 def remove_state():
-    forget_computes()
     shutil.rmtree(layout.BASE, ignore_errors=True)
