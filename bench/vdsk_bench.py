@@ -2,6 +2,8 @@
 """libvdsk vs qemu-img on the same files in the same run.
 
     python bench/vdsk_bench.py [--dir /tmp/vdsk-bench] [--quick]
+        [--only io|convert|memory] [--reps N] [--size-gib N]
+        [--installed] [--json FILE]
 
 1. 4 KiB I/O on a 1 GiB fully allocated qcow2, 1 and 4 threads:
    `vdsk bench` vs `qemu-img bench`.  qemu-img bench has no random
@@ -11,7 +13,8 @@
    page cache: qemu-img bench -t writeback -i threads; its -d (queue
    depth) is vdsk's thread count.  `vdsk bench --pattern rand` (true
    random) is listed too.
-2. convert of a 4 GiB half-allocated image (1 MiB data / 1 MiB hole),
+2. convert of a 4 GiB (--size-gib) half-allocated image (1 MiB data /
+   1 MiB hole),
    qcow2 -> raw and raw -> qcow2: `qemu-img convert` (default: output
    cache mode "unsafe", no flush) vs `vdsk convert -t unsafe` (no flush
    either), and both counting a sync afterwards (`vdsk convert` with its
@@ -19,7 +22,11 @@
 3. memory: peak RSS of the C stress driver (libvdsk only) with a 1 TiB
    sparse qcow2 open whose 2048 L2 tables are all read, at the default
    L2 cache (4 MiB) and at 1 MiB.
-Prints a markdown report on stdout.
+Prints a markdown report on stdout; --json also writes every run's raw
+numbers (wall, user+sys, wall until synced), the load averages and the
+qemu-img version to FILE.  --installed runs the nova_bhyve installed in
+this interpreter's environment instead of the source tree's (whose cffi
+module is only there after an in-place build).
 """
 import argparse
 import json
@@ -30,13 +37,13 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from nova_bhyve.storage import vdsk  # noqa: E402
 
 GiB, MiB, KiB = 1 << 30, 1 << 20, 1 << 10
 STRIDE = 7919 * 4096
 VDSK = [sys.executable, '-m', 'nova_bhyve.cmd.vdsk']
 ENV = dict(os.environ, PYTHONPATH=REPO)
+CWD = None        # --installed: run from elsewhere than the source tree
+RAW = {}          # --json: raw numbers
 
 
 CPU = []          # user+sys seconds of each run() child, in order
@@ -46,7 +53,7 @@ def run(args):
     t0 = time.monotonic()
     c0 = os.times()
     p = subprocess.run([str(a) for a in args], capture_output=True,
-                       text=True, env=ENV)
+                       text=True, env=ENV, cwd=CWD)
     dt = time.monotonic() - t0
     c1 = os.times()
     CPU.append(c1.children_user + c1.children_system -
@@ -172,6 +179,10 @@ def convert_section(d, size, reps):
                         _med(cpu['vdsk-unsafe']), wq / wu,
                         _cell(synced['qemu']), _cell(synced['vdsk']),
                         sq / sv, alloc // MiB))
+        RAW.setdefault('convert', {})[name] = {
+            t: {'wall_s': wall[t], 'cpu_s': cpu[t], 'synced_s': synced[t]}
+            for t in wall}
+        RAW['convert'][name]['vdsk_output_allocated_bytes'] = alloc
         os.unlink(out)
     os.unlink(raw)
     os.unlink(q)
@@ -183,6 +194,8 @@ def convert_section(d, size, reps):
 
 
 def memory_section(d):
+    sys.path.insert(0, REPO)
+    from nova_bhyve.storage import vdsk
     path = os.path.join(d, 'big.qcow2')
     vdsk.create(path, 'qcow2', 1 << 40)
     with vdsk.open(path) as img:            # one cluster per L2 table
@@ -211,7 +224,22 @@ def main():
     ap.add_argument('--reps', type=int, default=3)
     ap.add_argument('--only', choices=['io', 'convert', 'memory'],
                     action='append', help='run only these sections')
+    ap.add_argument('--size-gib', type=int, help='convert source size '
+                    '(half of it data; default 4, --quick 1)')
+    ap.add_argument('--installed', action='store_true')
+    ap.add_argument('--json', metavar='FILE')
     a = ap.parse_args()
+    global ENV, CWD
+    if a.installed:
+        ENV = dict(os.environ)
+        ENV.pop('PYTHONPATH', None)
+        CWD = a.dir
+    RAW.update(argv=sys.argv, python=sys.executable,
+               uname=' '.join(os.uname()),
+               qemu_img=subprocess.run(['qemu-img', '--version'],
+                                       capture_output=True, text=True)
+               .stdout.splitlines()[0],
+               started=time.strftime('%Y-%m-%dT%H:%M:%S%z'))
     os.makedirs(a.dir, exist_ok=True)
     reps = 1 if a.quick else a.reps
     only = a.only or ['io', 'convert', 'memory']
@@ -222,13 +250,20 @@ def main():
     if 'convert' in only:
         print('\n## convert (median (min-max) of %d runs, tools '
               'alternating; cpu = median user+sys)\n' % reps)
-        print('load average before: %.2f %.2f %.2f\n' % os.getloadavg())
-        print('\n'.join(convert_section(a.dir, GiB if a.quick else 4 * GiB,
-                                        reps)))
-        print('\nload average after: %.2f %.2f %.2f' % os.getloadavg())
+        RAW['load_before'] = os.getloadavg()
+        print('load average before: %.2f %.2f %.2f\n' % RAW['load_before'])
+        size = (a.size_gib or (1 if a.quick else 4)) * GiB
+        RAW['convert_size_bytes'] = size
+        print('\n'.join(convert_section(a.dir, size, reps)))
+        RAW['load_after'] = os.getloadavg()
+        print('\nload average after: %.2f %.2f %.2f' % RAW['load_after'])
     if 'memory' in only:
         print('\n## memory: 1 TiB sparse qcow2, 2048 L2 tables read\n')
         print('\n'.join(memory_section(a.dir)))
+    if a.json:
+        with open(a.json, 'w') as f:
+            json.dump(RAW, f, indent=1)
+            f.write('\n')
 
 
 if __name__ == '__main__':

@@ -14,8 +14,10 @@
 
 #include "vdsk_impl.h"
 
-#define DEFAULT_BUF     (2u << 20)
-#define DEFAULT_WORKERS 2
+#define DEFAULT_BUF     (2u << 20)     /* commit, rebase */
+#define CONVERT_BUF     (8u << 20)
+#define DEFAULT_WORKERS 1       /* plain copy: one writer (see vdsk_convert) */
+#define COMPRESS_WORKERS 2
 #define MAX_WORKERS     64
 /* Bytes read first to tell a data granule from a zero one (copy_job). */
 #define PROBE           512
@@ -233,14 +235,14 @@ granule_has_data(struct conv *c, uint8_t *buf, uint64_t off, uint64_t h,
 }
 
 /*
- * A job through the kernel: where the source stores the range as plain
- * bytes (raw, uncompressed qcow2 clusters), zero granules are found by
- * probing and runs of data granules go from the source file to the
- * destination with copy_file_range (one copy, no round trip through
- * user memory: copy_in).  Other ranges (compressed, backing file...) go
- * through buf as before.  The probes cost one small pread per granule;
- * even at 4 KiB granules (raw output) that is cheaper than reading all
- * the data into buf (bench/RESULTS-vdsk.md).
+ * A job through the kernel (VDSK_CONVERT_COPY_RANGE only): where the
+ * source stores the range as plain bytes (raw, uncompressed qcow2
+ * clusters), zero granules are found by probing and runs of data granules
+ * go from the source file to the destination with copy_file_range (a
+ * block clone where the file system shares extents: copy_in).  Other
+ * ranges (compressed, backing file...) go through buf.  On ext4 this is
+ * a page-cache copy through a pipe and slower than the default buffered
+ * job (pread, zero check, pwrite; bench/RESULTS-vdsk-convert.md).
  */
 static int
 copy_job(struct conv *c, uint8_t *buf, uint64_t off, size_t len)
@@ -378,16 +380,23 @@ vdsk_convert(const char *src, const char *src_fmt, const char *dst,
 	    (dst_fmt == NULL || strcmp(dst_fmt, "qcow2") != 0))
 		return vdsk_error(ENOTSUP, "%s: compressed output needs the "
 		    "qcow2 format", dst);
-	if (o.flags & ~(VDSK_CONVERT_COMPRESS | VDSK_CONVERT_NO_FLUSH))
+	if (o.flags & ~(VDSK_CONVERT_COMPRESS | VDSK_CONVERT_NO_FLUSH |
+	    VDSK_CONVERT_COPY_RANGE))
 		return vdsk_error(EINVAL, "unknown convert flags %#x", o.flags);
 	memset(&c, 0, sizeof(c));
-	c.buf_size = o.buf_size ? o.buf_size : DEFAULT_BUF;
+	c.buf_size = o.buf_size ? o.buf_size : CONVERT_BUF;
 	if (c.buf_size < 4096 || c.buf_size > (256u << 20))
 		return vdsk_error(EINVAL, "convert buffer size must be between "
 		    "4 KiB and 256 MiB");
 	c.buf_size &= ~(size_t)4095;
+	/*
+	 * Buffered writes to one file serialise on its inode lock: a second
+	 * plain-copy worker only adds contention (bench/RESULTS-vdsk-
+	 * convert.md); compression is CPU work that parallelises.
+	 */
 	if (o.workers <= 0)
-		o.workers = DEFAULT_WORKERS;
+		o.workers = (o.flags & VDSK_CONVERT_COMPRESS) ?
+		    COMPRESS_WORKERS : DEFAULT_WORKERS;
 	if (o.workers > MAX_WORKERS)
 		o.workers = MAX_WORKERS;
 	if ((c.src = vdsk_open(src, src_fmt, VDSK_RDONLY)) == NULL)
@@ -412,7 +421,8 @@ vdsk_convert(const char *src, const char *src_fmt, const char *dst,
 		    2 * c.gran;
 	}
 	/* the probes need a granule's worth of buf */
-	c.offload = !c.compress && c.gran <= c.buf_size &&
+	c.offload = (o.flags & VDSK_CONVERT_COPY_RANGE) && !c.compress &&
+	    c.gran <= c.buf_size &&
 	    c.dst->ops->copy_in != NULL &&
 	    c.src->ops->host_extent != NULL;
 	c.flush = !(o.flags & VDSK_CONVERT_NO_FLUSH);

@@ -240,34 +240,39 @@ qcow2_set_refcount(struct vdsk *d, uint64_t host, uint64_t val)
 
 /*
  * Refcount 1 for the n clusters at host (newly allocated, all 0 before):
- * per refcount block, the first through qcow2_set_refcount() (which may
- * allocate the block), the rest set in the cached block and written with
- * one pwrite of the byte range they cover.
+ * per refcount block, all set in the cached block and written with one
+ * pwrite of the byte range they cover.  Where the block does not exist
+ * yet, the first goes through qcow2_set_refcount(), which allocates it.
  */
 static int
 set_refcount_run(struct vdsk *d, uint64_t host, uint64_t n)
 {
 	struct qcow2 *q = d->priv;
-	uint64_t cl, m, i, rbo, mask = (1ULL << q->rb_bits) - 1;
+	uint64_t cl, m, i, rbo, idx, mask = (1ULL << q->rb_bits) - 1;
 	size_t boff, blen, lo, hi;
 	uint8_t *b;
 	int r;
 
 	while (n > 0) {
 		cl = host >> q->cluster_bits;
+		idx = cl >> q->rb_bits;
 		m = (mask + 1) - (cl & mask);
 		if (m > n)
 			m = n;
-		if ((r = qcow2_set_refcount(d, host, 1)) < 0)
-			return r;
-		if (m > 1) {
-			if ((r = rb_lookup(d, cl >> q->rb_bits, &rbo)) < 0)
+		i = 0;
+		if (idx >= q->rt_entries || q->rt[idx] == 0) {
+			if ((r = qcow2_set_refcount(d, host, 1)) < 0)
+				return r;
+			i = 1;
+		}
+		if (i < m) {
+			if ((r = rb_lookup(d, idx, &rbo)) < 0)
 				return r;
 			if ((r = qcow2_cache_get(d, &q->rbc, rbo, 0, &b)) < 0)
 				return r;
 			lo = SIZE_MAX;
 			hi = 0;
-			for (i = 1; i < m; i++) {
+			for (; i < m; i++) {
 				rb_set(q, b, (cl + i) & mask, 1, &boff, &blen);
 				if (boff < lo)
 					lo = boff;

@@ -3,7 +3,8 @@
     vdsk info [--json] [-f FMT] FILE
     vdsk create -f FMT [-b BACKING [-F BACKING_FMT]] [-o cluster_size=N]
                 FILE [SIZE]
-    vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] [-t CACHE] SRC DST
+    vdsk convert [-f FMT] [-O FMT] [-c] [-m WORKERS] [-t CACHE] [--copy-range]
+                 SRC DST
     vdsk check [-r leaks|all] [-f FMT] FILE     (-r all: leaks only)
     vdsk snapshot (-c|-l|-a|-d) [NAME] FILE
     vdsk resize FILE [+|-]SIZE
@@ -108,7 +109,8 @@ def cmd_convert(a):
     if a.c and a.O != 'qcow2':
         raise vdsk.VdskError(22, 'compression needs -O qcow2')
     vdsk.convert(a.src, a.dst, src_fmt=a.f, dst_fmt=a.O, compress=a.c,
-                 workers=a.m, flush=a.t != 'unsafe')
+                 workers=a.m, flush=a.t != 'unsafe',
+                 copy_range=a.copy_range)
     return 0
 
 
@@ -246,6 +248,9 @@ def build_parser():
                    help='writeback (default): fsync the result before '
                    'returning; unsafe: leave it to the page cache, like '
                    "qemu-img convert's default")
+    s.add_argument('--copy-range', action='store_true',
+                   help='copy with copy_file_range (clones extents on '
+                   'XFS/btrfs; slower on ext4)')
     s.add_argument('src')
     s.add_argument('dst')
     s.set_defaults(fn=cmd_convert)

@@ -1,12 +1,15 @@
-"""vdsk convert's in-kernel copy path (copy_file_range from the source's
-plain extents into runs of clusters the destination allocates, zero
-granules found by probing) against qemu-img: every result must compare
-equal with qemu-img compare, pass qemu-img check, and leave zero granules
-unallocated.  Cluster sizes from 4 KiB (many L2 tables and refcount blocks
-per run) to 2 MiB, unaligned data, a last partial cluster, qcow2 sources
-whose extents are not contiguous on the host, sources on another file
-system (where copy_file_range fails with EXDEV and the copy goes through a
-buffer), the compressed path and the no-flush mode."""
+"""vdsk convert's two copy paths against qemu-img: the default buffered
+one (pread into the job buffer, zero granules found in memory, runs of
+data granules written into runs of clusters the destination allocates)
+and the in-kernel one (copy_range=True, vdsktool -R: copy_file_range from
+the source's plain extents, zero granules found by probing): every
+result must compare equal with qemu-img compare, pass qemu-img check, and
+leave zero granules unallocated.  Cluster sizes from 4 KiB (many L2
+tables and refcount blocks per run) to 2 MiB, unaligned data, a last
+partial cluster, qcow2 sources whose extents are not contiguous on the
+host, a source beyond one L2 table's reach, sources on another file
+system (where copy_file_range fails with EXDEV and the copy goes through
+a buffer), the compressed path and both cache modes."""
 import json
 import os
 import re
@@ -85,11 +88,13 @@ def check_sparse(dst, fmt, granule):
 @pytest.mark.parametrize('cluster', [4 * KiB, 64 * KiB, 512 * KiB,
                                      2 * MiB])
 @pytest.mark.parametrize('workers', [1, 2, 4])
-def test_raw_to_qcow2_cluster_sizes(tmp_path, cluster, workers):
+@pytest.mark.parametrize('copy_range', [False, True])
+def test_raw_to_qcow2_cluster_sizes(tmp_path, cluster, workers, copy_range):
     src = make_raw(str(tmp_path / 'src.raw'))
     dst = str(tmp_path / 'dst.qcow2')
     vdsk.convert(src, dst, src_fmt='raw', dst_fmt='qcow2',
-                 cluster_size=cluster, workers=workers, buf_size=MiB)
+                 cluster_size=cluster, workers=workers, buf_size=MiB,
+                 copy_range=copy_range)
     compare(src, dst, 'raw', 'qcow2')
     qemu_check(dst)
     info = qemu_info(dst)
@@ -102,7 +107,9 @@ def test_raw_to_qcow2_cluster_sizes(tmp_path, cluster, workers):
 @pytest.mark.parametrize('src_cluster', [4 * KiB, 64 * KiB, 2 * MiB])
 @pytest.mark.parametrize('dst_fmt,dst_cluster', [
     ('raw', None), ('qcow2', 4 * KiB), ('qcow2', 64 * KiB)])
-def test_qcow2_source(tmp_path, src_cluster, dst_fmt, dst_cluster):
+@pytest.mark.parametrize('copy_range', [False, True])
+def test_qcow2_source(tmp_path, src_cluster, dst_fmt, dst_cluster,
+                      copy_range):
     """A qcow2 source written out of order: its guest runs are split over
     host extents that are not contiguous."""
     raw = make_raw(str(tmp_path / 'src.raw'))
@@ -115,7 +122,7 @@ def test_qcow2_source(tmp_path, src_cluster, dst_fmt, dst_cluster):
     compare(raw, src, 'raw', 'qcow2')
     dst = str(tmp_path / ('dst.' + dst_fmt))
     vdsk.convert(src, dst, src_fmt='qcow2', dst_fmt=dst_fmt,
-                 cluster_size=dst_cluster)
+                 cluster_size=dst_cluster, copy_range=copy_range)
     compare(src, dst, 'qcow2', dst_fmt)
     if dst_fmt == 'qcow2':
         qemu_check(dst)
@@ -123,10 +130,12 @@ def test_qcow2_source(tmp_path, src_cluster, dst_fmt, dst_cluster):
         check_sparse(dst, dst_fmt, dst_cluster or 4 * KiB)
 
 
-def test_raw_to_raw_stays_sparse(tmp_path):
+@pytest.mark.parametrize('copy_range', [False, True])
+def test_raw_to_raw_stays_sparse(tmp_path, copy_range):
     src = make_raw(str(tmp_path / 'src.raw'))
     dst = str(tmp_path / 'dst.raw')
-    vdsk.convert(src, dst, src_fmt='raw', dst_fmt='raw')
+    vdsk.convert(src, dst, src_fmt='raw', dst_fmt='raw',
+                 copy_range=copy_range)
     compare(src, dst, 'raw', 'raw')
     check_sparse(dst, 'raw', 4 * KiB)
     assert os.stat(dst).st_blocks * 512 <= os.stat(src).st_blocks * 512
@@ -255,7 +264,8 @@ def test_data_is_copied_in_the_kernel(tmp_path):
     runs of clusters; pwrite only writes metadata and partial clusters."""
     src = make_raw(str(tmp_path / 'src.raw'))
     dst = str(tmp_path / 'dst.qcow2')
-    lines = strace_convert(tmp_path, src, dst, '-f', 'raw', '-O', 'qcow2')
+    lines = strace_convert(tmp_path, src, dst, '-R', '-f', 'raw', '-O',
+                           'qcow2')
     compare(src, dst, 'raw', 'qcow2')
     qemu_check(dst)
     copied = sum(n for n, _ in results(lines, 'copy_file_range'))
@@ -278,8 +288,8 @@ def test_cross_file_system_copy_falls_back(tmp_path):
     try:
         make_raw(src)
         dst = str(tmp_path / 'dst.qcow2')
-        lines = strace_convert(tmp_path, src, dst, '-f', 'raw', '-O',
-                               'qcow2')
+        lines = strace_convert(tmp_path, src, dst, '-R', '-f', 'raw',
+                               '-O', 'qcow2')
         compare(src, dst, 'raw', 'qcow2')
         qemu_check(dst)
     finally:
@@ -289,15 +299,58 @@ def test_cross_file_system_copy_falls_back(tmp_path):
     assert sum(n for n, _ in results(lines, 'pwrite64')) >= 20 * MiB
 
 
-def test_write_back_starts_during_the_copy(tmp_path):
+@pytest.mark.parametrize('copy_range', [[], ['-R']])
+def test_write_back_starts_during_the_copy(tmp_path, copy_range):
     """Past 64 MiB of output, convert starts the write-back
     (sync_file_range) before its final fsync."""
     src = str(tmp_path / 'big.raw')
     qemu_img('create', '-f', 'raw', src, 160 * MiB)
     qemu_io(src, 'raw', 'write -P 0x5a 0 70M', 'write -P 0x5b 100M 30M')
     dst = str(tmp_path / 'big.qcow2')
-    lines = strace_convert(tmp_path, src, dst, '-f', 'raw', '-O', 'qcow2')
+    lines = strace_convert(tmp_path, src, dst, *(copy_range + [
+        '-f', 'raw', '-O', 'qcow2']))
     compare(src, dst, 'raw', 'qcow2')
     qemu_check(dst)
     assert results(lines, 'sync_file_range'), lines[-20:]
     assert results(lines, 'fsync')[-1] == (0, None)
+
+
+# 2 GiB virtual (beyond the reach of one L2 table at 64 KiB clusters:
+# 512 MiB), data runs of 1 MiB and unaligned pieces between holes, the
+# last cluster partial
+BIG = 2 * 1024 * MiB + 20 * KiB
+BIG_WRITES = ['write -P 0x11 0 3M', 'write -P 0x22 511M 2M',
+              'write -P 0x33 1025M 1M', 'write -P 0x44 1536M 4k',
+              'write -P 0x55 1600M 100k', 'write -P 0 1700M 1M',
+              'write -P 0x66 %d 20k' % (2 * 1024 * MiB)]
+
+
+def test_default_path_is_buffered_and_batched(tmp_path):
+    """Without -R: no copy_file_range, no probes; the data goes out in one
+    pwrite per run of clusters, with one refcount write and one L2 write
+    per run (the first refcount of an existing refcount block is not
+    written on its own); the result is qemu-img's in both cache modes."""
+    src = str(tmp_path / 'big.raw')
+    qemu_img('create', '-f', 'raw', src, BIG)
+    qemu_io(src, 'raw', *BIG_WRITES)
+    fsyncs = {}
+    for mode in ('writeback', 'unsafe'):
+        dst = str(tmp_path / ('big-%s.qcow2' % mode))
+        lines = strace_convert(tmp_path, src, dst, '-t', mode, '-f', 'raw',
+                               '-O', 'qcow2')
+        compare(src, dst, 'raw', 'qcow2')
+        qemu_check(dst)
+        assert not results(lines, 'copy_file_range')
+        pw = results(lines, 'pwrite64')
+        # 6 MiB in 1-3 MiB runs, the small pieces as whole clusters
+        assert sum(n for n, _ in pw if n >= MiB) >= 6 * MiB, pw
+        # 7 runs of data: creation (a handful), per run about 3 writes
+        # (refcounts, data, L2 entries), new L2 tables and L1 entries
+        assert len(pw) < 60, len(pw)
+        fsyncs[mode] = len(results(lines, 'fsync'))
+        # the 1 MiB of zeroes stored as data is not allocated
+        assert not data_at(dst, 'qcow2', 1700 * MiB)
+        assert data_at(dst, 'qcow2', 2 * 1024 * MiB)
+        os.unlink(dst)
+    # creation syncs either way; only writeback syncs the result
+    assert fsyncs['writeback'] == fsyncs['unsafe'] + 1, fsyncs

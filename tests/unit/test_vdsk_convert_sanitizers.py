@@ -1,9 +1,9 @@
-"""vdsk_convert() through the ASan+UBSan build of vdsktool: the
-in-kernel copy path (copy_file_range into cluster runs, probed zero
-granules, partial clusters through a buffer) with 1-4 workers and several
-cluster sizes, the buffered path for compressed output and backing
-chains, and bad input; fails on any sanitizer report.  qemu-img is the
-oracle for the results."""
+"""vdsk_convert() through the ASan+UBSan build of vdsktool: the default
+buffered copy and the in-kernel one (-R: copy_file_range into cluster
+runs, probed zero granules, partial clusters through a buffer) with 1-4
+workers and several cluster sizes, the buffered path for compressed
+output and backing chains, and bad input; fails on any sanitizer report.
+qemu-img is the oracle for the results."""
 import os
 import shutil
 import subprocess
@@ -45,22 +45,24 @@ def make_source(run, path):
 
 @pytest.mark.parametrize('cluster', ['4K', '64K', '2M'])
 @pytest.mark.parametrize('workers', ['1', '4'])
-def test_convert_copy_path(cli, tmp_path, cluster, workers):  # noqa: F811
+@pytest.mark.parametrize('path', [[], ['-R']], ids=['buffered', 'kernel'])
+def test_convert_copy_path(cli, tmp_path, cluster, workers,  # noqa: F811
+                           path):
     run = Runner(cli)
     src = str(tmp_path / 'src.raw')
     make_source(run, src)
     q = str(tmp_path / 'dst.qcow2')
-    run('convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=' + cluster,
-        '-m', workers, '-B', '256K', src, q)
+    run('convert', *path, '-f', 'raw', '-O', 'qcow2', '-o',
+        'cluster_size=' + cluster, '-m', workers, '-B', '256K', src, q)
     same(src, q, 'raw', 'qcow2')
     qcheck(q)
     run('check', q)
     back = str(tmp_path / 'back.raw')
-    run('convert', '-f', 'qcow2', '-O', 'raw', '-m', workers, q, back)
+    run('convert', *path, '-f', 'qcow2', '-O', 'raw', '-m', workers, q, back)
     same(src, back, 'raw', 'raw')
     q2 = str(tmp_path / 'again.qcow2')
-    run('convert', '-f', 'qcow2', '-O', 'qcow2', '-o', 'cluster_size=64K', q,
-        q2)
+    run('convert', *path, '-f', 'qcow2', '-O', 'qcow2', '-o',
+        'cluster_size=64K', q, q2)
     same(src, q2, 'raw', 'qcow2')
     qcheck(q2)
 

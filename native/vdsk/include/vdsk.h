@@ -110,9 +110,16 @@ int vdsk_block_status(vdsk_t *d, uint64_t off, uint64_t len, uint64_t *pnum);
 /* Return without flushing dst to stable storage (qemu-img convert's
  * default "-t unsafe"); by default vdsk_convert() ends with an fsync. */
 #define VDSK_CONVERT_NO_FLUSH 0x2
+/* Copy the source's plain extents (raw, uncompressed qcow2 clusters) with
+ * copy_file_range, zero granules found by probing: a block clone on file
+ * systems that share extents (XFS, btrfs).  Without it the data goes
+ * through the job buffer (pread, zero check, pwrite), which is faster
+ * where copy_file_range is a page-cache copy (ext4: bench/RESULTS-vdsk-
+ * convert.md). */
+#define VDSK_CONVERT_COPY_RANGE 0x4
 struct vdsk_convert_opts {
-	int workers;                /* parallel copy threads; 0: 2 */
-	uint32_t buf_size;          /* bytes per I/O; 0: 2 MiB */
+	int workers;                /* copy threads; 0: 1 (2 compressed) */
+	uint32_t buf_size;          /* bytes per I/O; 0: 8 MiB */
 	uint32_t cluster_size;      /* destination cluster size; 0: default */
 	int flags;                  /* VDSK_CONVERT_* */
 };

@@ -15,7 +15,7 @@
  *   vdsktool resize [-f FMT] FILE SIZE
  *   vdsktool discard [-f FMT] FILE OFFSET LEN
  *   vdsktool convert [-f FMT] -O FMT [-c] [-o cluster_size=N] [-m WORKERS]
- *                    [-B BUFSIZE] [-t writeback|unsafe] SRC DST
+ *                    [-B BUFSIZE] [-t writeback|unsafe] [-R] SRC DST
  *
  * -c is --compress (write, convert) or create (snapshot), as in vdsk.
  * Sizes and offsets accept K, M, G, T suffixes (powers of 1024).
@@ -47,7 +47,7 @@ usage(void)
 	    "       vdsktool discard [-f FMT] FILE OFFSET LEN\n"
 	    "       vdsktool convert [-f FMT] -O FMT [-c] "
 	    "[-o cluster_size=N] [-m WORKERS] [-B BUFSIZE]\n"
-	    "                        [-t writeback|unsafe] SRC DST\n");
+	    "                        [-t writeback|unsafe] [-R] SRC DST\n");
 	return 2;
 }
 
@@ -208,7 +208,7 @@ parse_args(int argc, char **argv, const char *shortopts,
 			else if (strcmp(optarg, "writeback") != 0)
 				return -1;
 			break;
-		case 'c': case 'l': case 'a': case 'd':
+		case 'c': case 'l': case 'a': case 'd': case 'R':
 			a->seen[c]++;
 			break;
 		default:        /* '?': getopt has said what is wrong */
@@ -538,7 +538,8 @@ cmd_convert(struct args *a)
 	o.buf_size = (uint32_t)a->buf;
 	o.cluster_size = (uint32_t)a->cluster;
 	o.flags = (a->seen['c'] ? VDSK_CONVERT_COMPRESS : 0) |
-	    (a->no_flush ? VDSK_CONVERT_NO_FLUSH : 0);
+	    (a->no_flush ? VDSK_CONVERT_NO_FLUSH : 0) |
+	    (a->seen['R'] ? VDSK_CONVERT_COPY_RANGE : 0);
 	if (vdsk_convert(a->pos[0], a->fmt, a->pos[1], a->ofmt, &o) < 0)
 		return fail("convert");
 	return 0;
@@ -559,7 +560,7 @@ static const struct command {
 	{ "snapshot", "clad", no_longopts, cmd_snapshot },
 	{ "resize", "f:", no_longopts, cmd_resize },
 	{ "discard", "f:", no_longopts, cmd_discard },
-	{ "convert", "f:O:co:m:B:t:", compress_longopts, cmd_convert },
+	{ "convert", "f:O:co:m:B:t:R", compress_longopts, cmd_convert },
 };
 
 int
