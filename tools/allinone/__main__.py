@@ -95,6 +95,14 @@ def up(args):
     step('cloud up in %d s' % (time.monotonic() - start))
 
 
+def _stop(name):
+    start = time.monotonic()
+    procs.stop(name)
+    took = time.monotonic() - start
+    if took > 5:
+        print('  %s took %.0f s to stop' % (name, took))
+
+
 def down(args):
     step('deleting servers')
     left = teardown.delete_servers()
@@ -102,7 +110,7 @@ def down(args):
         print('  not deleted through the API: %s' % ', '.join(left))
     for name in reversed(procs.names()):
         if name not in INFRA:
-            procs.stop(name)
+            _stop(name)
     killed = teardown.kill_leftover_vms()
     if killed:
         print('  VM processes left by the computes, killed: %s' %
@@ -110,7 +118,7 @@ def down(args):
     if procs.pid_of('ovsdb-server') and procs.pid_of('ovs-vswitchd'):
         infra.vsctl('--if-exists', 'del-br', layout.BRIDGE)
     for name in reversed(procs.names()):
-        procs.stop(name)
+        _stop(name)
     left = teardown.processes_left()
     vms = teardown.remove_runtime()
     if vms:
